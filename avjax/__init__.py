@@ -1,0 +1,1 @@
+"""avjax: audio-visual speech models in JAX/Flax."""
