@@ -1,0 +1,81 @@
+r"""avjax's single entry point: train, evaluate or sample any model from its config.
+
+  python -m avjax.main --config=configs/speechssm.py --workdir=workdir/speechssm
+  python -m avjax.main --config=configs/speechssm.py --workdir=workdir/speechssm --mode=sample
+  python -m avjax.main --config=configs/speechssm.py --config.train.steps=100 ...
+
+The config file names the task (`config.task`); everything else goes through the Task
+interface. Re-running a train command resumes from the workdir's newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/<model>.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Experiment directory (checkpoints, logs, samples)."
+)
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
+
+
+def _maybe_initialize_distributed() -> None:
+    """Joins a multi-process job on a TPU pod / SLURM cluster (no-op on one host)."""
+    import jax
+
+    multi_host = (
+        bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    )
+    if multi_host:
+        jax.distributed.initialize()
+        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def run(config, workdir: str, mode: str) -> dict:
+    """Runs `mode` for `config` in `workdir`; returns a summary dict (also logged)."""
+    import jax
+
+    from avjax.tasks import get_task
+    from avjax.train import loop
+    from avjax.train.sharding import make_mesh
+
+    os.makedirs(workdir, exist_ok=True)
+    task = get_task(config, workdir)
+    mesh = make_mesh(config.mesh)
+    logging.info("Devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
+    if mode == "train":
+        state = loop.train(task, config, workdir, mesh)
+        return {"step": int(state.step)}
+    trainer, params, step = loop.restore_params(task, config, workdir, mesh)
+    if mode == "eval":
+        n = int(config.train.eval_batches) or 1
+        cfg_batches = task.eval_batches(jax.process_index(), jax.process_count())[:n]
+        eval_loss = loop.evaluate_loss(trainer, params, cfg_batches)
+        summary = {"step": step, "eval_loss": eval_loss}
+        summary.update(task.evaluate(trainer.model, params, step, eval_loss))
+    else:
+        summary = task.sample(trainer.model, params, step)
+    logging.info("%s: %s", mode, json.dumps(summary, default=str))
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    _maybe_initialize_distributed()
+    run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,77 @@
+"""SpeechSSM: long-form spoken language modelling with a hybrid state-space LM.
+
+Park et al., "Long-Form Speech Generation with Spoken Language Models" (ICML 2025).
+
+Method, as built here:
+1. Speech is tokenised into discrete semantic units at 25 Hz (the paper: USM-v2 units; here
+   k-means over log-mel features, `avjax.data.units`), over fixed windows.
+2. A decoder-only LM with the Griffin / RecurrentGemma backbone predicts the next unit:
+   residual blocks in the pattern (recurrent, recurrent, local attention); recurrent blocks are
+   temporal conv1d (width 4) + RG-LRU with a GeLU gate branch; attention is local
+   multi-query with RoPE within a fixed window, so no position ever exceeds what training
+   saw; RMSNorm, gated-GeLU MLPs, tied embeddings, soft-capped logits.
+3. Training windows are at most a few minutes (6,000 tokens in the paper); the last window
+   of a recording wraps to its start instead of padding, so there is no learned end.
+4. Generation runs the recurrence with a constant-size state (RG-LRU state, conv buffer,
+   ring buffer of `window` keys/values), so 16 minutes cost the same per token as 1 minute.
+5. Units become audio over overlapping windows stitched at the overlaps (the paper:
+   SoundStorm + SoundStream; here a units->mel network + Griffin-Lim, `avjax.data.vocoder`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from avjax.nn.griffin import GriffinLM, griffin_pattern
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def speechssm(model_cfg: Any, vocab_size: int) -> GriffinLM:
+    """The SpeechSSM LM for `config.model` over `vocab_size` speech units."""
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={model_cfg.dtype!r}; expected one of {list(DTYPES)}")
+    kwargs = {}
+    if model_cfg.scan_impl and model_cfg.scan_impl != "auto":
+        kwargs["scan_impl"] = model_cfg.scan_impl
+    return GriffinLM(
+        vocab_size=vocab_size,
+        width=model_cfg.width,
+        mlp_width=model_cfg.mlp_width,
+        num_heads=model_cfg.num_heads,
+        num_layers=model_cfg.num_layers,
+        block_types=griffin_pattern(model_cfg.num_layers),
+        lru_width=model_cfg.lru_width,
+        window=model_cfg.window,
+        conv1d_width=model_cfg.conv1d_width,
+        logit_softcap=model_cfg.logit_softcap or None,
+        dtype=DTYPES[model_cfg.dtype],
+        **kwargs,
+    )
+
+
+def flops_per_token(model_cfg: Any, vocab_size: int, seq_len: int) -> float:
+    """Analytic training FLOPs per token: 3 × (forward matmuls + attention), causal half.
+
+    Forward per token: 2 FLOPs per weight in every matmul (embedding lookup excluded, logits
+    included), plus for attention layers 2 × 2 × min(window, seq_len/2 average context) ×
+    width (QK^T and AV). The RG-LRU's elementwise work (~10 FLOPs × lru_width) is counted too.
+    The backward pass costs twice the forward.
+    """
+    w, m, lru, h = model_cfg.width, model_cfg.mlp_width, model_cfg.lru_width, model_cfg.num_heads
+    head_dim = w // h
+    fwd = 0.0
+    for kind in griffin_pattern(model_cfg.num_layers):
+        fwd += 2 * 3 * w * m  # gated MLP: two up projections + down
+        if kind == "recurrent":
+            fwd += 2 * (2 * w * lru + lru * w)  # linear_x, linear_y, linear_out
+            fwd += 2 * 2 * lru * (lru // h)  # block-diagonal gates (x and a)
+            fwd += 2 * model_cfg.conv1d_width * lru + 10 * lru  # conv1d + recurrence
+        else:
+            fwd += 2 * (w * w + 2 * w * head_dim + w * w)  # q, k/v (one head), out
+            context = min(model_cfg.window, seq_len / 2)
+            fwd += 2 * 2 * context * w
+    fwd += 2 * w * vocab_size  # tied logits
+    return 3.0 * fwd
