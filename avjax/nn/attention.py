@@ -1,0 +1,149 @@
+"""Local (sliding-window) multi-query attention with RoPE and a ring-buffer KV cache.
+
+A query at position q sees keys at positions k with q - window <= k <= q in its own document.
+RoPE rotates the first half of each head's dimensions by the token's segment position, so
+only relative distances (never beyond `window`) matter and generation can run far past the
+training length. The decoding cache is a ring buffer of exactly `window` keys and values:
+memory is constant however many tokens are generated.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from avjax.nn.layers import dense, segment_ids
+
+NEG_INF = -2.3819763e38  # a large finite negative: masked rows never produce NaNs
+
+
+class AttentionCache(NamedTuple):
+    """Ring buffer: `keys`/`values [batch, window, kv_heads, head_dim]`; `positions [batch,
+    window]` int32 stream index of each slot (-1 = empty); `index [batch]` tokens seen."""
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_000.0) -> jax.Array:
+    """Rotates the first half of the last axis of `x [batch, time, heads, dim]` by position."""
+    rope, rest = jnp.split(x, 2, axis=-1)
+    half = rope.shape[-1] // 2
+    freq = max_wavelength ** (-(2.0 * jnp.arange(half) / rope.shape[-1]))
+    angle = positions[..., None, None].astype(jnp.float32) * freq  # [b, t, 1, half]
+    sin, cos = jnp.sin(angle).astype(x.dtype), jnp.cos(angle).astype(x.dtype)
+    x1, x2 = jnp.split(rope, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q `[b, t, h, d]`, k/v `[b, s, kv, d]`, mask `[b, t, s]` -> `[b, t, h, d]` (f32 softmax)."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class LocalAttention(nn.Module):
+    """Multi-query local attention block. `[batch, time, width] -> [batch, time, width]`."""
+
+    width: int
+    num_heads: int
+    window: int
+    num_kv_heads: int = 1
+    dtype: jnp.dtype | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        segment_pos: jax.Array,
+        cache: AttentionCache | None = None,
+        return_cache: bool = False,
+    ) -> tuple[jax.Array, AttentionCache | None]:
+        b, t, _ = x.shape
+        hd, kvh = self.head_dim, self.num_kv_heads
+        q = dense(self.width, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="q")(x)
+        k = dense(kvh * hd, ("embed", "kv"), use_bias=False, dtype=self.dtype, name="k")(x)
+        v = dense(kvh * hd, ("embed", "kv"), use_bias=False, dtype=self.dtype, name="v")(x)
+        q = apply_rope(q.reshape(b, t, self.num_heads, hd), segment_pos)
+        k = apply_rope(k.reshape(b, t, kvh, hd), segment_pos)
+        v = v.reshape(b, t, kvh, hd)
+        new_cache = None
+        if cache is not None:
+            if t != 1:
+                raise ValueError(
+                    f"LocalAttention decoding takes one token at a time, got {x.shape}"
+                )
+            keys = jnp.concatenate([cache.keys.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache.values.astype(v.dtype), v], axis=1)
+            q_pos = cache.index[:, None]  # [b, 1]
+            k_pos = jnp.concatenate([cache.positions, q_pos], axis=1)  # [b, window + 1]
+            mask = ((k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos <= self.window))[:, None]
+            out = _attend(q, keys, values, mask)
+            slot = cache.index % self.window
+            rows = jnp.arange(b)
+            new_cache = AttentionCache(
+                cache.keys.at[rows, slot].set(k[:, 0].astype(cache.keys.dtype)),
+                cache.values.at[rows, slot].set(v[:, 0].astype(cache.values.dtype)),
+                cache.positions.at[rows, slot].set(cache.index),
+                cache.index + 1,
+            )
+        else:
+            pos = jnp.arange(t)
+            ids = segment_ids(segment_pos)
+            causal = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] <= self.window)
+            mask = causal[None] & (ids[:, :, None] == ids[:, None, :])
+            out = _attend(q, k, v, mask)
+            if return_cache:
+                new_cache = self._cache_from_sequence(k, v)
+        out = nn.with_logical_constraint(
+            out.reshape(b, t, self.width), ("batch", "length", "heads")
+        )
+        out = dense(self.width, ("heads", "embed"), dtype=self.dtype, name="out")(out)
+        return out, new_cache
+
+    def _cache_from_sequence(self, k: jax.Array, v: jax.Array) -> AttentionCache:
+        """The ring buffer after a prefill of `t` tokens: the last `window` keys at slot i % W."""
+        b, t = k.shape[:2]
+        n = min(t, self.window)
+        idx = jnp.arange(t - n, t)
+        slots = idx % self.window
+        cache = self.init_cache(b, k.dtype)
+        return AttentionCache(
+            cache.keys.at[:, slots].set(k[:, t - n :]),
+            cache.values.at[:, slots].set(v[:, t - n :]),
+            cache.positions.at[:, slots].set(jnp.broadcast_to(idx, (b, n)).astype(jnp.int32)),
+            jnp.full((b,), t, jnp.int32),
+        )
+
+    def init_cache(self, batch_size: int, dtype=jnp.float32) -> AttentionCache:
+        return init_attention_cache(
+            batch_size, self.window, self.num_kv_heads, self.head_dim, dtype
+        )
+
+
+def init_attention_cache(
+    batch_size: int, window: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32
+) -> AttentionCache:
+    """An empty ring buffer of `window` slots."""
+    shape = (batch_size, window, num_kv_heads, head_dim)
+    return AttentionCache(
+        jnp.zeros(shape, dtype),
+        jnp.zeros(shape, dtype),
+        jnp.full((batch_size, window), -1, jnp.int32),
+        jnp.zeros((batch_size,), jnp.int32),
+    )
