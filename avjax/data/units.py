@@ -1,0 +1,489 @@
+"""Discrete speech units at 25 Hz: log-mel features, a k-means unit tokenizer, corpus tokenising.
+
+SpeechSSM models USM-v2 semantic tokens at 25 Hz. Offline and at CPU scale we use k-means units
+over stacked log-mel frames instead: 80-bin log-mel at 100 Hz (hop 160 at 16 kHz), 4
+consecutive frames stacked into one 320-dim vector per 40 ms, normalised per dimension, then
+quantised to the nearest of `num_units` centroids (k-means++ init and Lloyd iterations in jitted
+`jax.numpy`). Because each unit covers exactly 4 mel frames, a centroid is itself a 4-frame
+mel patch, which gives the units->mel decoder (`vocoder.py`) its starting point.
+
+Lengths: a waveform of `n` samples gives `n // 640` units (the tail shorter than 40 ms is
+dropped); decoding `u` units gives `640 * u` samples.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from avjax.data.audio import SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from avjax.data.corpus import Utterance
+    from avjax.data.vocoder import UnitVocoder
+
+UNIT_RATE = 25  # units per second
+HOP_LENGTH = 160  # 10 ms at 16 kHz
+N_FFT = 1024
+WIN_LENGTH = 1024
+N_MELS = 80
+FMIN = 0.0
+FMAX = 8000.0
+MEL_FLOOR = 1e-5  # log-mel = log(max(mel power, MEL_FLOOR))
+FRAMES_PER_UNIT = SAMPLE_RATE // HOP_LENGTH // UNIT_RATE  # 4
+SAMPLES_PER_UNIT = SAMPLE_RATE // UNIT_RATE  # 640
+FEATURE_DIM = FRAMES_PER_UNIT * N_MELS  # 320
+
+TOKENIZER_VERSION = 1
+UNITS_CACHE_VERSION = 1
+
+
+def feature_config() -> dict[str, Any]:
+    """The feature parameters a saved tokenizer/vocoder must match."""
+    return {
+        "sample_rate": SAMPLE_RATE,
+        "unit_rate": UNIT_RATE,
+        "hop_length": HOP_LENGTH,
+        "n_fft": N_FFT,
+        "win_length": WIN_LENGTH,
+        "n_mels": N_MELS,
+        "fmin": FMIN,
+        "fmax": FMAX,
+        "mel_floor": MEL_FLOOR,
+    }
+
+
+@functools.cache
+def mel_basis() -> np.ndarray:
+    """`[n_mels, n_fft // 2 + 1]` float32 Slaney mel filterbank."""
+    import librosa
+
+    return librosa.filters.mel(
+        sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX
+    ).astype(np.float32)
+
+
+def stft(wav: np.ndarray) -> np.ndarray:
+    """Complex STFT `[n_fft // 2 + 1, 1 + len(wav) // hop]` (Hann, centred, zero padded)."""
+    import librosa
+
+    with warnings.catch_warnings():  # n_fft > len(wav) is fine with centred zero padding
+        warnings.filterwarnings("ignore", message="n_fft=.*is too large", category=UserWarning)
+        return librosa.stft(
+            np.asarray(wav, np.float32),
+            n_fft=N_FFT,
+            hop_length=HOP_LENGTH,
+            win_length=WIN_LENGTH,
+            center=True,
+            pad_mode="constant",
+        )
+
+
+def log_mel(wav: np.ndarray) -> np.ndarray:
+    """Log-mel power spectrogram `[frames, n_mels]` float32 at 100 Hz; frames = 1 + n // 160."""
+    wav = np.asarray(wav, np.float32)
+    if wav.ndim != 1:
+        raise ValueError(f"log_mel expects mono audio [samples], got shape {wav.shape}")
+    spec = np.abs(stft(wav)) ** 2
+    mel = mel_basis() @ spec
+    return np.log(np.maximum(mel, MEL_FLOOR)).T.astype(np.float32)
+
+
+def num_units_for(num_samples: int) -> int:
+    """Units a waveform of `num_samples` gives (40 ms each, a shorter tail dropped)."""
+    return max(int(num_samples) // SAMPLES_PER_UNIT, 0)
+
+
+def unit_mel(mel: np.ndarray, num_units: int) -> np.ndarray:
+    """The first `4 * num_units` frames of `mel` `[frames, n_mels]` (edge-padded if short)."""
+    need = FRAMES_PER_UNIT * num_units
+    if len(mel) < need:
+        mel = np.pad(mel, ((0, need - len(mel)), (0, 0)), mode="edge")
+    return mel[:need]
+
+
+def mel_to_unit_features(mel: np.ndarray, num_units: int | None = None) -> np.ndarray:
+    """Stacks 4 log-mel frames per unit: `[frames, n_mels]` -> `[units, 4 * n_mels]`."""
+    if num_units is None:
+        num_units = len(mel) // FRAMES_PER_UNIT
+    m = unit_mel(mel, num_units)
+    return m.reshape(num_units, FRAMES_PER_UNIT * mel.shape[1])
+
+
+def unit_features(wav: np.ndarray) -> np.ndarray:
+    """Unit-rate features `[units, 320]` float32 at 25 Hz: 4 stacked 10 ms log-mel frames.
+
+    Not yet normalised: `UnitTokenizer` learns the per-dimension mean and std at fit time.
+    """
+    return mel_to_unit_features(log_mel(wav), num_units_for(len(wav)))
+
+
+# --- k-means in JAX --------------------------------------------------------------------------
+
+_BLOCK = 8192
+
+
+def _pad_blocks(x: jax.Array) -> tuple[jax.Array, int]:
+    n = x.shape[0]
+    nb = max(1, -(-n // _BLOCK))
+    return jnp.pad(x, ((0, nb * _BLOCK - n), (0, 0))).reshape(nb, _BLOCK, x.shape[1]), n
+
+
+@jax.jit
+def _assign(x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Nearest centroid and its squared distance, `[n]` each; blockwise to bound memory."""
+    xb, n = _pad_blocks(x)
+    c2 = jnp.sum(c * c, axis=1)
+
+    def block(xs):
+        d = jnp.sum(xs * xs, axis=1, keepdims=True) - 2.0 * xs @ c.T + c2[None]
+        return jnp.argmin(d, axis=1).astype(jnp.int32), jnp.maximum(jnp.min(d, axis=1), 0.0)
+
+    a, d = jax.lax.map(block, xb)
+    return a.reshape(-1)[:n], d.reshape(-1)[:n]
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _kmeans_pp(x: jax.Array, key: jax.Array, k: int) -> jax.Array:
+    """k-means++ seeding: `[k, dim]` centroids drawn from `x` `[n, dim]` (D^2 sampling)."""
+    key, sub = jax.random.split(key)
+    c0 = x[jax.random.randint(sub, (), 0, x.shape[0])]
+    cents = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(c0)
+    d2 = jnp.sum((x - c0) ** 2, axis=1)
+
+    def body(i, carry):
+        cents, d2, key = carry
+        key, sub = jax.random.split(key)
+        idx = jax.random.categorical(sub, jnp.log(jnp.maximum(d2, 1e-30)))
+        c = x[idx]
+        return cents.at[i].set(c), jnp.minimum(d2, jnp.sum((x - c) ** 2, axis=1)), key
+
+    cents, _, _ = jax.lax.fori_loop(1, k, body, (cents, d2, key))
+    return cents
+
+
+@jax.jit
+def _lloyd_step(x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One Lloyd iteration: new centroids `[k, dim]` and the mean squared distance (inertia).
+
+    An empty cluster is moved onto the point currently farthest from its centroid (distinct
+    points for distinct empty clusters), the usual fix that keeps all `k` units in use.
+    """
+    k = c.shape[0]
+    a, d = _assign(x, c)
+    sums = jax.ops.segment_sum(x, a, num_segments=k)
+    counts = jax.ops.segment_sum(jnp.ones_like(d), a, num_segments=k)
+    new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
+    empty = counts == 0
+    _, far = jax.lax.top_k(d, k)
+    rank = jnp.cumsum(empty) - 1
+    new = jnp.where(empty[:, None], x[far[jnp.clip(rank, 0, k - 1)]], new)
+    return new, jnp.mean(d)
+
+
+def kmeans(
+    x: np.ndarray, num_clusters: int, *, seed: int = 0, iters: int = 30, tol: float = 1e-4
+) -> tuple[np.ndarray, list[float]]:
+    """k-means++ + Lloyd on `x` `[n, dim]`; returns centroids `[k, dim]` and inertia per step.
+
+    Stops early when the inertia improves by less than `tol` (relative).
+    """
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or x.shape[0] < num_clusters:
+        raise ValueError(f"kmeans needs [n >= {num_clusters}, dim] points, got shape {x.shape}")
+    xj = jnp.asarray(x)
+    c = _kmeans_pp(xj, jax.random.key(seed), num_clusters)
+    history: list[float] = []
+    for _ in range(iters):
+        c, inertia = _lloyd_step(xj, c)
+        history.append(float(inertia))
+        if len(history) > 1 and history[-2] - history[-1] <= tol * abs(history[-2]):
+            break
+    return np.asarray(c), history
+
+
+class UnitTokenizer:
+    """Waveform -> 25 Hz k-means units.
+
+    Attributes:
+      centroids: `[num_units, 320]` float32 in normalised feature space.
+      mean, std: `[320]` float32 feature normalisation.
+    """
+
+    def __init__(self, centroids: np.ndarray, mean: np.ndarray, std: np.ndarray):
+        self.centroids = np.asarray(centroids, np.float32)
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        if self.centroids.ndim != 2 or self.mean.shape != (self.centroids.shape[1],):
+            raise ValueError(
+                f"tokenizer shapes disagree: centroids {self.centroids.shape}, "
+                f"mean {self.mean.shape}, std {self.std.shape}"
+            )
+        self._cj = jnp.asarray(self.centroids)
+
+    @property
+    def num_units(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @classmethod
+    def fit(
+        cls,
+        features: Sequence[np.ndarray],
+        num_units: int = 256,
+        seed: int = 0,
+        iters: int = 30,
+        max_points: int = 200_000,
+    ) -> UnitTokenizer:
+        """Fits k-means on unit features (a list of `[units, dim]` arrays, e.g. one per file).
+
+        At most `max_points` vectors (a seeded random subset) are clustered.
+        """
+        x = np.concatenate([np.asarray(f, np.float32) for f in features if len(f)])
+        if len(x) > max_points:
+            x = x[np.random.default_rng(seed).choice(len(x), max_points, replace=False)]
+        mean = x.mean(axis=0)
+        std = np.maximum(x.std(axis=0), 1e-3)
+        c, hist = kmeans((x - mean) / std, num_units, seed=seed, iters=iters)
+        logging.info(
+            "k-means: %d units on %d vectors x %d dims, %d iterations, inertia %.2f -> %.2f",
+            num_units,
+            len(x),
+            x.shape[1],
+            len(hist),
+            hist[0],
+            hist[-1],
+        )
+        return cls(c, mean, std)
+
+    def encode_features(self, feats: np.ndarray) -> np.ndarray:
+        """`[units, dim]` features -> `[units]` int32 unit ids."""
+        feats = np.asarray(feats, np.float32)
+        if feats.ndim != 2 or feats.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"expected features [units, {self.feature_dim}], got shape {feats.shape}"
+            )
+        if len(feats) == 0:
+            return np.zeros(0, np.int32)
+        a, _ = _assign(jnp.asarray((feats - self.mean) / self.std), self._cj)
+        return np.asarray(a, np.int32)
+
+    def encode(self, wav: np.ndarray) -> np.ndarray:
+        """16 kHz waveform `[samples]` -> `[samples // 640]` int32 units."""
+        return self.encode_features(unit_features(wav))
+
+    def centroid_mels(self) -> np.ndarray:
+        """Each unit's centroid as a log-mel patch `[num_units, 4, n_mels]`."""
+        m = self.centroids * self.std + self.mean
+        return m.reshape(self.num_units, FRAMES_PER_UNIT, -1)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes `tokenizer.npz` + `tokenizer.json` into `directory`."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, ".tokenizer.tmp.npz")
+        np.savez(tmp, centroids=self.centroids, mean=self.mean, std=self.std)
+        os.replace(tmp, os.path.join(directory, "tokenizer.npz"))
+        meta = {
+            "version": TOKENIZER_VERSION,
+            "num_units": self.num_units,
+            "feature_dim": self.feature_dim,
+            "features": feature_config(),
+        }
+        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> UnitTokenizer:
+        """Reads a tokenizer saved by `save`; errors name the file and the mismatch."""
+        directory = os.fspath(directory)
+        meta_path = os.path.join(directory, "tokenizer.json")
+        npz_path = os.path.join(directory, "tokenizer.npz")
+        for p in (meta_path, npz_path):
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"{p}: unit tokenizer file not found")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("version") != TOKENIZER_VERSION or meta.get("features") != feature_config():
+            raise ValueError(
+                f"{meta_path}: tokenizer made with version {meta.get('version')} / features "
+                f"{meta.get('features')}, this code expects version {TOKENIZER_VERSION} / "
+                f"{feature_config()}"
+            )
+        with np.load(npz_path) as z:
+            tok = cls(z["centroids"], z["mean"], z["std"])
+        if tok.num_units != meta["num_units"] or tok.feature_dim != meta["feature_dim"]:
+            raise ValueError(
+                f"{npz_path}: centroids {tok.centroids.shape} disagree with {meta_path} "
+                f"(num_units {meta['num_units']}, feature_dim {meta['feature_dim']})"
+            )
+        return tok
+
+
+def unigram_entropy(units: Sequence[np.ndarray] | np.ndarray, num_units: int) -> float:
+    """Entropy (nats) of the unit frequencies: the loss of the best context-free predictor."""
+    arr = units if isinstance(units, np.ndarray) else np.concatenate(list(units))
+    counts = np.bincount(np.asarray(arr, np.int64), minlength=num_units).astype(np.float64)
+    p = counts[counts > 0] / max(counts.sum(), 1.0)
+    return float(-(p * np.log(p)).sum())
+
+
+# --- corpus tokenising -----------------------------------------------------------------------
+
+
+def _corpus_fingerprint(utts: Sequence[Utterance]) -> str:
+    h = hashlib.sha256()
+    for u in utts:
+        h.update(f"{u.id}|{u.doc_id}|{u.split}|{u.num_samples}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_units(
+    corpus: str | os.PathLike | Sequence[Utterance],
+    out_dir: str | os.PathLike,
+    *,
+    num_units: int = 256,
+    seed: int = 0,
+    kmeans_iters: int = 30,
+    vocoder_steps: int = 400,
+    progress: bool = True,
+) -> tuple[UnitTokenizer, UnitVocoder, dict[str, np.ndarray]]:
+    """Fits the unit tokenizer (train split) and the unit vocoder once; tokenises every file.
+
+    Args:
+      corpus: a corpus root (with `manifest.jsonl`) or a list of `Utterance`s.
+      out_dir: cache folder: `tokenizer/`, `vocoder/`, `units.npz` ({utterance id: int32
+        `[units]`}), `units_info.json` (fingerprint, sizes, unigram entropy, timings).
+      num_units, seed, kmeans_iters, vocoder_steps: fit settings (part of the cache key).
+
+    Returns:
+      (tokenizer, vocoder, {utterance id: int32 `[num_samples // 640]` units}). A second call
+      with the same corpus and settings loads everything from `out_dir`.
+    """
+    from avjax.data import audio as audio_lib
+    from avjax.data import corpus as corpus_lib
+    from avjax.data import vocoder as vocoder_lib
+
+    utts = (
+        corpus_lib.load_manifest(corpus) if isinstance(corpus, str | os.PathLike) else list(corpus)
+    )
+    out_dir = os.fspath(out_dir)
+    key = {
+        "version": UNITS_CACHE_VERSION,
+        "corpus": _corpus_fingerprint(utts),
+        "num_units": int(num_units),
+        "seed": int(seed),
+        "kmeans_iters": int(kmeans_iters),
+        "vocoder_steps": int(vocoder_steps),
+        "features": feature_config(),
+    }
+    info_path = os.path.join(out_dir, "units_info.json")
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        if info.get("key") == key:
+            tok = UnitTokenizer.load(os.path.join(out_dir, "tokenizer"))
+            voc = vocoder_lib.UnitVocoder.load(os.path.join(out_dir, "vocoder"))
+            with np.load(os.path.join(out_dir, "units.npz")) as z:
+                units = {k: z[k] for k in z.files}
+            logging.info(
+                "Loaded %d units, %d files from %s (train unigram entropy %.3f nats)",
+                tok.num_units,
+                len(units),
+                out_dir,
+                info["unigram_entropy_nats"],
+            )
+            return tok, voc, units
+        logging.info("Units in %s were made with other settings or data: refitting", out_dir)
+
+    t0 = time.time()
+    train = [u for u in utts if u.split == "train"]
+    if not train:
+        raise ValueError("prepare_units: the corpus has no train-split utterances")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(utts), desc="log-mel", mininterval=1.0)
+    mels: dict[str, np.ndarray] = {}
+    for u in utts:
+        wav = audio_lib.load_audio(u.audio_path)
+        n = num_units_for(len(wav))
+        mels[u.id] = unit_mel(log_mel(wav), n)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    t_feat = time.time() - t0
+
+    t1 = time.time()
+    tok = UnitTokenizer.fit(
+        [mel_to_unit_features(mels[u.id]) for u in train],
+        num_units=num_units,
+        seed=seed,
+        iters=kmeans_iters,
+    )
+    t_kmeans = time.time() - t1
+    units = {u.id: tok.encode_features(mel_to_unit_features(mels[u.id])) for u in utts}
+
+    t2 = time.time()
+    voc = vocoder_lib.UnitVocoder.fit(
+        [units[u.id] for u in train],
+        [mels[u.id] for u in train],
+        steps=vocoder_steps,
+        seed=seed,
+        num_units=tok.num_units,
+        progress=progress,
+    )
+    t_voc = time.time() - t2
+
+    train_units = np.concatenate([units[u.id] for u in train])
+    entropy = unigram_entropy(train_units, tok.num_units)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer"))
+    voc.save(os.path.join(out_dir, "vocoder"))
+    tmp = os.path.join(out_dir, ".units.tmp.npz")
+    np.savez(tmp, **units)
+    os.replace(tmp, os.path.join(out_dir, "units.npz"))
+    info = {
+        "key": key,
+        "num_units": tok.num_units,
+        "used_units": int(len(np.unique(train_units))),
+        "train_tokens": int(len(train_units)),
+        "unigram_entropy_nats": entropy,
+        "seconds": {
+            "features": t_feat,
+            "kmeans": t_kmeans,
+            "vocoder": t_voc,
+            "total": time.time() - t0,
+        },
+        "vocoder_final_l1": voc.final_loss,
+    }
+    with open(info_path, "w") as f:
+        json.dump(info, f, indent=2)
+    logging.info(
+        "Units: %d (%d used), %d train tokens, unigram entropy %.3f nats; features %.1f s, "
+        "k-means %.1f s, vocoder %.1f s",
+        tok.num_units,
+        info["used_units"],
+        info["train_tokens"],
+        entropy,
+        t_feat,
+        t_kmeans,
+        t_voc,
+    )
+    return tok, voc, units
