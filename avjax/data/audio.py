@@ -127,6 +127,9 @@ class WavStreamWriter:
             return
         self._file.close()
         self._file = None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:

@@ -277,10 +277,14 @@ class UnitTokenizer:
             raise ValueError(
                 f"expected features [units, {self.feature_dim}], got shape {feats.shape}"
             )
-        if len(feats) == 0:
+        n = len(feats)
+        if n == 0:
             return np.zeros(0, np.int32)
-        a, _ = _assign(jnp.asarray((feats - self.mean) / self.std), self._cj)
-        return np.asarray(a, np.int32)
+        x = (feats - self.mean) / self.std
+        padded = -(-n // 1024) * 1024  # few distinct shapes: few compilations
+        x = np.pad(x, ((0, padded - n), (0, 0)))
+        a, _ = _assign(jnp.asarray(x), self._cj)
+        return np.asarray(a[:n], np.int32)
 
     def encode(self, wav: np.ndarray) -> np.ndarray:
         """16 kHz waveform `[samples]` -> `[samples // 640]` int32 units."""
@@ -359,7 +363,7 @@ def prepare_units(
     num_units: int = 256,
     seed: int = 0,
     kmeans_iters: int = 30,
-    vocoder_steps: int = 400,
+    vocoder_steps: int = 300,
     progress: bool = True,
 ) -> tuple[UnitTokenizer, UnitVocoder, dict[str, np.ndarray]]:
     """Fits the unit tokenizer (train split) and the unit vocoder once; tokenises every file.
@@ -438,7 +442,11 @@ def prepare_units(
         iters=kmeans_iters,
     )
     t_kmeans = time.time() - t1
-    units = {u.id: tok.encode_features(mel_to_unit_features(mels[u.id])) for u in utts}
+    all_units = tok.encode_features(
+        np.concatenate([mel_to_unit_features(mels[u.id]) for u in utts])
+    )
+    bounds = np.cumsum([len(mels[u.id]) // FRAMES_PER_UNIT for u in utts])[:-1]
+    units = dict(zip([u.id for u in utts], np.split(all_units, bounds), strict=True))
 
     t2 = time.time()
     voc = vocoder_lib.UnitVocoder.fit(

@@ -5,7 +5,7 @@ windows. Our offline stand-in keeps the windowing and swaps the models:
 
 1. `UnitVocoder.units_to_mel`: a Flax linen net. A per-unit table of 4 log-mel frames
    (initialised with each unit's mean mel in the training data, which is already a
-   reasonable decoder) plus a residual 1-D conv stack over unit embeddings (context of +-8
+   reasonable decoder) plus a residual 1-D conv stack over unit embeddings (context of +-6
    units) and a frame-rate conv that smooths the 4-frame steps. Trained briefly with L1 on
    normalised log-mel of (units, mel) pairs from the corpus.
 2. `mel_to_wav`: log-mel -> magnitude (non-negative least squares through the mel filterbank,
@@ -44,8 +44,8 @@ class UnitToMel(nn.Module):
 
     num_units: int
     n_mels: int = units_lib.N_MELS
-    hidden: int = 256
-    num_layers: int = 4
+    hidden: int = 128
+    num_layers: int = 3
     kernel: int = 5
 
     @nn.compact
@@ -98,8 +98,8 @@ class UnitVocoder:
         num_units: int,
         mel_mean: np.ndarray,
         mel_std: np.ndarray,
-        hidden: int = 256,
-        num_layers: int = 4,
+        hidden: int = 128,
+        num_layers: int = 3,
         final_loss: float = float("nan"),
     ):
         self.params = params
@@ -118,15 +118,15 @@ class UnitVocoder:
         cls,
         units_list: Sequence[np.ndarray],
         mels_list: Sequence[np.ndarray],
-        steps: int = 400,
+        steps: int = 300,
         seed: int = 0,
         *,
         num_units: int | None = None,
         batch_size: int = 16,
         crop_units: int = 64,
         lr: float = 2e-3,
-        hidden: int = 256,
-        num_layers: int = 4,
+        hidden: int = 128,
+        num_layers: int = 3,
         progress: bool = False,
     ) -> UnitVocoder:
         """Trains on pairs `units [u]` / log-mel `[>= 4u, n_mels]` (e.g. one pair per file).
@@ -232,14 +232,14 @@ class UnitVocoder:
         self,
         mel: np.ndarray,
         *,
-        n_iter: int = 32,
+        n_iter: int = 16,
         seed: int = 0,
         init_audio: np.ndarray | None = None,
     ) -> np.ndarray:
         """Log-mel `[frames, n_mels]` -> waveform `[frames * 160]` (Griffin-Lim)."""
         return mel_to_wav(mel, n_iter=n_iter, seed=seed, init_audio=init_audio)
 
-    def decode(self, units: np.ndarray, *, n_iter: int = 32, seed: int = 0) -> np.ndarray:
+    def decode(self, units: np.ndarray, *, n_iter: int = 16, seed: int = 0) -> np.ndarray:
         """`[units]` -> waveform `[640 * units]` in one window (short inputs; see
         `decode_units_to_wav` for long ones)."""
         return self.mel_to_wav(self.units_to_mel(units), n_iter=n_iter, seed=seed)
@@ -338,7 +338,7 @@ def griffin_lim(
     mag: np.ndarray,
     length: int,
     *,
-    n_iter: int = 32,
+    n_iter: int = 16,
     momentum: float = 0.99,
     seed: int = 0,
     init_audio: np.ndarray | None = None,
@@ -373,7 +373,7 @@ def griffin_lim(
 def mel_to_wav(
     log_mel: np.ndarray,
     *,
-    n_iter: int = 32,
+    n_iter: int = 16,
     seed: int = 0,
     init_audio: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -408,7 +408,7 @@ def decode_units_to_wav(
     *,
     window_s: float = 30.0,
     overlap_s: float = 4.0,
-    n_iter: int = 32,
+    n_iter: int = 16,
     seed: int = 0,
     progress: bool = True,
     total_units: int | None = None,
