@@ -31,7 +31,7 @@ from absl import logging
 
 from avjax.data import audio as audio_lib
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # bump whenever stories, voices or synthesis change
 MANIFEST = "manifest.jsonl"
 STAMP = "stamp.json"
 SPLITS = ("train", "heldout")

@@ -391,4 +391,4 @@ def generate_story(seed: int, num_paragraphs: int = 10, max_sentences: int | Non
 
 def _clean(text: str) -> str:
     text = re.sub(r"\s+", " ", text).strip()
-    return re.sub(r"\b([Aa]) ([aeiouAEIOU])", r"\1n \2", text)
+    return re.sub(r"\b([Aa]) ([aeiouAEIOU]|honest)", r"\1n \2", text)
