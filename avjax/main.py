@@ -39,6 +39,15 @@ def _maybe_initialize_distributed() -> None:
         logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
+class _QuietLibraries:
+    """Drops INFO records from orbax/grain/jax internals (they log every file operation)."""
+
+    NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/absl/")
+
+    def filter(self, record) -> bool:
+        return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
+
+
 def run(config, workdir: str, mode: str) -> dict:
     """Runs `mode` for `config` in `workdir`; returns a summary dict (also logged)."""
     import jax
@@ -72,6 +81,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     _maybe_initialize_distributed()
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 

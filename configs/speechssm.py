@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # where the corpus audio is cached; "" = $AVJAX_CACHE or ~/.cache/avjax
     c.data.manual_dir = ""  # a directory of your own .wav/.flac files (used when name="dir")
     c.data.num_units = 256
+    c.data.kmeans_iters = 30
+    c.data.vocoder_steps = 300  # units->mel decoder training steps (fitted with the units)
     c.data.seq_len = 512  # tokens per training window (20.5 s at 25 Hz)
 
     # Model: Griffin backbone (RecurrentGemma layout), tiny.

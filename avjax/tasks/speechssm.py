@@ -69,7 +69,9 @@ class SpeechSSMTask(Task):
             utts,
             os.path.join(self.workdir, "units"),
             num_units=int(dc.num_units),
-            seed=self.config.seed,
+            seed=int(self.config.seed),
+            kmeans_iters=int(dc.kmeans_iters),
+            vocoder_steps=int(dc.vocoder_steps),
         )
         docs: dict[str, dict[str, list]] = {"train": {}, "heldout": {}}
         for u in utts:  # utterances are listed in document order
