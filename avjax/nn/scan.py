@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("sequential", "associative", "chunked")
-DEFAULT_IMPL = "sequential"
+DEFAULT_IMPL = "associative"
 
 
 def _combine(left: tuple[jax.Array, jax.Array], right: tuple[jax.Array, jax.Array]):

@@ -1,0 +1,133 @@
+r"""Benchmark: our RG-LRU and Griffin recurrent block vs RecurrentGemma's, same run.
+
+  python tools/bench/ssm.py                     # lengths 1k..64k, every scan impl
+  python tools/bench/ssm.py --quick --json=ssm.json
+
+For each layer (rg_lru, recurrent_block), scan implementation and length, times the jitted
+forward and forward+backward (median of `--repeats` after a warm-up) of ours and of
+RecurrentGemma's (`recurrentgemma.jax`, its default AUTO scan) on identical shapes and dtype,
+and prints a table with the ratio ours / reference (< 1 is faster). Rows go to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+def _time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _layers(kind: str, impl: str, width: int, heads: int, dtype):
+    from recurrentgemma.jax import layers as rg_layers
+    from recurrentgemma.jax import modules as rg_modules
+
+    from avjax.nn.ssm import RGLRU, RecurrentBlock
+
+    if kind == "rg_lru":
+        ours = RGLRU(width, heads, scan_impl=impl, dtype=dtype)
+        ref = rg_layers.RGLRU(width, heads, dtype=dtype)
+
+        def call_ours(m, x, pos):
+            return m(x, pos)[0]
+
+        def call_ref(m, x, pos):
+            return m(x, pos, return_cache=False)[0]
+    else:
+        ours = RecurrentBlock(width, width, heads, 4, impl, dtype)
+        ref = rg_modules.RecurrentBlock(width, heads, width, dtype=dtype)
+
+        def call_ours(m, x, pos):
+            return m(x, pos)[0]
+
+        def call_ref(m, x, pos):
+            return m(x, pos, return_cache=False)[0]
+
+    return (ours, call_ours), (ref, call_ref)
+
+
+def bench(kind, impl, length, width, heads, batch, dtype, repeats) -> dict:
+    x = jax.random.normal(jax.random.key(0), (batch, length, width), dtype)
+    pos = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    row = {
+        "layer": kind,
+        "impl": impl,
+        "length": length,
+        "width": width,
+        "batch": batch,
+        "dtype": jnp.dtype(dtype).name,
+    }
+    for name, (module, call) in zip(
+        ("ours", "reference"), _layers(kind, impl, width, heads, dtype), strict=True
+    ):
+        params = nn.meta.unbox(module.init(jax.random.key(1), x, pos))
+
+        def fwd(p, x, module=module, call=call):
+            return call(module.bind(p), x, pos)
+
+        f = jax.jit(fwd)
+        g = jax.jit(jax.grad(lambda p, x, f=fwd: jnp.sum(f(p, x).astype(jnp.float32) ** 2)))
+        row[f"{name}_fwd_s"] = _time(f, params, x, repeats=repeats)
+        row[f"{name}_s"] = _time(g, params, x, repeats=repeats)
+    row["ratio"] = row["ours_s"] / row["reference_s"]
+    row["fwd_ratio"] = row["ours_fwd_s"] / row["reference_fwd_s"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="lengths 1k-16k, fewer repeats")
+    ap.add_argument("--json", default=None, help="write rows here")
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--impls", default="sequential,associative,chunked")
+    ap.add_argument("--layers", default="rg_lru,recurrent_block")
+    args = ap.parse_args()
+    lengths = [1024, 4096, 16384] if args.quick else [1024, 4096, 16384, 65536]
+    repeats = 3 if args.quick else 5
+    dtype = jnp.dtype(args.dtype)
+    rows = []
+    print(
+        f"device: {jax.devices()[0].device_kind}; width {args.width}, batch {args.batch}, "
+        f"{args.dtype}; times are forward+backward (forward in brackets), seconds"
+    )
+    print(f"{'layer':<16}{'impl':<13}{'length':>8}{'ours':>20}{'recurrentgemma':>22}{'ratio':>8}")
+    for kind in args.layers.split(","):
+        for impl in args.impls.split(","):
+            for length in lengths:
+                r = bench(kind, impl, length, args.width, args.heads, args.batch, dtype, repeats)
+                rows.append(r)
+                print(
+                    f"{kind:<16}{impl:<13}{length:>8}"
+                    f"{r['ours_s']:>11.4f} ({r['ours_fwd_s']:.4f})"
+                    f"{r['reference_s']:>13.4f} ({r['reference_fwd_s']:.4f})"
+                    f"{r['ratio']:>8.2f}",
+                    flush=True,
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
