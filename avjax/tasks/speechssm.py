@@ -163,8 +163,12 @@ class SpeechSSMTask(Task):
         return {
             "task": self.name,
             "model": self.config.model.to_dict(),
-            "num_units": int(self.config.data.num_units),
-            "data": self.config.data.name,
+            # What defines the unit vocabulary: other units would make the weights meaningless.
+            "units": {
+                k: self.config.data[k]
+                for k in ("name", "minutes", "manual_dir", "num_units", "kmeans_iters")
+            },
+            "seed": int(self.config.seed),
         }
 
     # --- inference --------------------------------------------------------------------------
