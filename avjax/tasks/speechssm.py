@@ -31,6 +31,27 @@ def cache_root(data_cfg: Any) -> str:
     )
 
 
+def _overview_mel(
+    vocoder: Any, units: np.ndarray, max_columns: int = 2000, chunk_units: int = 1500
+) -> tuple[np.ndarray, float]:
+    """A time-averaged log-mel `[<= ~max_columns, n_mels]` of `units`, computed in chunks.
+
+    Memory stays flat for any length (a 16-minute mel is never held at full resolution).
+    Returns the mel and its frame rate (frames per second).
+    """
+    fpu = 4  # mel frames per unit (100 Hz mel, 25 Hz units)
+    factor = max(1, math.ceil(len(units) * fpu / max_columns))
+    parts = []
+    for i in range(0, len(units), chunk_units):
+        mel = vocoder.units_to_mel(units[i : i + chunk_units])
+        n = len(mel) // factor * factor
+        if n:
+            parts.append(mel[:n].reshape(-1, factor, mel.shape[-1]).mean(1))
+        if n < len(mel):
+            parts.append(mel[n:].mean(0, keepdims=True))
+    return np.concatenate(parts), 100.0 / factor
+
+
 class SpeechSSMTask(Task):
     """Spoken LM over 25 Hz speech units with the Griffin backbone."""
 
@@ -229,9 +250,11 @@ class SpeechSSMTask(Task):
             base = os.path.join(out_dir, f"sample_{i}")
             np.save(base + ".npy", units)
             n = vocoder_lib.decode_units_to_wav(vocoder, units, base + ".wav")
+            mel, frame_rate = _overview_mel(vocoder, units)
             plots.save_spectrogram_png(
-                vocoder.units_to_mel(units),
+                mel,
                 base + ".png",
+                frame_rate=frame_rate,
                 title=f"SpeechSSM step {step}: {sc.prompt_seconds:g} s prompt + {sc.seconds:g} s",
             )
             files.append(base + ".wav")
