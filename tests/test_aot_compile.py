@@ -18,7 +18,8 @@ def _load(path, name):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices")
 def test_report_on_cpu_devices():
-    aot = _load("tools/aot_compile.py", "aot_compile")
+    from avjax.train import aot
+
     cfg = _load("configs/speechssm.py", "cfg").get_config()
     cfg.model.width, cfg.model.mlp_width, cfg.model.lru_width = 32, 64, 32
     cfg.model.num_layers, cfg.model.num_heads, cfg.model.window = 3, 2, 16

@@ -16,137 +16,19 @@ import json
 import math
 import os
 import sys
-from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from avjax.train.aot import compile_report  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "v5e:16x16", "TPU topology 'v5e:16x16', 'v5p:4x4x4', 'v4:4x4x4' or 'cpu:N'."
 )
 _JSON = flags.DEFINE_string("json", None, "Write the report as JSON here.")
-
-# Per chip: HBM bytes, peak bf16 FLOP/s, chips per host bounds for topology descriptions.
-CHIPS = {
-    "v4": {"hbm": 32 * 2**30, "flops": 275e12, "host_bounds": (2, 2, 1)},
-    "v5e": {"hbm": 16 * 2**30, "flops": 197e12, "host_bounds": (2, 2, 1)},
-    "v5p": {"hbm": 95 * 2**30, "flops": 459e12, "host_bounds": (2, 2, 1)},
-    "v6e": {"hbm": 32 * 2**30, "flops": 918e12, "host_bounds": (2, 2, 1)},
-}
-
-
-def topology_devices(topology: str) -> tuple[list[Any], dict[str, Any]]:
-    """Devices (possibly of a TPU we do not have) and the chip's facts for `topology`."""
-    import jax
-
-    kind, _, shape = topology.partition(":")
-    if kind == "cpu":
-        n = int(shape or 8)
-        devices = jax.devices("cpu")
-        if len(devices) < n:
-            raise ValueError(
-                f"--topology={topology}: only {len(devices)} CPU devices; set "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={n}"
-            )
-        return devices[:n], {"hbm": 0, "flops": 0.0}
-    if kind not in CHIPS:
-        raise ValueError(f"--topology={topology}: unknown chip {kind!r}; known {sorted(CHIPS)}")
-    from jax.experimental import topologies
-
-    desc = topologies.get_topology_desc(
-        platform="tpu",
-        topology_name=topology,
-        chip_config_name="default",
-        chips_per_host_bounds=CHIPS[kind]["host_bounds"],
-        num_slices=1,
-    )
-    return list(desc.devices), CHIPS[kind]
-
-
-def _bytes_per_device(tree: Any) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
-    import jax
-    import numpy as np
-
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape)
-        total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
-    return total
-
-
-def compile_report(config: Any, topology: str) -> dict[str, Any]:
-    """Compiles the train step of `config` for `topology`; returns the fit/speed report."""
-    import flax.linen as nn
-    import jax
-    import numpy as np
-
-    from avjax.tasks import get_task
-    from avjax.train import loop
-    from avjax.train.sharding import batch_sharding, make_mesh
-
-    devices, chip = topology_devices(topology)
-    mesh = make_mesh(config.mesh, devices=devices)
-    task = get_task(config, "/tmp/avjax_aot_unused")
-    trainer = loop.build_trainer(task, config, mesh)
-    dummy = task.dummy_batch()
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(
-            v.shape, v.dtype, sharding=batch_sharding(mesh, trainer.rules, v.ndim)
-        )
-        for k, v in dummy.items()
-    }
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(trainer.rules)):
-        lowered = trainer.train_step.lower(trainer.abstract_state, abstract_batch)
-        compiled = lowered.compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0]
-    cost = dict(cost or {})
-    params = trainer.abstract_state.params
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    params_b = _bytes_per_device(params)
-    opt_b = _bytes_per_device(trainer.abstract_state.opt_state)
-    batch_b = _bytes_per_device(abstract_batch)
-    arg_b = int(getattr(mem, "argument_size_in_bytes", 0))
-    out_b = int(getattr(mem, "output_size_in_bytes", 0))
-    alias_b = int(getattr(mem, "alias_size_in_bytes", 0))
-    temp_b = int(getattr(mem, "temp_size_in_bytes", 0))
-    code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
-    peak_b = arg_b + out_b - alias_b + temp_b + code_b
-    n_chips = len(devices)
-    tokens = int(np.prod(dummy["inputs"].shape)) if "inputs" in dummy else 0
-    flops_per_token = task.flops_per_token() or 0.0
-    analytic_flops = flops_per_token * tokens
-    compiler_flops = float(cost.get("flops", 0.0)) * n_chips  # cost_analysis is per device
-    step_s = float(cost.get("optimal_seconds", 0.0)) or None
-    if step_s is None and chip["flops"]:
-        step_s = compiler_flops / (n_chips * chip["flops"])  # a compute-bound lower bound
-    mfu = analytic_flops / (n_chips * chip["flops"] * step_s) if step_s and chip["flops"] else None
-    return {
-        "config": config.get("task"),
-        "topology": topology,
-        "num_chips": n_chips,
-        "mesh": dict(mesh.shape),
-        "params": num_params,
-        "tokens_per_step": tokens,
-        "hbm_bytes_per_chip": chip["hbm"],
-        "params_bytes_per_chip": params_b,
-        "optimizer_bytes_per_chip": opt_b,
-        "batch_bytes_per_chip": batch_b,
-        "temp_bytes_per_chip": temp_b,
-        "code_bytes_per_chip": code_b,
-        "peak_bytes_per_chip": peak_b,
-        "fits": bool(chip["hbm"] == 0 or peak_b <= chip["hbm"]),
-        "flops_per_step": compiler_flops,
-        "analytic_flops_per_step": analytic_flops,
-        "estimated_step_s": step_s,
-        "estimated_mfu": mfu,
-    }
 
 
 def _gib(b: float) -> str:
