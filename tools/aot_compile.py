@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     if r["estimated_step_s"]:
         mfu = r["estimated_mfu"]
         print(
-            f"  est. step  {r['estimated_step_s']:.3f} s, MFU "
+            f"  est. step  {r['estimated_step_s']:.3f} s ({r['estimated_step_source']}), MFU "
             + (f"{100 * mfu:.1f}%" if mfu is not None and math.isfinite(mfu) else "n/a")
         )
     if _JSON.value:

@@ -103,9 +103,15 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
     flops_per_token = task.flops_per_token() or 0.0
     analytic_flops = flops_per_token * tokens
     compiler_flops = float(cost.get("flops", 0.0)) * n_chips  # cost_analysis is per device
-    step_s = float(cost.get("optimal_seconds", 0.0)) or None
-    if step_s is None and chip["flops"]:
-        step_s = compiler_flops / (n_chips * chip["flops"])  # a compute-bound lower bound
+    # XLA's "optimal_seconds" estimate is not always meaningful (negative for some TPU
+    # programs); then fall back to the compute-bound lower bound flops / peak.
+    step_s = float(cost.get("optimal_seconds", 0.0))
+    step_source = "compiler"
+    if step_s <= 0:
+        step_s, step_source = None, None
+        if chip["flops"]:
+            step_s = compiler_flops / (n_chips * chip["flops"])
+            step_source = "compute-bound lower bound (FLOPs / peak)"
     mfu = analytic_flops / (n_chips * chip["flops"] * step_s) if step_s and chip["flops"] else None
     return {
         "config": config.get("task"),
@@ -125,5 +131,6 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
         "flops_per_step": compiler_flops,
         "analytic_flops_per_step": analytic_flops,
         "estimated_step_s": step_s,
+        "estimated_step_source": step_source,
         "estimated_mfu": mfu,
     }
