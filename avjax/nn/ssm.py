@@ -45,10 +45,10 @@ sqrt_clipped_grad.defvjp(_sqrt_fwd, _sqrt_bwd)
 
 
 def a_param_init(min_rad: float = 0.9, max_rad: float = 0.999):
-    """Lambda such that a = sigmoid(-Lambda)^c... at r = 1/c: |a| uniform in area on a ring.
+    """Initialiser of `a_param` (= -Lambda of the paper).
 
-    Stored as `a_param` with a^(1/c at r=1) = exp(-softplus(a_param)) and radius^2 uniform in
-    [min_rad^2, max_rad^2].
+    At gate value r = 1/c the decay is exp(-softplus(a_param)); its square is drawn uniform in
+    [min_rad^2, max_rad^2] (uniform in area on a ring), as in Griffin.
     """
 
     def init(key, shape, dtype=jnp.float32):
