@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.conv1d_width = 4
     c.model.logit_softcap = 30.0
     c.model.dtype = "float32"  # activations; "bfloat16" on TPU/GPU
-    c.model.scan_impl = "auto"
+    c.model.scan_impl = "auto"  # linear recurrence: auto | sequential | associative | chunked
+    c.model.remat = "none"  # activation checkpointing per block: none | full | dots
+    c.model.scan_layers = False  # nn.scan over repeats of the block pattern (fast compile)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 400
@@ -79,9 +81,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.async_checkpoints = True
 
     c.mesh = ml_collections.ConfigDict()
+    c.mesh.preset = ""  # "" = as below; dp | fsdp | fsdp_tp | fsdp_sp (avjax/train/sharding.py)
     c.mesh.data = -1  # -1: all remaining devices
     c.mesh.fsdp = 1
+    c.mesh.sequence = 1  # activations' length dim (the fsdp_sp preset)
     c.mesh.tensor = 1
+    c.mesh.dcn_data = 1  # slices (multi-slice TPU): data parallel across them
     c.sharding_rules = DEFAULT_RULES
 
     c.sample = ml_collections.ConfigDict()
