@@ -54,9 +54,10 @@ def run(config, workdir: str, mode: str) -> dict:
 
     from avjax.tasks import get_task
     from avjax.train import loop
-    from avjax.train.sharding import make_mesh
+    from avjax.train.sharding import apply_preset, make_mesh
 
     os.makedirs(workdir, exist_ok=True)
+    apply_preset(config)
     task = get_task(config, workdir)
     mesh = make_mesh(config.mesh)
     logging.info("Devices: %s; mesh %s", jax.devices(), dict(mesh.shape))

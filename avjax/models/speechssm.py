@@ -47,6 +47,8 @@ def speechssm(model_cfg: Any, vocab_size: int) -> GriffinLM:
         window=model_cfg.window,
         conv1d_width=model_cfg.conv1d_width,
         logit_softcap=model_cfg.logit_softcap or None,
+        remat=model_cfg.get("remat", "none"),
+        scan_layers=bool(model_cfg.get("scan_layers", False)),
         dtype=DTYPES[model_cfg.dtype],
         **kwargs,
     )

@@ -10,6 +10,17 @@ Full-sequence call for training; `return_cache=True` also returns the decoding s
 the sequence (prefill); with a `cache` the call takes one token per sequence and returns the
 next state. The cache has a constant size: RG-LRU states, conv buffers and ring buffers of
 `window` keys/values.
+
+Two options trade compute and compile time for memory at scale (MaxText's `remat_policy` and
+`scan_layers`):
+  - `remat`: "none" keeps every activation for the backward pass; "full" recomputes each
+    residual block; "dots" saves only matmul outputs that have no batch dimension
+    (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`) and recomputes the rest.
+  - `scan_layers`: the layers are `num_layers / period` repeats of one period of the block
+    pattern (3 for recurrent, recurrent, attention), run with `nn.scan` over stacked parameters
+    (leading logical axis "layers"), so XLA compiles one period instead of every layer. The
+    cache is then stacked too: a tuple over the period of caches with a leading repeats axis.
+    `stack_layers` / `unstack_layers` convert parameters between the two layouts.
 """
 
 from __future__ import annotations
@@ -28,6 +39,11 @@ from avjax.nn.ssm import RecurrentBlock, RecurrentBlockCache, init_recurrent_cac
 
 RECURRENT, ATTENTION = "recurrent", "attention"
 BlockCache = RecurrentBlockCache | AttentionCache
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def griffin_pattern(num_layers: int) -> tuple[str, ...]:
@@ -115,6 +131,71 @@ class ResidualBlock(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
 
 
+def _residual_block_class(remat: str) -> type[ResidualBlock]:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
+    if remat == "none":
+        return ResidualBlock
+    # Argument 4 (return_cache, a Python bool) is static; `self` counts as argument 0.
+    return nn.remat(ResidualBlock, policy=REMAT_POLICIES[remat], static_argnums=(4,))
+
+
+def pattern_period(types: tuple[str, ...]) -> int:
+    """The shortest period p with types[i] == types[i % p] and p dividing len(types)."""
+    n = len(types)
+    for p in range(1, n + 1):
+        if n % p == 0 and all(types[i] == types[i % p] for i in range(n)):
+            return p
+    return n
+
+
+class BlockPeriod(nn.Module):
+    """One period of the block pattern; the body of the layer scan.
+
+    `(x [batch, time, width], segment_pos [batch, time], cache) -> (x, new_cache)`.
+    """
+
+    kinds: tuple[str, ...]
+    block_kwargs: dict
+    remat: str = "none"
+    want_cache: bool = False
+
+    @nn.compact
+    def __call__(self, x, segment_pos, cache):
+        block_cls = _residual_block_class(self.remat)
+        new = []
+        for j, kind in enumerate(self.kinds):
+            x, c = block_cls(kind, **self.block_kwargs, name=f"blocks_{j}")(
+                x, segment_pos, None if cache is None else cache[j], self.want_cache
+            )
+            new.append(c)
+        return x, (tuple(new) if self.want_cache else None)
+
+
+def stack_layers(params: dict, num_layers: int, period: int) -> dict:
+    """Unrolled params (`blocks_0` .. `blocks_{L-1}`) -> the `scan_layers` layout."""
+    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    out["layers"] = {
+        f"blocks_{j}": jax.tree.map(
+            lambda *xs: jnp.stack(xs),
+            *[params[f"blocks_{g * period + j}"] for g in range(num_layers // period)],
+        )
+        for j in range(period)
+    }
+    return out
+
+
+def unstack_layers(params: dict, num_layers: int, period: int) -> dict:
+    """The `scan_layers` layout -> unrolled params (inverse of `stack_layers`)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for g in range(num_layers // period):
+        for j in range(period):
+            out[f"blocks_{g * period + j}"] = jax.tree.map(
+                lambda x, g=g: x[g], params["layers"][f"blocks_{j}"]
+            )
+    return out
+
+
 class GriffinLM(nn.Module):
     """Griffin decoder LM. tokens `[batch, time]` int32 -> logits `[batch, time, vocab]` f32.
 
@@ -123,6 +204,8 @@ class GriffinLM(nn.Module):
       lru_width: RG-LRU width (default `width`).
       window: local attention window (tokens).
       logit_softcap: logits -> c * tanh(logits / c); None disables.
+      remat: activation checkpointing per residual block: "none", "full" or "dots".
+      scan_layers: run the layers as `nn.scan` over repeats of the pattern's period.
       dtype: activation dtype (params stay float32; recurrence and softmax in float32).
     """
 
@@ -138,6 +221,8 @@ class GriffinLM(nn.Module):
     logit_softcap: float | None = 30.0
     embed_scale: bool = True
     scan_impl: str = DEFAULT_IMPL
+    remat: str = "none"
+    scan_layers: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -147,18 +232,45 @@ class GriffinLM(nn.Module):
             raise ValueError(f"{len(types)} block_types for num_layers={self.num_layers}")
         return tuple(types)
 
-    def _block(self, i: int, kind: str) -> ResidualBlock:
-        return ResidualBlock(
-            kind,
-            self.width,
-            self.mlp_width,
-            self.num_heads,
-            self.lru_width or self.width,
-            self.window,
-            self.conv1d_width,
-            self.scan_impl,
-            self.dtype,
-            name=f"blocks_{i}",
+    @property
+    def period(self) -> int:
+        """Layers per scanned repeat (`scan_layers`)."""
+        return pattern_period(self.types)
+
+    def _block_kwargs(self) -> dict:
+        return dict(
+            width=self.width,
+            mlp_width=self.mlp_width,
+            num_heads=self.num_heads,
+            lru_width=self.lru_width or self.width,
+            window=self.window,
+            conv1d_width=self.conv1d_width,
+            scan_impl=self.scan_impl,
+            dtype=self.dtype,
+        )
+
+    def _layers(self, x, segment_pos, cache, want_cache):
+        """The residual stack: `x [batch, time, width]` -> `(x, caches or None)`."""
+        if not self.scan_layers:
+            block_cls = _residual_block_class(self.remat)
+            new_caches = []
+            for i, kind in enumerate(self.types):
+                x, c = block_cls(kind, **self._block_kwargs(), name=f"blocks_{i}")(
+                    x, segment_pos, None if cache is None else cache[i], want_cache
+                )
+                new_caches.append(c)
+            return x, (tuple(new_caches) if want_cache else None)
+        p = self.period
+        scanned = nn.scan(
+            BlockPeriod,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            length=self.num_layers // p,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        return scanned(self.types[:p], self._block_kwargs(), self.remat, want_cache, name="layers")(
+            x, segment_pos, cache
         )
 
     @nn.compact
@@ -183,27 +295,33 @@ class GriffinLM(nn.Module):
             x = x * jnp.sqrt(jnp.float32(self.width)).astype(jnp.bfloat16).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         want_cache = return_cache or cache is not None
-        new_caches = []
-        for i, kind in enumerate(self.types):
-            x, c = self._block(i, kind)(
-                x, segment_pos, None if cache is None else cache[i], want_cache
-            )
-            new_caches.append(c)
+        x, new_caches = self._layers(x, segment_pos, cache, want_cache)
         x = RMSNorm(dtype=self.dtype, name="final_norm")(x)
         logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), embedding)
         if self.logit_softcap:
             logits = jnp.tanh(logits / self.logit_softcap) * self.logit_softcap
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits, (tuple(new_caches) if want_cache else None)
+        return logits, new_caches
 
     def init_cache(self, batch_size: int) -> tuple[BlockCache, ...]:
-        """An empty decoding state (constant size) for `batch_size` sequences."""
+        """An empty decoding state (constant size) for `batch_size` sequences.
+
+        A tuple over layers; with `scan_layers`, a tuple over one period whose leaves have a
+        leading axis of `num_layers / period` repeats.
+        """
         lru = self.lru_width or self.width
-        return tuple(
-            init_recurrent_cache(batch_size, lru, self.conv1d_width, self.dtype)
-            if kind == RECURRENT
-            else init_attention_cache(
+
+        def one(kind: str) -> BlockCache:
+            if kind == RECURRENT:
+                return init_recurrent_cache(batch_size, lru, self.conv1d_width, self.dtype)
+            return init_attention_cache(
                 batch_size, self.window, 1, self.width // self.num_heads, self.dtype
             )
-            for kind in self.types
+
+        if not self.scan_layers:
+            return tuple(one(kind) for kind in self.types)
+        repeats = self.num_layers // self.period
+        return tuple(
+            jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats,) + x.shape), one(kind))
+            for kind in self.types[: self.period]
         )

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-# Per chip: HBM bytes, peak bf16 FLOP/s, chips per host bounds for topology descriptions.
-CHIPS = {
-    "v4": {"hbm": 32 * 2**30, "flops": 275e12, "host_bounds": (2, 2, 1)},
-    "v5e": {"hbm": 16 * 2**30, "flops": 197e12, "host_bounds": (2, 2, 1)},
-    "v5p": {"hbm": 95 * 2**30, "flops": 459e12, "host_bounds": (2, 2, 1)},
-    "v6e": {"hbm": 32 * 2**30, "flops": 918e12, "host_bounds": (2, 2, 1)},
-}
+from avjax.train.hardware import TPU_CHIPS as CHIPS
 
 
-def topology_devices(topology: str) -> tuple[list[Any], dict[str, Any]]:
-    """Devices (possibly of a TPU we do not have) and the chip's facts for `topology`."""
+def topology_devices(topology: str, num_slices: int = 1) -> tuple[list[Any], dict[str, Any]]:
+    """Devices (possibly of a TPU we do not have) and the chip's facts for `topology`.
+
+    `num_slices` > 1 describes that many copies of the slice (a multi-slice job).
+    """
     import jax
 
     kind, _, shape = topology.partition(":")
     if kind == "cpu":
-        n = int(shape or 8)
+        n = int(shape or 8) * num_slices
         devices = jax.devices("cpu")
         if len(devices) < n:
             raise ValueError(
@@ -41,7 +38,7 @@ def topology_devices(topology: str) -> tuple[list[Any], dict[str, Any]]:
         topology_name=topology,
         chip_config_name="default",
         chips_per_host_bounds=CHIPS[kind]["host_bounds"],
-        num_slices=1,
+        num_slices=num_slices,
     )
     return list(desc.devices), CHIPS[kind]
 
@@ -66,9 +63,10 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
 
     from avjax.tasks import get_task
     from avjax.train import loop
-    from avjax.train.sharding import batch_sharding, make_mesh
+    from avjax.train.sharding import apply_preset, batch_sharding, make_mesh
 
-    devices, chip = topology_devices(topology)
+    apply_preset(config)
+    devices, chip = topology_devices(topology, int(config.mesh.get("dcn_data", 1)))
     mesh = make_mesh(config.mesh, devices=devices)
     task = get_task(config, "/tmp/avjax_aot_unused")
     trainer = loop.build_trainer(task, config, mesh)
@@ -118,6 +116,9 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
         "topology": topology,
         "num_chips": n_chips,
         "mesh": dict(mesh.shape),
+        "preset": config.mesh.get("preset", ""),
+        "remat": config.model.get("remat", "none"),
+        "scan_layers": bool(config.model.get("scan_layers", False)),
         "params": num_params,
         "tokens_per_step": tokens,
         "hbm_bytes_per_chip": chip["hbm"],

@@ -31,6 +31,7 @@ from clu import periodic_actions
 
 from avjax.tasks.base import Batch, Task
 from avjax.train import checkpoint as ckpt_lib
+from avjax.train import hardware
 from avjax.train import metrics as metrics_lib
 from avjax.train import sharding as sharding_lib
 from avjax.train.optim import build_optimizer, learning_rate_schedule
@@ -276,6 +277,7 @@ def train(
     eval_batches = task.eval_batches(pi, pc) if tc.eval_every else []
     config_dict = json.loads(config.to_json_best_effort())
     flops_per_token = task.flops_per_token()
+    peak = hardware.peak_flops(jax.devices()[0].device_kind)  # None on CPU: no MFU logged
 
     pending: list[tuple[int, dict[str, jax.Array], int]] = []
     t_log, tokens_since = time.time(), 0
@@ -298,9 +300,10 @@ def train(
                 scalars["tokens_per_s"] = tokens_since / dt
                 scalars["steps_per_s"] = len(rows) / dt
                 if flops_per_token:
-                    scalars["tflops_per_s_per_device"] = (
-                        flops_per_token * tokens_since / dt / jax.device_count() / 1e12
-                    )
+                    per_device = flops_per_token * tokens_since / dt / jax.device_count()
+                    scalars["tflops_per_s_per_device"] = per_device / 1e12
+                    if peak:
+                        scalars["mfu"] = per_device / peak
                 if not np.isfinite(scalars["loss"]):
                     raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
                 writer.write_scalars(step, scalars)

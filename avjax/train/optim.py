@@ -22,9 +22,21 @@ def learning_rate_schedule(train_cfg: Any) -> optax.Schedule:
     )
 
 
+_NO_DECAY_NAMES = ("bias", "b", "scale", "a_param")
+
+
 def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only (not on norms' scales, biases or the RG-LRU `a` param)."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """Weight decay on weight matrices only: not on biases (`bias`, `b`, `*_b`, whatever their
+    rank), norms' scales or the RG-LRU `a` param. A leading stacked axis of layers scanned with
+    `nn.scan` (under a "layers" key) does not count as a matrix dimension."""
+
+    def decay(path: tuple, p: Any) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if names and (names[-1] in _NO_DECAY_NAMES or names[-1].endswith("_b")):
+            return False
+        return jnp.ndim(p) - ("layers" in names) >= 2
+
+    return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def build_optimizer(train_cfg: Any) -> optax.GradientTransformation:

@@ -1,8 +1,21 @@
 """Device mesh and logical-axis sharding.
 
 Every parameter and large activation carries logical axis names (`batch`, `length`, `embed`,
-`mlp`, `heads`, `kv`, `vocab`, `rnn`, ...). `config.sharding_rules` maps them onto the mesh axes
-`data`, `fsdp` and `tensor` built from `config.mesh`. Nothing here knows about a model.
+`mlp`, `heads`, `kv`, `vocab`, `rnn`, `layers`, ...). `config.sharding_rules` maps them onto the
+mesh axes `data`, `fsdp`, `sequence` and `tensor` built from `config.mesh`. Nothing here knows
+about a model.
+
+Presets (`config.mesh.preset`) set both the mesh and the rules for the usual layouts:
+
+  dp        data=-1                  params replicated; batch over data
+  fsdp      fsdp=-1                  params' embed dim over fsdp (ZeRO-3); batch over fsdp
+  fsdp_tp   fsdp=-1, tensor=T        fsdp + feature dims (mlp, heads, rnn, vocab) over tensor
+  fsdp_sp   fsdp=-1, sequence=S      fsdp + activations' length dim over sequence
+
+T and S come from `config.mesh.tensor` / `config.mesh.sequence` (>= 2). With
+`config.mesh.dcn_data = N > 1` the mesh spans N slices (multi-slice TPU), data-parallel across
+slices over the data-centre network and as configured within each slice
+(`mesh_utils.create_hybrid_device_mesh`).
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -32,21 +45,85 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("rnn", "tensor"),
     ("vocab", "tensor"),
     ("conv", None),
+    ("layers", None),
 )
+
+_REPLICATED_PARAMS = tuple(
+    (name, None) for name in ("embed", "mlp", "heads", "kv", "rnn", "vocab", "conv", "layers")
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "dp": {
+        "mesh": {"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1},
+        "rules": (("batch", "data"), ("length", None)) + _REPLICATED_PARAMS,
+    },
+    "fsdp": {
+        "mesh": {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1},
+        "rules": (("batch", ("data", "fsdp")), ("length", None), ("embed", "fsdp"))
+        + tuple(r for r in _REPLICATED_PARAMS if r[0] != "embed"),
+    },
+    "fsdp_tp": {
+        "mesh": {"data": 1, "fsdp": -1, "sequence": 1, "tensor": "tensor"},
+        "rules": DEFAULT_RULES,
+    },
+    "fsdp_sp": {
+        "mesh": {"data": 1, "fsdp": -1, "sequence": "sequence", "tensor": 1},
+        "rules": tuple(
+            ("length", "sequence") if name == "length" else (name, None if t == "tensor" else t)
+            for name, t in DEFAULT_RULES
+        ),
+    },
+}
+
+
+def apply_preset(config: Any) -> Any:
+    """Sets `config.mesh` sizes and `config.sharding_rules` from `config.mesh.preset`.
+
+    A no-op when the preset is "" (the mesh and rules are taken as written). Returns `config`,
+    changed in place.
+
+    Raises:
+      ValueError: for an unknown preset, or a tensor/sequence size < 2 where the preset needs it.
+    """
+    name = config.mesh.get("preset", "")
+    if not name:
+        return config
+    if name not in PRESETS:
+        raise ValueError(f"config.mesh.preset={name!r}; expected '' or one of {list(PRESETS)}")
+    preset = PRESETS[name]
+    for axis, size in preset["mesh"].items():
+        if isinstance(size, str):  # taken from the config, must actually split
+            size = int(config.mesh.get(size, 1))
+            if size < 2:
+                raise ValueError(
+                    f"config.mesh.preset={name!r} needs config.mesh.{axis} >= 2, got {size}"
+                )
+        if axis in config.mesh:
+            config.mesh[axis] = size
+        elif size != 1:
+            raise ValueError(f"config.mesh has no field {axis!r} (needed by preset {name!r})")
+    config.sharding_rules = preset["rules"]
+    return config
 
 
 def _named(sizes: Sequence[int]) -> dict[str, int]:
     return dict(zip(MESH_AXES, sizes, strict=True))
 
 
-def mesh_shape(mesh_cfg: Any, num_devices: int | None = None) -> tuple[int, int, int]:
-    """Resolves `config.mesh` (`data`, `fsdp`, `tensor`; one of them may be -1) to sizes.
+def mesh_shape(mesh_cfg: Any, num_devices: int | None = None) -> tuple[int, ...]:
+    """Resolves `config.mesh` (`data`, `fsdp`, `sequence`, `tensor`; one may be -1) to sizes.
+
+    A missing axis counts as 1. With `dcn_data = N > 1` the sizes are per slice
+    (`num_devices / N` devices).
 
     Raises:
       ValueError: naming the field when sizes do not multiply to the device count.
     """
     n = jax.device_count() if num_devices is None else num_devices
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    dcn = int(mesh_cfg.get("dcn_data", 1))
+    if dcn < 1 or n % dcn:
+        raise ValueError(f"config.mesh.dcn_data={dcn} does not divide the {n} devices")
+    n //= dcn
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
     if sum(s == -1 for s in sizes) > 1:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {_named(sizes)}")
     if any(s == 0 or s < -1 for s in sizes):
@@ -67,15 +144,24 @@ def mesh_shape(mesh_cfg: Any, num_devices: int | None = None) -> tuple[int, int,
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the `(data, fsdp, tensor)` mesh from `config.mesh` with `jax.make_mesh`."""
+    """Builds the `(data, fsdp, sequence, tensor)` mesh from `config.mesh`.
+
+    One slice: `jax.make_mesh` (topology-aware device order). Several (`dcn_data > 1`):
+    `mesh_utils.create_hybrid_device_mesh`, the data axis spanning slices.
+    """
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(
-        shape,
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    dcn = int(mesh_cfg.get("dcn_data", 1))
+    if dcn == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    from jax.experimental import mesh_utils
+
+    dcn_shape = (dcn,) + (1,) * (len(MESH_AXES) - 1)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], "slice_index")
     )
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:

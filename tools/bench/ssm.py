@@ -1,12 +1,13 @@
 r"""Benchmark: our RG-LRU and Griffin recurrent block vs RecurrentGemma's, same run.
 
-  python tools/bench/ssm.py                     # lengths 1k..64k, every scan impl
-  python tools/bench/ssm.py --quick --json=ssm.json
+  python tools/bench/ssm.py                     # lengths 1k..64k, every scan impl, both layers
+  python tools/bench/ssm.py --quick --json=ssm.json   # 1k..16k; the block at the default only
 
 For each layer (rg_lru, recurrent_block), scan implementation and length, times the jitted
-forward and forward+backward (median of `--repeats` after a warm-up) of ours and of
+forward and forward+backward (median of the repeats after a warm-up) of ours and of
 RecurrentGemma's (`recurrentgemma.jax`, its default AUTO scan) on identical shapes and dtype,
-and prints a table with the ratio ours / reference (< 1 is faster). Rows go to `--json`.
+and prints a table with the ratio ours / reference (< 1 is faster). Rows go to `--json`; the
+row of the implementation our "auto" default picks on this backend has `"default": true`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from avjax.nn.scan import resolve_impl  # noqa: E402
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -86,6 +89,7 @@ def bench(kind, impl, length, width, heads, batch, dtype, repeats) -> dict:
         g = jax.jit(jax.grad(lambda p, x, f=fwd: jnp.sum(f(p, x).astype(jnp.float32) ** 2)))
         row[f"{name}_fwd_s"] = _time(f, params, x, repeats=repeats)
         row[f"{name}_s"] = _time(g, params, x, repeats=repeats)
+    row["default"] = impl == resolve_impl("auto")
     row["ratio"] = row["ours_s"] / row["reference_s"]
     row["fwd_ratio"] = row["ours_fwd_s"] / row["reference_fwd_s"]
     return row
@@ -101,23 +105,32 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--impls", default="sequential,associative,chunked")
     ap.add_argument("--layers", default="rg_lru,recurrent_block")
+    ap.add_argument("--lengths", default="", help="comma list; default 1k..64k (quick: ..16k)")
     args = ap.parse_args()
-    lengths = [1024, 4096, 16384] if args.quick else [1024, 4096, 16384, 65536]
-    repeats = 3 if args.quick else 5
+    if args.lengths:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    else:
+        lengths = [1024, 4096, 16384] if args.quick else [1024, 4096, 16384, 65536]
+    repeats = 2 if args.quick else 5
     dtype = jnp.dtype(args.dtype)
     rows = []
     print(
         f"device: {jax.devices()[0].device_kind}; width {args.width}, batch {args.batch}, "
-        f"{args.dtype}; times are forward+backward (forward in brackets), seconds"
+        f"{args.dtype}; times are forward+backward (forward in brackets), seconds; "
+        f"* = our default ('auto') on this backend"
     )
     print(f"{'layer':<16}{'impl':<13}{'length':>8}{'ours':>20}{'recurrentgemma':>22}{'ratio':>8}")
     for kind in args.layers.split(","):
-        for impl in args.impls.split(","):
+        impls = args.impls.split(",")
+        if args.quick and kind == "recurrent_block":
+            impls = [resolve_impl("auto")]  # the block differs from rg_lru only around the scan
+        for impl in impls:
             for length in lengths:
                 r = bench(kind, impl, length, args.width, args.heads, args.batch, dtype, repeats)
                 rows.append(r)
+                name = impl + ("*" if r["default"] else "")
                 print(
-                    f"{kind:<16}{impl:<13}{length:>8}"
+                    f"{kind:<16}{name:<13}{length:>8}"
                     f"{r['ours_s']:>11.4f} ({r['ours_fwd_s']:.4f})"
                     f"{r['reference_s']:>13.4f} ({r['reference_fwd_s']:.4f})"
                     f"{r['ratio']:>8.2f}",
