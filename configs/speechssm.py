@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
+    # Start from converted weights (tools/convert_recurrentgemma.py --out=DIR), as the paper
+    # starts from RecurrentGemma-2B; init_skip (regex over param paths) keeps some fresh,
+    # e.g. "^embedding$" for the unit vocabulary.
+    c.train.init_from = ""
+    c.train.init_skip = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.preset = ""  # "" = as below; dp | fsdp | fsdp_tp | fsdp_sp (avjax/train/sharding.py)
