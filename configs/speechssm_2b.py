@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.eval_every = 2000
     c.train.checkpoint_every = 1000
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    c.mesh.tensor = 1
+    # FSDP over all chips but a tensor-parallel pair (batch 128 must divide by data x fsdp).
+    c.mesh.preset = "fsdp_tp"
+    c.mesh.tensor = 2
     return c

@@ -58,3 +58,54 @@ def test_cached_decoding_matches():
         ref, rg_cache = rg_model.apply(rg_params, tok[:, i : i + 1], pos[:, i : i + 1], rg_cache)
         ours, cache = model.apply(variables, tok[:, i : i + 1], pos[:, i : i + 1], cache=cache)
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_cli_converts_an_orbax_checkpoint_and_training_starts_from_it(tmp_path):
+    """tools/convert_recurrentgemma.py on a checkpoint saved as RecurrentGemma's are
+    (orbax PyTree), then `train.init_from` loads it (embedding kept fresh for a new vocab)."""
+    import importlib.util
+    import os
+
+    import orbax.checkpoint as ocp
+    from toy_task import GriffinToyTask, single_device_mesh, toy_config
+
+    from avjax.convert.recurrentgemma import load_converted
+    from avjax.train import loop
+
+    _, _, params = _rg_model(blocks=(R, R, A) * 2, window=4)
+    ocp.PyTreeCheckpointer().save(str(tmp_path / "rg"), params)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "convert_rg", os.path.join(repo, "tools", "convert_recurrentgemma.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    diff = tool.main(
+        [
+            "--rg_ckpt",
+            str(tmp_path / "rg"),
+            "--out",
+            str(tmp_path / "ours"),
+            "--check",
+            "--window",
+            "4",
+        ]
+    )
+    assert diff <= 1e-4
+    model, variables = load_converted(str(tmp_path / "ours"))
+    assert model.types == ("recurrent", "recurrent", "attention") * 2
+
+    tcfg = toy_config(steps=1, eval_every=0)
+    tcfg.train.update({"init_from": str(tmp_path / "ours"), "init_skip": "^embedding$"})
+    task = GriffinToyTask(tcfg, str(tmp_path / "w"))
+    state = loop.train(task, tcfg, str(tmp_path / "w"), single_device_mesh(), stop_after=0)
+    got = np.asarray(state.params["blocks_4"]["temporal"]["rg_lru"]["a_param"])
+    want = np.asarray(variables["params"]["blocks_4"]["temporal"]["rg_lru"]["a_param"])
+    np.testing.assert_array_equal(got, want)  # loaded; step 1 ran at lr 0 (warmup from 0)
+
+    bad = toy_config(steps=1, eval_every=0)
+    bad.train.update({"init_from": str(tmp_path / "ours"), "init_skip": ""})
+    with pytest.raises(ValueError, match=r"embedding: shape \(61, 32\)"):
+        loop.train(
+            GriffinToyTask(bad, str(tmp_path / "x")), bad, str(tmp_path / "x"), single_device_mesh()
+        )

@@ -9,30 +9,12 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from toy_task import ToyTask, single_device_mesh, toy_config
+from toy_task import GriffinToyTask, single_device_mesh, toy_config
 
-from avjax.nn.griffin import GriffinLM
 from avjax.train import loop
 from avjax.train.sharding import apply_preset, make_mesh, mesh_shape, put_batch
 
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices (conftest)")
-
-
-class GriffinToyTask(ToyTask):
-    """The toy next-token task on a tiny Griffin (recurrent, recurrent, attention) x 2."""
-
-    def build_model(self):
-        m = self.config.model
-        return GriffinLM(
-            vocab_size=32,
-            width=16,
-            mlp_width=32,
-            num_heads=2,
-            num_layers=6,
-            window=8,
-            remat=m.get("remat", "none"),
-            scan_layers=m.get("scan_layers", False),
-        )
 
 
 def _two_steps(cfg, mesh, init_params=None):

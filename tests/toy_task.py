@@ -105,6 +105,25 @@ class ToyTask(Task):
         return jnp.sum(xent * batch["mask"]), {"weight": jnp.sum(batch["mask"])}
 
 
+class GriffinToyTask(ToyTask):
+    """The toy task on a tiny Griffin: (recurrent, recurrent, attention) x 2, width 32."""
+
+    def build_model(self):
+        from avjax.nn.griffin import GriffinLM
+
+        m = self.config.model
+        return GriffinLM(
+            vocab_size=32,
+            width=32,
+            mlp_width=48,
+            num_heads=2,
+            num_layers=6,
+            window=4,
+            remat=m.get("remat", "none"),
+            scan_layers=m.get("scan_layers", False),
+        )
+
+
 def toy_config(**train) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "toy"

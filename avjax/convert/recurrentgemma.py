@@ -8,16 +8,23 @@
 
 equals RecurrentGemma's logits. The `recurrentgemma` package is only needed to *describe* the
 config; the mapping itself is a renaming plus one reshape (the MLP's up-projection bias).
+
+`tools/convert_recurrentgemma.py` runs this on a RecurrentGemma orbax checkpoint (as published)
+and writes ours with `save_converted`: `DIR/params` (orbax) + `DIR/model.json` (the GriffinLM
+fields). `config.train.init_from=DIR` then starts training from those weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from avjax.nn.griffin import ATTENTION, RECURRENT, GriffinLM
+from avjax.nn.griffin import ATTENTION, RECURRENT, GriffinLM, stack_layers
 
 
 def _block_kind(block_type: Any) -> str:
@@ -99,3 +106,57 @@ def from_recurrentgemma(
     """Returns `(model, variables)` equivalent to `recurrentgemma.jax.Griffin(rg_config)`."""
     model = model_from_config(rg_config, dtype)
     return model, {"params": convert_params(rg_params, model.types)}
+
+
+_MODEL_FIELDS = (
+    "vocab_size",
+    "width",
+    "mlp_width",
+    "num_heads",
+    "num_layers",
+    "block_types",
+    "lru_width",
+    "window",
+    "conv1d_width",
+    "logit_softcap",
+    "embed_scale",
+    "scan_layers",
+)
+
+
+def save_converted(model: GriffinLM, variables: dict[str, Any], out_dir: str) -> None:
+    """Writes `out_dir/params` (orbax, float32) and `out_dir/model.json` (GriffinLM fields).
+
+    With `model.scan_layers` the parameters are written in the stacked (scanned) layout.
+    """
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    params = variables.get("params", variables)
+    if model.scan_layers and "layers" not in params:
+        params = stack_layers(params, model.num_layers, model.period)
+    os.makedirs(out_dir, exist_ok=True)
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+    with open(os.path.join(out_dir, "model.json"), "w") as f:
+        json.dump({k: fields[k] for k in _MODEL_FIELDS}, f, indent=2)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(out_dir, "params"), params, force=True)
+    ckpt.wait_until_finished()
+
+
+def load_converted(out_dir: str, dtype: Any = jnp.float32) -> tuple[GriffinLM, dict[str, Any]]:
+    """Reads what `save_converted` wrote: `(model, {"params": ...})` (numpy arrays)."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    meta = os.path.join(out_dir, "model.json")
+    if not os.path.exists(meta):
+        raise FileNotFoundError(
+            f"{meta} not found: expected a directory written by tools/convert_recurrentgemma.py"
+        )
+    with open(meta) as f:
+        kw = json.load(f)
+    kw["block_types"] = tuple(kw["block_types"])
+    model = GriffinLM(**kw, dtype=dtype)
+    params = ocp.StandardCheckpointer().restore(os.path.join(out_dir, "params"))
+    return model, {"params": params}

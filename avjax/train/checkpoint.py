@@ -140,3 +140,70 @@ def restore(
             f"(shapes or structure): {e}"
         ) from e
     return restored.state
+
+
+def load_init_params(path: str, fresh_params: Any, skip: str = "") -> Any:
+    """Initial parameters from a parameters-only checkpoint (`path/params`, orbax), e.g. one
+    written by `tools/convert_recurrentgemma.py`, placed like `fresh_params`.
+
+    Args:
+      path: directory holding `params` (or an orbax params checkpoint itself).
+      fresh_params: the freshly initialised (sharded) params; gives the tree, shapes, dtypes
+        and shardings, and the values of skipped parameters.
+      skip: a regular expression over parameter paths ("blocks_0/mlp/ffw_down/kernel") that
+        keep their fresh values, e.g. "^embedding$" for a new vocabulary.
+
+    Raises:
+      ValueError: naming every parameter that is missing, extra or of another shape.
+    """
+    import re
+
+    import numpy as np
+
+    root = os.path.abspath(path)
+    src_dir = os.path.join(root, "params") if os.path.isdir(os.path.join(root, "params")) else root
+    if not os.path.isdir(src_dir):
+        raise FileNotFoundError(f"config.train.init_from={path}: no such directory")
+    source = ocp.StandardCheckpointer().restore(src_dir)
+
+    def flat(tree: Any) -> dict[str, Any]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {
+            "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in kp): v
+            for kp, v in leaves
+        }
+
+    src, dst = flat(source), flat(fresh_params)
+    pattern = re.compile(skip) if skip else None
+    skipped = {k for k in dst if pattern is not None and pattern.search(k)}
+    problems = [f"{k}: missing in {src_dir}" for k in dst if k not in src and k not in skipped]
+    problems += [
+        f"{k}: in {src_dir} but not in the model"
+        for k in src
+        if k not in dst and not (pattern is not None and pattern.search(k))
+    ]
+    problems += [
+        f"{k}: shape {tuple(src[k].shape)} in {src_dir}, model expects {tuple(dst[k].shape)}"
+        for k in dst
+        if k in src and k not in skipped and tuple(src[k].shape) != tuple(dst[k].shape)
+    ]
+    if problems:
+        raise ValueError(
+            "config.train.init_from does not fit the model (config.train.init_skip can keep "
+            "parameters fresh):\n  " + "\n  ".join(problems)
+        )
+
+    def place(kp, fresh):
+        key = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in kp)
+        if key in skipped:
+            return fresh
+        value = np.asarray(src[key]).astype(fresh.dtype)
+        return jax.make_array_from_callback(value.shape, fresh.sharding, lambda i: value[i])
+
+    logging.info(
+        "Initialised %d parameters from %s; kept fresh: %s",
+        len(dst) - len(skipped),
+        src_dir,
+        sorted(skipped) or "none",
+    )
+    return jax.tree_util.tree_map_with_path(place, fresh_params)

@@ -58,6 +58,7 @@ class Trainer:
     state_shardings: Any
     abstract_state: Any
     init_fn: Any
+    fresh_state: Any  # params -> TrainState at step 0 (fresh optimizer), sharded
     train_step: Any
     eval_step: Any
 
@@ -154,6 +155,10 @@ def build_trainer(
         state_shardings,
     )
     init_fn = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_shardings)
+    fresh_state = jax.jit(
+        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+        out_shardings=state_shardings,
+    )
 
     batch_shardings = {
         k: sharding_lib.batch_sharding(mesh, rules, v.ndim) for k, v in dummy.items()
@@ -181,6 +186,7 @@ def build_trainer(
         state_shardings=state_shardings,
         abstract_state=abstract_state,
         init_fn=init_fn,
+        fresh_state=fresh_state,
         train_step=train_step,
         eval_step=eval_step,
     )
@@ -264,6 +270,9 @@ def train(
         _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), latest)
     else:
         state = trainer.init_fn(jax.random.key(int(config.seed)))
+        if tc.get("init_from"):
+            params = ckpt_lib.load_init_params(tc.init_from, state.params, tc.get("init_skip", ""))
+            state = trainer.fresh_state(params)
     start = int(state.step)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     logging.info(
