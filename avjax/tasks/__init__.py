@@ -11,6 +11,7 @@ from avjax.tasks.base import Task
 # name -> "module:class"; imported lazily so one model's dependencies never load another's.
 REGISTRY = {
     "speechssm": "avjax.tasks.speechssm:SpeechSSMTask",
+    "speechtransformer": "avjax.tasks.speechtransformer:SpeechTransformerTask",
 }
 
 

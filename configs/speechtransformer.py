@@ -1,0 +1,62 @@
+r"""SpeechTransformer: SpeechSSM's Transformer baseline at CPU scale, matched in size.
+
+Everything but the model is configs/speechssm.py's (the same embedded corpus, 256 k-means
+units, 512-unit windows, optimiser, 400 steps, sampling). The model is a decoder-only
+Transformer in Gemma's layout (global causal multi-query attention with RoPE, gated-GeLU MLP,
+RMSNorm, tied embeddings, soft-capped logits) with SpeechSSM's width, heads and depth and the
+MLP widened from 384 to 416 so the parameter count matches: 1,245,184 vs SpeechSSM's
+1,241,728 (+0.3%).
+
+Train (the units/corpus are built as for SpeechSSM; ~8 minutes on 2 CPU cores):
+
+  python -m avjax.main --config=configs/speechtransformer.py --workdir=workdir/speechtransformer
+
+Expected (measured on 2 CPU cores): see "Measured" below.
+
+Sample (the KV cache is sized from config.sample: prompt + continuation, unless
+config.model.max_len is set; 16 minutes = --config.sample.seconds=960 holds 24.3k keys and
+values per layer):
+
+  python -m avjax.main --config=configs/speechtransformer.py \
+      --workdir=workdir/speechtransformer --mode=sample
+
+Decode speed and memory against SpeechSSM: `python tools/bench/longform.py`.
+
+Measured: (filled in below after the training run)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _speechssm_config() -> ml_collections.ConfigDict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speechssm.py")
+    spec = importlib.util.spec_from_file_location("_speechssm_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = _speechssm_config()
+    c.task = "speechtransformer"
+    m = ml_collections.ConfigDict()
+    m.width = 128
+    m.mlp_width = 416  # SpeechSSM's 384, widened to match its parameter count
+    m.num_heads = 4
+    m.num_kv_heads = 1  # multi-query, as Gemma-2B (the paper's baseline is Gemma-initialised)
+    m.num_layers = 6
+    m.logit_softcap = 30.0
+    m.dtype = "float32"  # activations; "bfloat16" on TPU/GPU
+    m.remat = "none"  # none | full | dots
+    m.scan_layers = False  # nn.scan over the identical blocks (fast compile)
+    # Decoding only (never change the parameters): KV-cache length (0 = prompt + continuation
+    # from config.sample) and keys per block of the decode attention loop (0 = whole buffer).
+    m.max_len = 0
+    m.decode_block = 256
+    c.model = m
+    return c
