@@ -137,3 +137,25 @@ def test_load_errors_name_the_problem(tmp_path):
         load_hf_hubert(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_hf_hubert(tmp_path / "nope")
+
+
+def test_hubert_feature_extractor_matches_transformers_layer(tmp_path):
+    from avjax.data.features import get_extractor
+
+    cfg, hf = _hf_model("layer_preln", seed=5)
+    hf.save_pretrained(tmp_path / "hub")
+    wav = _wav(batch=1, samples=5000, seed=6)[0]
+    ex = get_extractor("hubert", hubert_dir=tmp_path / "hub", layer=1)
+    assert ex.dim == 32 and ex.frame_rate == 16000 / 20 and ex.spec["layer"] == 1
+    feats = ex(wav)  # zero-padded to 1 s inside, exact through the valid length
+    _, ref_hidden = _hf_forward(hf, wav[None])
+    np.testing.assert_allclose(feats, ref_hidden[1][0], atol=1e-4, rtol=0)
+    # Long audio is encoded in independent chunks.
+    chunked = get_extractor("hubert", hubert_dir=tmp_path / "hub", layer=1, max_chunk_seconds=0.2)
+    got = chunked(wav)
+    ref = np.concatenate(
+        [_hf_forward(hf, wav[None, a : a + 3200])[1][1][0] for a in range(0, 5000, 3200)]
+    )
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="layer 3 out of range"):
+        get_extractor("hubert", hubert_dir=tmp_path / "hub", layer=3)
