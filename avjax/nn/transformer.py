@@ -141,7 +141,9 @@ class CausalAttention(nn.Module):
             q_slot = cache.index[:, None] + jnp.arange(t)[None]  # [b, t]
             length = cache.keys.shape[1]
             if self.decode_block and length % self.decode_block == 0:
-                out = _blocked_attend(q, new_cache.keys, new_cache.values, q_slot, self.decode_block)
+                out = _blocked_attend(
+                    q, new_cache.keys, new_cache.values, q_slot, self.decode_block
+                )
             else:
                 mask = jnp.arange(length)[None, None, :] <= q_slot[:, :, None]
                 out = _attend(
@@ -206,8 +208,12 @@ class DecoderBlock(nn.Module):
             self.dtype,
             name="attention",
         )
-        h, new_cache = attn(RMSNorm(dtype=self.dtype, name="pre_attention_norm")(x), segment_pos,
-                            cache, self.want_cache)
+        h, new_cache = attn(
+            RMSNorm(dtype=self.dtype, name="pre_attention_norm")(x),
+            segment_pos,
+            cache,
+            self.want_cache,
+        )
         x = x + h
         mlp = MLPBlock(self.width, self.mlp_width, self.dtype, name="mlp")
         x = x + mlp(RMSNorm(dtype=self.dtype, name="pre_mlp_norm")(x))

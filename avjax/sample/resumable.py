@@ -1,0 +1,297 @@
+"""Resumable, sharded long-form sampling: a killed job continues where it stopped.
+
+`generate_resumable` runs `avjax.sample.autoregressive`'s prefill + jitted decode chunks and
+saves, every `save_every_chunks` chunks (and at the end), the sampler state with orbax to
+`directory`:
+
+  state:  the `SamplerState` (model caches, next-token logits, positions, step)
+  tokens: `[batch, num_tokens]` int32, the tokens generated so far (zeros beyond `step`)
+  key:    the sampling key's raw data (token i is drawn with `fold_in(key, i)`)
+  meta:   JSON: what the job is (prompt digest, num_tokens, seed, temperature, top-k/p,
+          chunk_tokens, batch); a restart with other arguments in the same directory is refused
+
+Restarted with the same arguments, it restores the newest saved step and regenerates from
+there. Chunks always start at multiples of `chunk_tokens`, so the resumed job runs the same
+compiled programs on the same (bit-identical, restored) states as an uninterrupted one: the
+tokens are exactly equal.
+
+With a `mesh`, the prompt (and so every `[batch, ...]` leaf of the state) is sharded over the
+mesh axes the logical `batch` axis maps to (`rules`; default `data`), and parameters keep
+their shardings: batch sampling on a pod. Progress (tokens/s, ETA) goes to a tqdm bar.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from avjax.sample.autoregressive import SamplerState, decode_chunk, prefill
+
+
+class ResumeMismatchError(ValueError):
+    """The directory holds a sampling job with different arguments."""
+
+
+def _job_meta(prompt: np.ndarray, num_tokens: int, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "prompt_sha256": hashlib.sha256(np.ascontiguousarray(prompt, np.int32)).hexdigest(),
+        "batch": int(prompt.shape[0]),
+        "prompt_len": int(prompt.shape[1]),
+        "num_tokens": int(num_tokens),
+        **kwargs,
+    }
+
+
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=False, create=True
+        ),
+    )
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as host numpy."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def generate_resumable(
+    model: nn.Module,
+    params: Any,
+    prompt: np.ndarray,
+    num_tokens: int,
+    directory: str,
+    *,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    chunk_tokens: int = 250,
+    save_every_chunks: int = 6,
+    keep: int = 2,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    stop_after_chunks: int | None = None,
+    progress: bool = True,
+) -> Iterator[np.ndarray]:
+    """Yields the generated tokens `[batch, n]` (host numpy) chunk by chunk, resuming.
+
+    After a restore, the first item holds every token generated before the stop (so a consumer
+    always sees the whole continuation); each later item is one decoded chunk.
+
+    Args:
+      model, params: any LM with GriffinLM's calling convention (`avjax.sample.autoregressive`).
+      prompt: `[batch, prompt_len]` int32.
+      num_tokens: tokens to generate after the prompt.
+      directory: where the sampler state is saved (created; one job per directory).
+      seed, temperature, top_k, top_p: sampling (`autoregressive.sample_from_logits`).
+      chunk_tokens: decode steps per jitted `lax.scan` chunk.
+      save_every_chunks: save the state every this many chunks, counted from the start of
+        the job (and after the last one).
+      keep: saved steps to keep.
+      mesh: shard the batch over it (the axes `rules` give logical `batch`; default `data`).
+      rules: logical axis rules for the model's sharding constraints under `mesh`.
+      stop_after_chunks: stop (without an extra save) after decoding this many chunks in this
+        call, as a killed job would; for tests.
+      progress: show a tqdm bar with tokens/s and ETA.
+
+    Raises:
+      ResumeMismatchError: `directory` holds a job with other arguments.
+    """
+    prompt = np.asarray(prompt, np.int32)
+    batch = prompt.shape[0]
+    meta = _job_meta(
+        prompt,
+        num_tokens,
+        seed=int(seed),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        chunk_tokens=int(chunk_tokens),
+    )
+    manager = _manager(directory, keep)
+    rules = list(rules) if rules is not None else [("batch", "data")]
+    if mesh is not None:
+        spec = nn.logical_to_mesh_axes(("batch", None), rules)
+        prompt_sharding = jax.sharding.NamedSharding(mesh, spec)
+        ctx = _MeshContext(mesh, rules)
+    else:
+        prompt_sharding = None
+        ctx = _MeshContext(None, rules)
+    try:
+        with ctx:
+            yield from _run(
+                model,
+                params,
+                prompt,
+                prompt_sharding,
+                num_tokens,
+                manager,
+                meta,
+                batch=batch,
+                seed=seed,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                chunk_tokens=chunk_tokens,
+                save_every_chunks=save_every_chunks,
+                stop_after_chunks=stop_after_chunks,
+                progress=progress,
+            )
+    finally:
+        manager.close()
+
+
+class _MeshContext:
+    """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)`, or nothing without a mesh."""
+
+    def __init__(self, mesh, rules):
+        self.mesh, self.rules = mesh, rules
+        self._stack: list[Any] = []
+
+    def __enter__(self):
+        if self.mesh is not None:
+            for cm in (jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)):
+                cm.__enter__()
+                self._stack.append(cm)
+        return self
+
+    def __exit__(self, *exc):
+        while self._stack:
+            self._stack.pop().__exit__(*exc)
+
+
+def _run(
+    model,
+    params,
+    prompt,
+    prompt_sharding,
+    num_tokens,
+    manager,
+    meta,
+    *,
+    batch,
+    seed,
+    temperature,
+    top_k,
+    top_p,
+    chunk_tokens,
+    save_every_chunks,
+    stop_after_chunks,
+    progress,
+) -> Iterator[np.ndarray]:
+    from tqdm import tqdm
+
+    if prompt_sharding is not None:
+        prompt_arr = jax.device_put(prompt, prompt_sharding)
+    else:
+        prompt_arr = jnp.asarray(prompt)
+    # The prefill also gives the state's structure and shardings, the target of a restore.
+    state = jax.jit(functools.partial(prefill, model))(params, prompt_arr)
+    key = jax.random.key(seed)
+    tokens = np.zeros((batch, num_tokens), np.int32)
+    done = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        saved = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        if saved["meta"] != meta:
+            diff = {
+                k: (saved["meta"].get(k), meta.get(k))
+                for k in set(saved["meta"]) | set(meta)
+                if saved["meta"].get(k) != meta.get(k)
+            }
+            raise ResumeMismatchError(
+                f"{manager.directory} holds a sampling job with other arguments "
+                f"(saved, requested): {diff}; use another directory or the same arguments"
+            )
+        target = {
+            "state": jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+            ),
+            "tokens": tokens,
+            "key": np.asarray(jax.random.key_data(key)),
+        }
+        restored = manager.restore(
+            latest, args=ocp.args.Composite(data=ocp.args.StandardRestore(target))
+        )["data"]
+        state = SamplerState(*restored["state"])
+        tokens = np.asarray(restored["tokens"], np.int32)
+        key = jax.random.wrap_key_data(jnp.asarray(restored["key"]))
+        done = int(latest)
+        if done and done != int(state.step):
+            raise ValueError(f"checkpoint {latest} holds step {int(state.step)}")
+        if done:
+            yield tokens[:, :done].copy()
+
+    def save(step: int) -> None:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                data=ocp.args.StandardSave(
+                    {"state": state, "tokens": tokens, "key": np.asarray(jax.random.key_data(key))}
+                ),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+
+    step_fns: dict[int, Any] = {}
+    chunks_run = 0
+    with tqdm(
+        total=num_tokens,
+        initial=done,
+        unit="tok",
+        desc="sampling",
+        mininterval=2.0,
+        disable=not progress or jax.process_index() != 0,
+    ) as bar:
+        while done < num_tokens:
+            if stop_after_chunks is not None and chunks_run >= stop_after_chunks:
+                return
+            n = min(chunk_tokens - done % chunk_tokens, num_tokens - done)
+            if n not in step_fns:
+                step_fns[n] = jax.jit(
+                    functools.partial(
+                        decode_chunk,
+                        model,
+                        num_tokens=n,
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                    ),
+                    donate_argnums=(1,),
+                )
+            state, new = step_fns[n](params, state, key)
+            new = _gather(new)
+            tokens[:, done : done + n] = new
+            done += n
+            chunks_run += 1
+            bar.update(n)
+            if done == num_tokens or done % (chunk_tokens * max(1, save_every_chunks)) == 0:
+                save(done)
+            yield new
+
+
+def sample_resumable(*args: Any, **kwargs: Any) -> np.ndarray:
+    """`generate_resumable` collected: the tokens `[batch, <= num_tokens]` generated so far."""
+    chunks = list(generate_resumable(*args, **kwargs))
+    if not chunks:
+        prompt = np.asarray(args[2] if len(args) > 2 else kwargs["prompt"])
+        return np.zeros((prompt.shape[0], 0), np.int32)
+    return np.concatenate(chunks, axis=1)
