@@ -49,6 +49,13 @@ def main(argv: list[str]) -> None:
         f"  FLOPs/step compiler {r['flops_per_step']:.3e}, "
         f"analytic {r['analytic_flops_per_step']:.3e}"
     )
+    if r["compute_bound_s"] is not None:
+        mem = r["memory_bound_s"]
+        print(
+            f"  roofline   compute {r['compute_bound_s']:.3f} s, memory "
+            + (f"{mem:.3f} s" if mem is not None else "n/a")
+            + f" ({r['bytes_accessed_per_chip'] / 2**30:.1f} GiB accessed per chip)"
+        )
     if r["estimated_step_s"]:
         mfu = r["estimated_mfu"]
         print(

@@ -101,15 +101,22 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
     flops_per_token = task.flops_per_token() or 0.0
     analytic_flops = flops_per_token * tokens
     compiler_flops = float(cost.get("flops", 0.0)) * n_chips  # cost_analysis is per device
-    # XLA's "optimal_seconds" estimate is not always meaningful (negative for some TPU
-    # programs); then fall back to the compute-bound lower bound flops / peak.
+    # Roofline per chip: compute-bound time (FLOPs / peak) and memory-bound time (bytes the
+    # compiler says the program touches / HBM bandwidth); the step takes at least the larger.
+    # Collectives are not in either bound. XLA's own "optimal_seconds" is used when positive
+    # (it is negative for some TPU programs).
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    compute_s = compiler_flops / (n_chips * chip["flops"]) if chip["flops"] else None
+    memory_s = bytes_accessed / chip["hbm_bw"] if chip.get("hbm_bw") else None
     step_s = float(cost.get("optimal_seconds", 0.0))
     step_source = "compiler"
     if step_s <= 0:
         step_s, step_source = None, None
-        if chip["flops"]:
-            step_s = compiler_flops / (n_chips * chip["flops"])
-            step_source = "compute-bound lower bound (FLOPs / peak)"
+        if compute_s is not None:
+            step_s = max(compute_s, memory_s or 0.0)
+            step_source = "roofline: " + (
+                "memory-bound" if (memory_s or 0.0) > compute_s else "compute-bound"
+            )
     mfu = analytic_flops / (n_chips * chip["flops"] * step_s) if step_s and chip["flops"] else None
     return {
         "config": config.get("task"),
@@ -131,6 +138,9 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
         "fits": bool(chip["hbm"] == 0 or peak_b <= chip["hbm"]),
         "flops_per_step": compiler_flops,
         "analytic_flops_per_step": analytic_flops,
+        "bytes_accessed_per_chip": bytes_accessed,
+        "compute_bound_s": compute_s,
+        "memory_bound_s": memory_s,
         "estimated_step_s": step_s,
         "estimated_step_source": step_source,
         "estimated_mfu": mfu,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-# TPU generations by the name used in topology strings ("v5e:16x16"): HBM bytes, peak bf16
-# FLOP/s, chips-per-host bounds for `jax.experimental.topologies.get_topology_desc`.
+# TPU generations by the name used in topology strings ("v5e:16x16"): HBM bytes, HBM bandwidth
+# (bytes/s), peak bf16 FLOP/s, chips-per-host bounds for `get_topology_desc`.
 TPU_CHIPS: dict[str, dict[str, Any]] = {
-    "v4": {"hbm": 32 * 2**30, "flops": 275e12, "host_bounds": (2, 2, 1)},
-    "v5e": {"hbm": 16 * 2**30, "flops": 197e12, "host_bounds": (2, 2, 1)},
-    "v5p": {"hbm": 95 * 2**30, "flops": 459e12, "host_bounds": (2, 2, 1)},
-    "v6e": {"hbm": 32 * 2**30, "flops": 918e12, "host_bounds": (2, 2, 1)},
+    "v4": {"hbm": 32 * 2**30, "hbm_bw": 1228e9, "flops": 275e12, "host_bounds": (2, 2, 1)},
+    "v5e": {"hbm": 16 * 2**30, "hbm_bw": 819e9, "flops": 197e12, "host_bounds": (2, 2, 1)},
+    "v5p": {"hbm": 95 * 2**30, "hbm_bw": 2765e9, "flops": 459e12, "host_bounds": (2, 2, 1)},
+    "v6e": {"hbm": 32 * 2**30, "hbm_bw": 1640e9, "flops": 918e12, "host_bounds": (2, 2, 1)},
 }
 
 # `device_kind` substrings (lower case) -> peak bf16 FLOP/s per device. First match wins.
