@@ -75,11 +75,11 @@ def _blocked_attend(
     qg = q.reshape(b, t, kv, h // kv, d)
     n_blocks = (jnp.max(q_slot) + block) // block  # blocks holding slots 0 .. max(q_slot)
     m0 = jnp.full((b, kv, h // kv, t), NEG_INF, jnp.float32)
-    l0 = jnp.zeros((b, kv, h // kv, t), jnp.float32)
+    d0 = jnp.zeros((b, kv, h // kv, t), jnp.float32)
     acc0 = jnp.zeros((b, kv, h // kv, t, d), jnp.float32)
 
     def body(i, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         start = i * block
         k = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1).astype(q.dtype)
         v = jax.lax.dynamic_slice_in_dim(values, start, block, axis=1).astype(q.dtype)
@@ -90,12 +90,12 @@ def _blocked_attend(
         m_new = jnp.maximum(m, logits.max(-1))
         p = jnp.exp(logits - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(-1)
+        denom = denom * corr + p.sum(-1)
         acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
-        return m_new, l, acc
+        return m_new, denom, acc
 
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m0, l0, acc0))
-    out = (acc / l[..., None]).astype(q.dtype)  # [b, kv, g, t, d]
+    _, denom, acc = jax.lax.fori_loop(0, n_blocks, body, (m0, d0, acc0))
+    out = (acc / denom[..., None]).astype(q.dtype)  # [b, kv, g, t, d]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
