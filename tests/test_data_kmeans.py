@@ -1,8 +1,8 @@
 """Mini-batch k-means over 8 CPU devices, and tools/fit_units.py end to end (MFCC features)."""
 
+import importlib.util
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -13,8 +13,11 @@ from avjax.data import features as features_lib
 from avjax.data import kmeans as kmeans_lib
 from avjax.data.units import UnitTokenizer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
-import fit_units  # noqa: E402
+_spec = importlib.util.spec_from_file_location(
+    "fit_units", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "fit_units.py")
+)
+fit_units = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fit_units)
 
 
 def _blobs(n=12_000, k=6, dim=8, seed=0):

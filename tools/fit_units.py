@@ -31,7 +31,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+# Run as a script, tools/ is sys.path[0], where tools/tokenize.py would shadow the standard
+# library's `tokenize` (imported later by jax): drop it, add the repository root instead.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _TOOLS]
+sys.path.insert(0, os.path.dirname(_TOOLS))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         "audio / min)"
     )
     print(
-        f"k-means: {args.num_units} units, {result.steps} steps of {args.batch_size} on "
+        f"k-means: {args.num_units} units, {result.steps} steps of {result.batch_size} on "
         f"{info['kmeans_devices']} devices in {result.seconds:.1f} s "
         f"({info['hours_per_minute']['kmeans']:.2f} h of audio / min), inertia "
         f"{full_inertia:.4g}; wrote {os.path.abspath(args.out)}"
