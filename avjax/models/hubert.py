@@ -132,10 +132,9 @@ class HubertConfig:
             if v is not None:
                 kw[f.name] = tuple(v) if isinstance(v, list | tuple) else v
         n = get("num_feat_extract_layers", None)
-        if n is not None and n != len(kw.get("conv_dim", cls.conv_dim)):
-            raise ValueError(
-                f"num_feat_extract_layers {n} disagrees with conv_dim {kw['conv_dim']}"
-            )
+        dims = kw.get("conv_dim", cls().conv_dim)
+        if n is not None and n != len(dims):
+            raise ValueError(f"num_feat_extract_layers {n} disagrees with conv_dim {dims}")
         return cls(**kw)
 
 
