@@ -21,6 +21,32 @@ Sample a minute (or 16: --config.sample.seconds=960) continuing a held-out promp
 writes workdir/speechssm/samples/step_<N>/sample_0.wav, .png spectrogram, .npy units.
 
 Any field can be overridden, e.g. `--config.train.steps=100 --config.mesh.data=-1`.
+
+Real corpora (`--config.data.name=...`, audio already on disk in the corpus' own layout in
+`--config.data.manual_dir`; nothing is downloaded). The first run builds a TFDS dataset
+(ArrayRecord, cached in <cache_dir>/tfds/<name>-<fingerprint of the folder>), fits the units
+and vocoder on `data.fit_minutes` of train audio into the workdir, and tokenises every split
+used into workdir/units/tokens-*/ (resumable shards); later runs reuse all of it.
+
+  librispeech       manual_dir/LibriSpeech/<split>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac
+                    + <spk>-<chapter>.trans.txt  (unpack openslr.org/12 train-clean-100.tar.gz,
+                    dev-clean.tar.gz, ... into manual_dir). Trains on the train-* splits,
+                    evaluates on dev-clean. A chapter is a document.
+  librilight        manual_dir/<subset>/<spk>/<book>/<file>.flac + <file>.json (unpack
+                    small.tar / medium.tar / large.tar from the Libri-Light release). Files are
+                    cut at silences into <= 4 min segments (data.builder_config=cut4min; cut30s,
+                    full); whole files are held out by data.heldout_fraction.
+  librispeech_long  manual_dir/librispeech-long/<split>/<spk>/<chapter>/<chapter>_<seg>.flac
+                    + .txt (the LibriSpeech-Long release); evaluation splits dev/test-clean/other.
+
+  python -m avjax.main --config=configs/speechssm.py --workdir=workdir/ls \
+      --config.data.name=librispeech --config.data.manual_dir=/data/librispeech \
+      --config.data.seq_len=6000 --config.data.pack=True --config.train.steps=1000
+
+A missing folder or another layout stops with the expected layout; a corrupt, empty or
+non-16 kHz file stops with its name unless --config.data.skip_bad=True (then skipped and
+counted in the log and in workdir/data_facts.json). To tokenise a corpus on many machines
+ahead of training: tools/tokenize.py (--process_index/--process_count, resumable).
 """
 
 from __future__ import annotations
@@ -35,17 +61,26 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "speechssm"
     c.seed = 0
 
-    # Data: the embedded default corpus (espeak-ng read stories), tokenised to k-means units.
+    # Data: the embedded default corpus (espeak-ng read stories), tokenised to k-means units,
+    # or a real corpus read from data.manual_dir (see the docstring).
     c.data = ml_collections.ConfigDict()
-    c.data.name = "default"
-    c.data.minutes = 120.0  # of synthesised speech (>= 30)
-    c.data.heldout_fraction = 0.1
-    c.data.cache_dir = ""  # where the corpus audio is cached; "" = $AVJAX_CACHE or ~/.cache/avjax
-    c.data.manual_dir = ""  # a directory of your own .wav/.flac files (used when name="dir")
+    c.data.name = "default"  # default | dir | librispeech | librilight | librispeech_long
+    c.data.minutes = 120.0  # of synthesised speech (>= 30; name="default" only)
+    c.data.heldout_fraction = 0.1  # whole documents held out when there is no eval split
+    c.data.cache_dir = ""  # corpus audio / TFDS cache; "" = $AVJAX_CACHE or ~/.cache/avjax
+    c.data.manual_dir = ""  # your audio folder (name="dir") or the corpus in its layout
+    c.data.skip_bad = False  # skip (and count in the log) corrupt/empty/wrong-rate files
+    c.data.builder_config = ""  # TFDS builder config; LibriLight: cut4min (default) | cut30s | full
+    c.data.train_splits = ""  # comma-separated TFDS splits; "" = the train* splits
+    c.data.eval_split = ""  # "" = dev_clean, else the first dev*/test* split, else heldout_fraction
+    c.data.fit_minutes = 60.0  # audio the units + vocoder are fitted on (real corpora)
+    c.data.num_shards = 0  # tokenised ArrayRecord shards per split; 0 = ~2,000 examples each
+    c.data.join_documents = True  # join a chapter's / file's utterances into one document
+    c.data.pack = False  # pack short documents into shared windows (segment_pos restarts)
     c.data.num_units = 256
     c.data.kmeans_iters = 30
     c.data.vocoder_steps = 300  # units->mel decoder training steps (fitted with the units)
-    c.data.seq_len = 512  # tokens per training window (20.5 s at 25 Hz)
+    c.data.seq_len = 512  # tokens per training window (20.5 s at 25 Hz; the paper: 6000)
 
     # Model: Griffin backbone (RecurrentGemma layout), tiny.
     c.model = ml_collections.ConfigDict()

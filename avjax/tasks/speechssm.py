@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,6 +30,43 @@ def cache_root(data_cfg: Any) -> str:
     return (
         data_cfg.cache_dir or os.environ.get("AVJAX_CACHE") or os.path.expanduser("~/.cache/avjax")
     )
+
+
+CORPUS_NAMES = ("default", "dir", "librispeech", "librilight", "librispeech_long")
+
+
+def _wait_for(ready: Any, what: str, timeout_s: float = 6 * 3600) -> None:
+    """Blocks (polling) until `ready()`: other processes wait for process 0's builds."""
+    t0 = time.time()
+    while not ready():
+        if time.time() - t0 > timeout_s:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for process 0 to build {what}")
+        time.sleep(2.0)
+
+
+def _choose_splits(
+    available: list[str], train_splits: str, eval_split: str
+) -> tuple[list[str], str]:
+    """(train splits, eval split or "") from config strings; "" picks automatically.
+
+    Automatic: train = the `train*` splits (all but the eval split when there are none);
+    eval = `dev_clean` if present, else the first `dev*` / `test*` split; "" when nothing
+    is left (then whole train documents are held out by `data.heldout_fraction`).
+    """
+    wanted = [s for s in train_splits.split(",") if s]
+    for s in [*wanted, *([eval_split] if eval_split else [])]:
+        if s not in available:
+            raise ValueError(f"split {s!r} not in this corpus: it has {sorted(available)}")
+    if not eval_split:
+        candidates = ["dev_clean"] + [s for s in available if s.startswith(("dev", "test"))]
+        eval_split = next((s for s in candidates if s in available and s not in wanted), "")
+    if not wanted:
+        wanted = [s for s in available if s.startswith("train")] or [
+            s for s in available if s != eval_split
+        ]
+    if not wanted:
+        wanted, eval_split = [eval_split], ""
+    return wanted, eval_split
 
 
 def _overview_mel(
@@ -70,21 +108,24 @@ class SpeechSSMTask(Task):
         from avjax.data import units as units_lib
 
         dc = self.config.data
+        if dc.name not in CORPUS_NAMES:
+            raise ValueError(
+                f"config.data.name={dc.name!r}: expected one of {', '.join(CORPUS_NAMES)} "
+                "('default' = embedded corpus, 'dir' = your audio folder in data.manual_dir, "
+                "the others = that corpus in its own layout in data.manual_dir)"
+            )
+        if dc.name not in ("default", "dir"):
+            return self._prepare_tfds()
         if dc.name == "default":
             root = os.path.join(cache_root(dc), f"default_corpus_{dc.minutes:g}min")
             utts = corpus_lib.build_default_corpus(
                 root, minutes=float(dc.minutes), heldout_fraction=float(dc.heldout_fraction)
             )
-        elif dc.name == "dir":
+        else:
             if not dc.manual_dir:
                 raise ValueError("config.data.name='dir' needs --config.data.manual_dir=DIR")
             utts = corpus_lib.scan_audio_dir(
                 dc.manual_dir, heldout_fraction=float(dc.heldout_fraction)
-            )
-        else:
-            raise ValueError(
-                f"config.data.name={dc.name!r}: expected 'default' (embedded corpus) or 'dir' "
-                "(your own audio directory in config.data.manual_dir)"
             )
         tokenizer, vocoder, units = units_lib.prepare_units(
             utts,
@@ -101,6 +142,10 @@ class SpeechSSMTask(Task):
             split: [np.concatenate(parts).astype(np.int32) for parts in d.values()]
             for split, d in docs.items()
         }
+        return self._finish_prepare(tokenizer, vocoder, {})
+
+    def _finish_prepare(self, tokenizer: Any, vocoder: Any, extra: dict[str, Any]) -> dict:
+        """Facts about `self._docs` (logged, written to data_facts.json); caches the result."""
         if not self._docs["heldout"]:
             raise ValueError(
                 "the corpus has no held-out documents: raise config.data.heldout_fraction"
@@ -116,12 +161,146 @@ class SpeechSSMTask(Task):
             "heldout_tokens": int(sum(len(d) for d in self._docs["heldout"])),
             "train_docs": len(self._docs["train"]),
             "heldout_docs": len(self._docs["heldout"]),
+            **extra,
         }
         self._prepared = {"facts": facts, "tokenizer": tokenizer, "vocoder": vocoder}
         if jax.process_index() == 0:
             with open(os.path.join(self.workdir, "data_facts.json"), "w") as f:
                 json.dump(facts, f, indent=2)
         return facts
+
+    def _prepare_tfds(self) -> dict[str, Any]:
+        """A real corpus: TFDS build from manual_dir, unit fit, tokenising; all cached.
+
+        The TFDS dataset goes to `<cache>/tfds/<name>-<fingerprint of manual_dir>`; the
+        tokenizer and vocoder (fitted on up to `data.fit_minutes` of train audio) to
+        `workdir/units/`; the unit sequences to `workdir/units/tokens-<tokenizer>/<split>/`
+        (ArrayRecord shards, resumable, each process writes its share). Documents are the
+        corpus' chapters / files (utterances joined when `data.join_documents`).
+        """
+        from avjax.data import corpus as corpus_lib
+        from avjax.data import tfds as corpora
+        from avjax.data import tokenize
+
+        dc = self.config.data
+        pi, pc = jax.process_index(), jax.process_count()
+        if not dc.manual_dir:
+            raise corpora.LayoutError(
+                dc.name,
+                "",
+                f"config.data.name={dc.name!r} needs --config.data.manual_dir=DIR",
+                corpora.builder_class(dc.name).LAYOUT,
+            )
+        manual_dir = os.path.abspath(os.path.expanduser(dc.manual_dir))
+        if not os.path.isdir(manual_dir):
+            cls = corpora.builder_class(dc.name)
+            raise corpora.LayoutError(
+                cls.CORPUS, manual_dir, "the folder does not exist", cls.LAYOUT
+            )
+        tag = corpora.manual_dir_fingerprint(manual_dir) + ("-skipbad" if dc.skip_bad else "")
+        data_dir = os.path.join(cache_root(dc), "tfds", f"{dc.name}-{tag}")
+        build = functools.partial(
+            corpora.build,
+            dc.name,
+            manual_dir,
+            data_dir,
+            skip_bad=bool(dc.skip_bad),
+            config=dc.builder_config or None,
+        )
+        if pi == 0:
+            builder = build()
+            skipped_path = os.path.join(data_dir, "skipped.json")
+            if builder.skipped or not os.path.exists(skipped_path):
+                with open(skipped_path, "w") as f:
+                    json.dump(builder.skipped, f, indent=2)
+        _wait_for(lambda: os.path.exists(os.path.join(data_dir, "skipped.json")), data_dir)
+        builder = build()
+        with open(os.path.join(data_dir, "skipped.json")) as f:
+            skipped = json.load(f)
+        num_skipped = sum(len(v) for v in skipped.values())
+        if num_skipped:
+            logging.warning(
+                "%s: %d bad files were skipped (data.skip_bad=True), e.g. %s",
+                dc.name,
+                num_skipped,
+                next(v[0] for v in skipped.values() if v),
+            )
+        train_splits, eval_split = _choose_splits(
+            list(builder.info.splits), dc.train_splits, dc.eval_split
+        )
+        sources = {n: builder.as_data_source(split=n) for n in train_splits}
+        if eval_split:
+            sources[eval_split] = builder.as_data_source(split=eval_split)
+        source_id = f"{builder.info.full_name}@{data_dir}"
+        units_dir = os.path.join(self.workdir, "units")
+        fit = functools.partial(
+            tokenize.fit_units,
+            [sources[n] for n in train_splits],
+            units_dir,
+            num_units=int(dc.num_units),
+            seed=int(self.config.seed),
+            kmeans_iters=int(dc.kmeans_iters),
+            vocoder_steps=int(dc.vocoder_steps),
+            max_minutes=float(dc.fit_minutes),
+            source_id=source_id + ":" + ",".join(train_splits),
+        )
+        if pi == 0:
+            fit()
+        _wait_for(lambda: os.path.exists(os.path.join(units_dir, "fit_info.json")), units_dir)
+        tokenizer, vocoder = fit(progress=False)
+        tokens_dir = os.path.join(units_dir, f"tokens-{tokenize.tokenizer_fingerprint(tokenizer)}")
+        stats = {}
+        for split, source in sources.items():
+            st = tokenize.tokenize_split(
+                source,
+                tokenizer,
+                tokens_dir,
+                split,
+                num_shards=int(dc.num_shards),
+                process_index=pi,
+                process_count=pc,
+                source_id=f"{source_id}:{split}",
+            )
+            stats[split] = st
+        for split in sources:
+            tokenize.wait_for_split(tokens_dir, split)
+        docs = {
+            split: (
+                tokenize.documents(tokenize.read_split(tokens_dir, split))
+                if dc.join_documents
+                else [
+                    (r["id"], r["speaker"], r["units"])
+                    for r in tokenize.read_split(tokens_dir, split)
+                ]
+            )
+            for split in sources
+        }
+        train = [(d, u) for n in train_splits for d, _, u in docs[n]]
+        if eval_split:
+            heldout = [u for _, _, u in docs[eval_split]]
+        else:
+            held = corpus_lib._pick_heldout(  # noqa: SLF001
+                [d for d, _ in train], float(dc.heldout_fraction), int(self.config.seed)
+            )
+            heldout = [u for d, u in train if d in held]
+            train = [(d, u) for d, u in train if d not in held]
+        self._docs = {"train": [u for _, u in train], "heldout": heldout}
+        done = [s for s in stats.values() if s.shards_done]
+        extra = {
+            "corpus": dc.name,
+            "tfds_dir": builder.data_dir,
+            "train_splits": train_splits,
+            "eval_split": eval_split or f"heldout_fraction={dc.heldout_fraction:g} of train",
+            "skipped_bad_files": num_skipped,
+            "tokens_dir": tokens_dir,
+        }
+        if done:
+            audio = sum(s.audio_seconds for s in done)
+            cpu = sum(s.cpu_seconds for s in done)
+            wall = sum(s.wall_seconds for s in done)
+            extra["tokenize_hours_per_cpu_minute"] = audio / 3600 / max(cpu / 60, 1e-9)
+            extra["tokenize_hours_per_minute"] = audio / 3600 / max(wall / 60, 1e-9)
+        return self._finish_prepare(tokenizer, vocoder, extra)
 
     def _global_batch(self) -> int:
         return int(self.config.train.batch_size)
@@ -135,6 +314,7 @@ class SpeechSSMTask(Task):
             seed=int(self.config.seed),
             process_index=process_index,
             process_count=process_count,
+            pack=bool(self.config.data.pack),
         )
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
