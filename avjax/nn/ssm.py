@@ -220,6 +220,7 @@ class SelectiveSSM(nn.Module):
       dt_rank: rank of the Delta projection (default `ceil(d_model / 16)`).
       use_bias: biases on in_proj and out_proj.
       scan_impl: `avjax.nn.scan.linear_scan` implementation.
+      scan_chunk_size: chunk length of the "chunked" implementation.
       dtype: activation dtype (parameters float32; Delta, the state and the scan float32).
 
     The conv is `avjax.nn.conv.Conv1D` (same causal depthwise formula as Mamba's, with bias);
@@ -238,6 +239,7 @@ class SelectiveSSM(nn.Module):
     dt_floor: float = 1e-4
     dt_scale: float = 1.0
     scan_impl: str = DEFAULT_IMPL
+    scan_chunk_size: int = 128
     dtype: jnp.dtype | None = None
 
     @property
@@ -356,7 +358,9 @@ class SelectiveSSM(nn.Module):
             h = decay * h0[:, None] + drive
             h_last = h[:, 0]
         else:
-            h, h_last = linear_scan(decay, drive, h0, impl=self.scan_impl)
+            h, h_last = linear_scan(
+                decay, drive, h0, impl=self.scan_impl, chunk_size=self.scan_chunk_size
+            )
         y = jnp.einsum("bten,btn->bte", h, c_out) + x32 * d_skip
         y = y * jax.nn.silu(z.astype(jnp.float32))
         y = nn.with_logical_constraint(y.astype(dtype), ("batch", "length", "rnn"))
