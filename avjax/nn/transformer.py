@@ -322,12 +322,19 @@ class TransformerLM(nn.Module):
     def init_cache(self, batch_size: int) -> tuple[KVCache, ...] | KVCache:
         """An empty cache: a tuple over layers, or with `scan_layers` one `KVCache` whose
         leaves have a leading `num_layers` axis."""
-        one = init_kv_cache(
-            batch_size, self.max_len, self.num_kv_heads, self.width // self.num_heads, self.dtype
-        )
+
+        def one() -> KVCache:  # fresh buffers per layer, so the cache can be donated
+            return init_kv_cache(
+                batch_size,
+                self.max_len,
+                self.num_kv_heads,
+                self.width // self.num_heads,
+                self.dtype,
+            )
+
         if self.scan_layers:
-            return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_layers,) + x.shape), one)
-        return tuple(one for _ in range(self.num_layers))
+            return jax.tree.map(lambda x: jnp.zeros((self.num_layers,) + x.shape, x.dtype), one())
+        return tuple(one() for _ in range(self.num_layers))
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:
