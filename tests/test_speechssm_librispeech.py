@@ -98,3 +98,40 @@ def test_bad_file_strict_vs_skip_bad_and_missing_folder(tmp_path):
     cfg = _config(tmp_path / "cache", **{**base, "data.name": "libri"})
     with pytest.raises(ValueError, match="librispeech_long"):
         get_task(cfg, str(tmp_path / "d")).prepare()
+
+
+def test_split_choice():
+    from avjax.tasks.speechssm import _choose_splits
+
+    ls = ["dev_clean", "dev_other", "train_clean_100", "train_other_500"]
+    assert _choose_splits(ls, "", "") == (["train_clean_100", "train_other_500"], "dev_clean")
+    assert _choose_splits(ls, "train_other_500", "dev_other") == (["train_other_500"], "dev_other")
+    assert _choose_splits(["small", "medium"], "", "") == (["small", "medium"], "")
+    long = ["dev_clean", "test_clean"]
+    assert _choose_splits(long, "", "") == (["test_clean"], "dev_clean")
+    with pytest.raises(ValueError, match="has"):
+        _choose_splits(ls, "train", "")
+
+
+def test_librilight_files_are_documents_held_out_by_fraction(tmp_path):
+    testing.write_librilight(
+        str(tmp_path / "ll"),
+        {"small": [("1", "book_a", [2.0, 2.0]), ("2", "book_b", [2.0, 2.0])]},
+    )
+    cfg = _config(
+        tmp_path / "cache",
+        **{
+            "data.name": "librilight",
+            "data.manual_dir": str(tmp_path / "ll"),
+            "data.builder_config": "cut30s",
+            "data.heldout_fraction": 0.25,
+            "data.num_units": 8,
+            "data.fit_minutes": 1.0,
+            "data.vocoder_steps": 0,
+        },
+    )
+    facts = get_task(cfg, str(tmp_path / "w")).prepare()
+    # Each 2 s file: 4 VAD blocks of 0.4 s speech kept -> one 1.9 s segment, 47 units.
+    assert facts["eval_split"].startswith("heldout_fraction")
+    assert (facts["train_docs"], facts["heldout_docs"]) == (3, 1)
+    assert facts["train_tokens"] == 3 * 47 and facts["heldout_tokens"] == 47
