@@ -95,3 +95,8 @@ def test_sharded_batch_sampling_resumes_exactly(tmp_path):
     # Sharded sampling draws the same tokens as one device (same seed).
     single = sample_resumable(model, params, prompt, 30, str(tmp_path / "c"), **KW)
     np.testing.assert_array_equal(single, straight)
+    # A batch the mesh cannot split (2 over 8) is sampled unsharded, same tokens.
+    two = sample_resumable(model, params, prompt[:2], 30, str(tmp_path / "d"), **kw)
+    np.testing.assert_array_equal(
+        two, sample_resumable(model, params, prompt[:2], 30, str(tmp_path / "e"), **KW)
+    )

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from avjax.sample.autoregressive import SamplerState, decode_chunk, prefill
 
@@ -103,7 +104,8 @@ def generate_resumable(
       save_every_chunks: save the state every this many chunks, counted from the start of
         the job (and after the last one).
       keep: saved steps to keep.
-      mesh: shard the batch over it (the axes `rules` give logical `batch`; default `data`).
+      mesh: shard the batch over it (the axes `rules` give logical `batch`; default `data`);
+        a batch that does not divide that many ways is not sharded (a warning says so).
       rules: logical axis rules for the model's sharding constraints under `mesh`.
       stop_after_chunks: stop (without an extra save) after decoding this many chunks in this
         call, as a killed job would; for tests.
@@ -124,14 +126,25 @@ def generate_resumable(
         chunk_tokens=int(chunk_tokens),
     )
     manager = _manager(directory, keep)
-    rules = list(rules) if rules is not None else [("batch", "data")]
+    rules = [(str(k), tuple(v) if isinstance(v, list) else v) for k, v in (rules or [])] or [
+        ("batch", "data")
+    ]
+    prompt_sharding = None
     if mesh is not None:
         spec = nn.logical_to_mesh_axes(("batch", None), rules)
-        prompt_sharding = jax.sharding.NamedSharding(mesh, spec)
-        ctx = _MeshContext(mesh, rules)
-    else:
-        prompt_sharding = None
-        ctx = _MeshContext(None, rules)
+        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+        ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if batch % ways:
+            logging.warning(
+                "sampling batch %d does not divide the %d-way batch sharding %s: not sharded",
+                batch,
+                ways,
+                spec,
+            )
+            mesh = None
+        else:
+            prompt_sharding = jax.sharding.NamedSharding(mesh, spec)
+    ctx = _MeshContext(mesh, rules)
     try:
         with ctx:
             yield from _run(

@@ -184,7 +184,9 @@ def _fmt_bytes(n: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 panels, 2 repeats (< 10 min, 2 cores)")
+    ap.add_argument(
+        "--quick", action="store_true", help="64 steps, 3 panels, 3 repeats (< 10 min, 2 cores)"
+    )
     ap.add_argument("--json", default=None, help="write rows here")
     ap.add_argument("--minutes", default="1,4,16", help="generated lengths, minutes at 25 Hz")
     ap.add_argument("--batches", default="1,16", help="batch sizes of the throughput rows")
@@ -194,9 +196,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=0)
     ap.add_argument("--full_runs", action="store_true", help="also time real batch-1 runs")
     args = ap.parse_args()
-    args.steps = args.steps or (16 if args.quick else 32)
-    args.panels = args.panels or (2 if args.quick else 4)
-    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.steps = args.steps or (64 if args.quick else 128)
+    args.panels = args.panels or (3 if args.quick else 4)
+    args.repeats = args.repeats or (3 if args.quick else 5)
 
     configs = {SSM: _config("speechssm"), TRANSFORMER: _config("speechtransformer")}
     init_tokens = jnp.zeros((1, 8), jnp.int32)
