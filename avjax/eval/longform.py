@@ -1,0 +1,677 @@
+r"""Long-form evaluation as in SpeechSSM (Park et al., 2025): continue held-out prompts to a
+target length and measure, per time slice, how each model holds up.
+
+  from avjax.eval import longform
+  longform.evaluate_longform(
+      [longform.ModelEntry("speechssm", model, params),
+       longform.ModelEntry("speechtransformer", tf_model, tf_params)],
+      heldout_docs, vocoder, "out/", longform.LongformConfig(seconds=240.0))
+
+For each of `num_prompts` held-out documents (the longest first), the first `prompt_seconds`
+are the prompt; every model continues it for `seconds` with the shared sampler
+(`avjax.sample.autoregressive.generate`, all prompts in one batch), and the held-out
+continuation itself (`ground_truth`) is evaluated beside them as the reference row. The
+continuation is cut into slices of `slice_seconds`; per slice (see `avjax.eval.metrics`):
+
+  ppl                unit perplexity of the held-out continuation under teacher forcing (models
+                     only; as far as the held-out document reaches)
+  distinct_1..4      distinct-n of the generated units in the slice
+  repeat_4           fraction of the slice's 4-grams already seen (prompt or earlier)
+  longest_repeat_s   longest span repeated within the slice, seconds
+  speaker_sim        cosine similarity of MFCC-statistics speaker embeddings to the prompt's
+  continuity_boundary / continuity_within
+                     log-mel distance (dB) across the slice's start boundary / at its middle
+  sc_l               SC-L: similarity of the slice transcript's MiniLM embedding to the prompt
+                     transcript's (pocketsphinx ASR); needs the `eval` extra
+
+Audio: units -> WAV with the task's unit vocoder (`decode_units_to_wav`, windowed, flat memory),
+prompt and continuation decoded together (so the join is the vocoder's, as a listener hears
+it); the prompt alone is decoded once more as the reference for speaker similarity and SC-L.
+
+Writes into `out_dir`: `report.md` (settings, timing, one table per metric: slice x model, and
+the first prompt's transcripts), `plots/<metric>.png` (every model on one plot, value over
+time), `eval.json` (everything, per prompt too), `tensorboard/<model>/` (scalars
+`longform/<metric>` with step = slice end in seconds, so TensorBoard overlays the models), and
+`audio/<model>_<prompt>.wav` (optional).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from avjax.data import units as units_lib
+from avjax.data.units import SAMPLES_PER_UNIT, UNIT_RATE
+from avjax.eval import metrics
+
+GROUND_TRUTH = "ground_truth"
+FRAMES_PER_SECOND = 100  # log-mel frame rate (units_lib.HOP_LENGTH at 16 kHz)
+
+# Metric name -> (title, unit / direction) for reports and plots; in display order.
+METRICS: dict[str, tuple[str, str]] = {
+    "ppl": ("Unit perplexity of the held-out continuation", "lower is better"),
+    "sc_l": ("SC-L: transcript similarity to the prompt", "higher is better"),
+    "speaker_sim": ("Speaker similarity to the prompt (MFCC stats)", "higher is better"),
+    "distinct_1": ("distinct-1 of generated units", "ground truth is the reference"),
+    "distinct_2": ("distinct-2 of generated units", "ground truth is the reference"),
+    "distinct_3": ("distinct-3 of generated units", "ground truth is the reference"),
+    "distinct_4": ("distinct-4 of generated units", "ground truth is the reference"),
+    "repeat_4": ("Fraction of 4-grams seen before", "ground truth is the reference"),
+    "longest_repeat_s": ("Longest repeated span in slice (s)", "lower is better"),
+    "continuity_boundary": ("Log-mel jump across slice start (dB)", "near 'within' is good"),
+    "continuity_within": ("Log-mel change at slice middle (dB)", "reference for the jump"),
+}
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    """One model to evaluate: a display name, the Flax module and its params.
+
+    `model.apply({"params": params}, tokens [b, t], segment_pos [b, t], cache=None,
+    return_cache=False)` must return `(logits [b, t, vocab], cache)` (the sampler's contract).
+    A Transformer's KV cache must hold `prompt + seconds` of tokens.
+    """
+
+    name: str
+    model: Any
+    params: Any
+
+
+@dataclasses.dataclass
+class LongformConfig:
+    """Settings of `evaluate_longform`.
+
+    Attributes:
+      prompt_seconds: prompt length (the paper: 10 s).
+      seconds: continuation length (the paper: 4 and 16 minutes).
+      slice_seconds: slice length; 0 picks the smallest of 1, 2, 5, 10, 15, 30, 60, 120,
+        300 s giving at most 16 slices.
+      num_prompts: held-out documents used (the longest ones).
+      temperature, top_k, top_p, seed, chunk_tokens: the sampler's settings.
+      transcripts: SC-L with pocketsphinx + MiniLM: True (error naming the `eval` extra if
+        missing), False (skip), "auto" (use when installed, else skip with a warning and a
+        note in the report).
+      ground_truth: also evaluate the held-out continuation (the reference row).
+      save_audio: keep the decoded WAVs under `out_dir/audio/`.
+      vocoder_iters: Griffin-Lim iterations when decoding units to audio.
+    """
+
+    prompt_seconds: float = 10.0
+    seconds: float = 60.0
+    slice_seconds: float = 0.0
+    num_prompts: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    chunk_tokens: int = 250
+    transcripts: bool | str = "auto"
+    ground_truth: bool = True
+    save_audio: bool = True
+    vocoder_iters: int = 16
+
+    @classmethod
+    def from_config(cls, config: Any) -> LongformConfig:
+        """From a task config: `config.sample` (prompt_seconds, seconds, temperature, top_k,
+        seed, chunk_tokens, batch_size -> num_prompts), then any key of `config.eval` (if the
+        config has that section) that names a field here."""
+        kw: dict[str, Any] = {}
+        sc = config.get("sample")
+        if sc is not None:
+            for k in ("prompt_seconds", "seconds", "temperature", "top_k", "seed", "chunk_tokens"):
+                if k in sc:
+                    kw[k] = sc[k]
+            if "batch_size" in sc:
+                kw["num_prompts"] = sc["batch_size"]
+        ec = config.get("eval")
+        if ec is not None:
+            names = {f.name for f in dataclasses.fields(cls)}
+            kw.update({k: v for k, v in ec.items() if k in names})
+        return cls(**kw)
+
+    def resolved_slice_seconds(self) -> float:
+        if self.slice_seconds > 0:
+            return float(self.slice_seconds)
+        for s in (1, 2, 5, 10, 15, 30, 60, 120, 300):
+            if self.seconds / s <= 16:
+                return float(s)
+        return float(math.ceil(self.seconds / 16 / 60) * 60)
+
+
+def task_eval_data(task: Any) -> tuple[list[np.ndarray], Any]:
+    """`(held-out unit documents, unit vocoder)` of a prepared SpeechSSM-family task.
+
+    The documents are the task's held-out split (`[units]` int32 arrays, document order).
+    """
+    task.prepare()
+    return list(task._docs["heldout"]), task._prepared["vocoder"]  # noqa: SLF001
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+
+def _pick_prompts(
+    docs: Sequence[np.ndarray], prompt_len: int, num_tokens: int, n: int
+) -> list[tuple[int, int]]:
+    """`n` prompt positions `(document index, start unit)`.
+
+    Each document is cut into consecutive windows of `prompt_len + num_tokens` units; a
+    window counts if its prompt fits. Windows are taken first-window-of-each-document first
+    (longest documents first), so prompts come from distinct documents while there are enough
+    and from later parts of the longest documents otherwise (small corpora).
+    """
+    span = prompt_len + num_tokens
+    windows = [
+        (k, -len(d), i, k * span)
+        for i, d in enumerate(docs)
+        for k in range(max(0, -(-(len(d) - prompt_len) // span)))
+    ]
+    if not windows:
+        longest = max((len(d) for d in docs), default=0) / UNIT_RATE
+        raise ValueError(
+            f"no held-out document is longer than the {prompt_len / UNIT_RATE:g} s prompt "
+            f"(the longest has {longest:.1f} s): lower prompt_seconds"
+        )
+    windows.sort()
+    if len(windows) < n:
+        logging.warning(
+            "only %d prompt windows fit the held-out documents; asked for %d", len(windows), n
+        )
+    return [(i, start) for _, _, i, start in windows[:n]]
+
+
+def _generate(entry: ModelEntry, prompts: np.ndarray, num_tokens: int, cfg: LongformConfig):
+    """`([batch, num_tokens] int32, seconds taken)` continuing `prompts` `[batch, P]`."""
+    from avjax.sample import autoregressive
+
+    t0 = time.time()
+    chunks = list(
+        autoregressive.generate(
+            entry.model,
+            entry.params,
+            prompts,
+            num_tokens,
+            seed=cfg.seed,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            chunk_tokens=cfg.chunk_tokens,
+        )
+    )
+    tokens = np.concatenate(chunks, axis=1) if chunks else np.zeros((len(prompts), 0), np.int32)
+    return tokens.astype(np.int32), time.time() - t0
+
+
+def _teacher_forced_logprobs(
+    entry: ModelEntry, docs: Sequence[np.ndarray], prompt_len: int, num_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities of each doc's continuation after its prompt, one parallel pass each.
+
+    Returns `(logprobs [n_docs, num_tokens], mask [n_docs, num_tokens])`; the mask is 0 past
+    a document's end. Inputs are padded to one length (causal models: padding at the end does
+    not change earlier logits), so one compilation serves all documents.
+    """
+    total = prompt_len + num_tokens
+
+    @jax.jit
+    def logp(params, tokens):
+        pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        out = entry.model.apply({"params": params}, tokens[:, :-1], pos[:, :-1])
+        logits = out[0] if isinstance(out, tuple) else out
+        return metrics.token_logprobs(logits[:, prompt_len - 1 :], tokens[:, prompt_len:])
+
+    lps, masks = [], []
+    for d in docs:
+        d = np.asarray(d[:total], np.int32)
+        n = len(d) - prompt_len
+        padded = np.pad(d, (0, total - len(d)))
+        lp = np.asarray(logp(entry.params, jnp.asarray(padded[None])))[0]
+        m = (np.arange(num_tokens) < n).astype(np.float64)
+        lps.append(np.where(m > 0, lp, 0.0))
+        masks.append(m)
+    return np.stack(lps), np.stack(masks)
+
+
+def _vocode(vocoder: Any, units: np.ndarray, path: str, n_iter: int) -> np.ndarray:
+    """Decodes `units` `[t]` to `path` (16 kHz WAV, windowed) and returns `[640 t]` float32."""
+    import soundfile as sf
+
+    from avjax.data import vocoder as vocoder_lib
+
+    vocoder_lib.decode_units_to_wav(vocoder, units, path, n_iter=n_iter, progress=False)
+    wav, _ = sf.read(path, dtype="float32")
+    return wav
+
+
+def _slice_metrics(
+    units: np.ndarray,
+    prompt_units: np.ndarray,
+    full_wav: np.ndarray,
+    prompt_wav: np.ndarray,
+    slice_units: int,
+    asr: Any,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per-slice metrics of one continuation `units` `[t]` (its audio: `full_wav`, prompt
+    included); returns `({metric: [slices]}, slice transcripts)`."""
+    p = len(prompt_units)
+    out = dict(metrics.ngram_stats(units, slice_units, context=prompt_units))
+    cont_wav = full_wav[p * SAMPLES_PER_UNIT :]
+    slice_samples = slice_units * SAMPLES_PER_UNIT
+    out["speaker_sim"] = metrics.speaker_similarity_by_slice(prompt_wav, cont_wav, slice_samples)
+    fpu = units_lib.FRAMES_PER_UNIT
+    c = metrics.continuity(
+        units_lib.log_mel(full_wav), p * fpu, slice_units * fpu, FRAMES_PER_SECOND // 2
+    )
+    out["continuity_boundary"], out["continuity_within"] = c["boundary"], c["within"]
+    texts = []
+    if asr is not None:
+        texts = [
+            asr.transcribe(cont_wav[s:e])
+            for s, e in metrics.slice_bounds(len(cont_wav), slice_samples)
+        ]
+    return out, texts
+
+
+def _load_text_tools(mode: bool | str) -> tuple[Any, Any, str]:
+    """`(asr, embedder, note)` for `LongformConfig.transcripts`."""
+    if mode is False or mode == "off":
+        return None, None, "SC-L not computed (transcripts=False)."
+    from avjax.eval._deps import MissingEvalDependency
+    from avjax.eval.asr import PocketSphinxASR
+    from avjax.eval.text_embed import TextEmbedder
+
+    try:
+        return PocketSphinxASR(), TextEmbedder(), ""
+    except MissingEvalDependency as e:
+        if mode != "auto":
+            raise
+        logging.warning("SC-L skipped: %s", e)
+        return None, None, f"SC-L not computed: {e}"
+
+
+def _nanmean(x: np.ndarray, axis: int | None = None) -> Any:
+    x = np.asarray(x, np.float64)
+    with np.errstate(all="ignore"):
+        cnt = np.sum(~np.isnan(x), axis=axis)
+        s = np.nansum(x, axis=axis)
+        return np.where(cnt > 0, s / np.maximum(cnt, 1), np.nan)
+
+
+def _pad_to(rows: list[np.ndarray], n: int) -> np.ndarray:
+    """Stacks 1-D rows into `[len(rows), n]`, NaN-padded."""
+    out = np.full((len(rows), n), np.nan)
+    for i, r in enumerate(rows):
+        out[i, : min(len(r), n)] = r[:n]
+    return out
+
+
+def _json_float(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_float(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_json_float(v) for v in np.asarray(x, dtype=object).tolist()] if len(x) else []
+    if isinstance(x, (float, np.floating)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+# --- main entry -----------------------------------------------------------------------------
+
+
+def evaluate_longform(
+    entries: Sequence[ModelEntry],
+    heldout_docs: Sequence[np.ndarray],
+    vocoder: Any,
+    out_dir: str,
+    config: LongformConfig | None = None,
+    *,
+    step: int = 0,
+    asr: Any = None,
+    embedder: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Continues held-out prompts with every entry; metrics per slice; report, plots, JSON, TB.
+
+    Args:
+      entries: the models to compare (one or more; names must be unique and not
+        "ground_truth").
+      heldout_docs: held-out unit documents `[units]` (25 Hz); prompts come from the longest.
+      vocoder: the units' `UnitVocoder` (units -> audio).
+      out_dir: output folder (created).
+      config: settings (`LongformConfig()` by default).
+      step: the training step evaluated (recorded in the report and JSON).
+      asr / embedder: override the pocketsphinx ASR (`transcribe(wav) -> str`) and the text
+        embedder (`encode(texts) -> [n, d]`); default: built per `config.transcripts`.
+
+    Returns:
+      A flat summary `{"longform/<model>/<metric>": mean over slices}` plus
+      `"longform/report": path`; `eval.json` holds everything.
+    """
+    cfg = config or LongformConfig()
+    names = [e.name for e in entries]
+    if not entries or len(set(names)) != len(names) or GROUND_TRUTH in names:
+        raise ValueError(f"need unique model names other than {GROUND_TRUTH!r}, got {names}")
+    slice_s = cfg.resolved_slice_seconds()
+    prompt_len = max(1, int(round(cfg.prompt_seconds * UNIT_RATE)))
+    num_tokens = int(round(cfg.seconds * UNIT_RATE))
+    slice_units = int(round(slice_s * UNIT_RATE))
+    if num_tokens <= 0 or slice_units <= 0:
+        raise ValueError(f"seconds={cfg.seconds} and slice_seconds={slice_s} must be positive")
+    bounds = metrics.slice_bounds(num_tokens, slice_units)
+    n_slices = len(bounds)
+    os.makedirs(out_dir, exist_ok=True)
+    audio_dir = os.path.join(out_dir, "audio")
+    os.makedirs(audio_dir, exist_ok=True)
+    t_start = time.time()
+
+    doc_ids = _pick_prompts(heldout_docs, prompt_len, num_tokens, int(cfg.num_prompts))
+    docs = [np.asarray(heldout_docs[i][start:], np.int32) for i, start in doc_ids]
+    prompts = np.stack([d[:prompt_len] for d in docs])
+    refs = [d[prompt_len : prompt_len + num_tokens] for d in docs]
+
+    if asr is None and embedder is None:
+        asr, embedder, scl_note = _load_text_tools(cfg.transcripts)
+    else:
+        scl_note = "" if asr is not None and embedder is not None else "SC-L needs asr+embedder."
+        if asr is None or embedder is None:
+            asr = embedder = None
+
+    rows = [*entries, *([None] if cfg.ground_truth else [])]
+    row_names = [*names, *([GROUND_TRUTH] if cfg.ground_truth else [])]
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(rows) * len(docs) + len(docs),
+        desc="long-form eval",
+        unit="run",
+        disable=not progress,
+    )
+    logging.info(
+        "Long-form eval: %d prompt(s) of %.1f s continued by %.1f s (%d tokens), slices of %g s,"
+        " models %s -> %s",
+        len(docs),
+        prompt_len / UNIT_RATE,
+        cfg.seconds,
+        num_tokens,
+        slice_s,
+        names,
+        out_dir,
+    )
+
+    # References: the prompt decoded alone, and its transcript.
+    prompt_wavs, prompt_texts = [], []
+    for j, p in enumerate(prompts):
+        path = os.path.join(audio_dir, f"prompt_{j}.wav")
+        prompt_wavs.append(_vocode(vocoder, p, path, cfg.vocoder_iters))
+        prompt_texts.append(asr.transcribe(prompt_wavs[-1]) if asr is not None else "")
+        bar.update(1)
+
+    results: dict[str, Any] = {}
+    for entry, name in zip(rows, row_names, strict=True):
+        r: dict[str, Any] = {"per_prompt": {}, "timing": {}, "transcripts": []}
+        if entry is None:
+            gens = refs
+        else:
+            tokens, gen_s = _generate(entry, prompts, num_tokens, cfg)
+            gens = list(tokens)
+            r["timing"]["generate_s"] = gen_s
+            r["timing"]["ms_per_token"] = 1e3 * gen_s / max(num_tokens, 1)
+            t0 = time.time()
+            lp, mask = _teacher_forced_logprobs(entry, docs, prompt_len, num_tokens)
+            r["timing"]["teacher_forcing_s"] = time.time() - t0
+            r["per_prompt"]["ppl"] = np.stack(
+                [metrics.perplexity_by_slice(lp[i], slice_units, mask[i]) for i in range(len(docs))]
+            )
+            r["ppl_by_slice_pooled"] = metrics.perplexity_by_slice(lp, slice_units, mask)
+        t0 = time.time()
+        per: dict[str, list[np.ndarray]] = {}
+        scl_rows = []
+        for j, units in enumerate(gens):
+            full = np.concatenate([prompts[j], units]).astype(np.int32)
+            wav_path = os.path.join(audio_dir, f"{name}_{j}.wav")
+            wav = _vocode(vocoder, full, wav_path, cfg.vocoder_iters)
+            if not cfg.save_audio:
+                os.remove(wav_path)
+            m, texts = _slice_metrics(units, prompts[j], wav, prompt_wavs[j], slice_units, asr)
+            for k, v in m.items():
+                per.setdefault(k, []).append(v)
+            if asr is not None:
+                scl_rows.append(metrics.semantic_coherence(prompt_texts[j], texts, embedder.encode))
+            r["transcripts"].append(texts)
+            bar.update(1)
+        for k, v in per.items():
+            r["per_prompt"][k] = _pad_to(v, n_slices)
+        if scl_rows:
+            r["per_prompt"]["sc_l"] = _pad_to(scl_rows, n_slices)
+        r["timing"]["metrics_s"] = time.time() - t0
+        r["per_slice"] = {k: _nanmean(v, axis=0) for k, v in r["per_prompt"].items()}
+        if "ppl" in r["per_slice"]:  # ppl pools tokens across prompts (not a mean of ppls)
+            r["per_slice"]["ppl"] = r.pop("ppl_by_slice_pooled")
+        r["mean"] = {k: float(_nanmean(v)) for k, v in r["per_slice"].items()}
+        results[name] = r
+        logging.info(
+            "%s: %s",
+            name,
+            ", ".join(f"{k}={v:.3g}" for k, v in r["mean"].items() if k in METRICS),
+        )
+    bar.close()
+
+    slices = [(s / UNIT_RATE, e / UNIT_RATE) for s, e in bounds]
+    settings = {
+        **dataclasses.asdict(cfg),
+        "slice_seconds": slice_s,
+        "step": int(step),
+        "prompts": [{"doc": i, "start_s": start / UNIT_RATE} for i, start in doc_ids],
+        "reference_seconds": [len(r) / UNIT_RATE for r in refs],
+        "sc_l_note": scl_note,
+        "wall_s": time.time() - t_start,
+    }
+    report = {
+        "settings": settings,
+        "slices": slices,
+        "metrics": [k for k in METRICS if any(k in r["per_slice"] for r in results.values())],
+        "prompt_transcripts": prompt_texts,
+        "models": {
+            n: {
+                "per_slice": r["per_slice"],
+                "mean": r["mean"],
+                "per_prompt": r["per_prompt"],
+                "timing": r["timing"],
+                "transcripts": r["transcripts"],
+            }
+            for n, r in results.items()
+        },
+    }
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(_json_float(report), f, indent=1)
+    plot_paths = write_plots(report, os.path.join(out_dir, "plots"))
+    write_tensorboard(report, os.path.join(out_dir, "tensorboard"))
+    report_path = os.path.join(out_dir, "report.md")
+    with open(report_path, "w") as f:
+        f.write(
+            render_markdown(report, {k: os.path.relpath(p, out_dir) for k, p in plot_paths.items()})
+        )
+    logging.info("Long-form report: %s (%.0f s)", report_path, time.time() - t_start)
+    summary: dict[str, Any] = {"longform/report": report_path}
+    for n, r in results.items():
+        for k, v in r["mean"].items():
+            summary[f"longform/{n}/{k}"] = v
+    return summary
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    v = float(v)
+    return f"{v:.3g}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
+
+
+def _time_label(seconds: float, minutes: bool) -> str:
+    return f"{seconds / 60:g}" if minutes else f"{seconds:g}"
+
+
+def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    """The markdown report: settings, timing, one slice x model table per metric."""
+    st, slices, models = report["settings"], report["slices"], report["models"]
+    minutes = slices[-1][1] > 300
+    unit = "min" if minutes else "s"
+    names = list(models)
+    lines = [
+        f"# Long-form evaluation (step {st['step']})",
+        "",
+        f"{len(st['prompts'])} held-out prompt(s) of {st['prompt_seconds']:g} s continued by "
+        f"{st['seconds']:g} s; slices of {st['slice_seconds']:g} s (time from the end of the "
+        f"prompt); sampling temperature {st['temperature']:g}, top-k {st['top_k']}, top-p "
+        f"{st['top_p']:g}, seed {st['seed']}. Held-out continuation available: "
+        + ", ".join(f"{s:.1f} s" for s in st["reference_seconds"])
+        + f". Wall time {st['wall_s']:.0f} s.",
+        "",
+        "Values are means over prompts (perplexity pools the tokens of all prompts). "
+        f"`{GROUND_TRUTH}` is the held-out continuation through the same vocoder and metrics.",
+        "",
+    ]
+    if st.get("sc_l_note"):
+        lines += [f"> {st['sc_l_note']}", ""]
+    lines += [
+        "## Timing",
+        "",
+        "| model | ms/token (decode) | generate s | teacher forcing s | metrics s |",
+        "|---|---|---|---|---|",
+    ]
+    for n, r in models.items():
+        t = r["timing"]
+        lines.append(
+            f"| {n} | {_fmt(t.get('ms_per_token'))} | {_fmt(t.get('generate_s'))} | "
+            f"{_fmt(t.get('teacher_forcing_s'))} | {_fmt(t.get('metrics_s'))} |"
+        )
+    lines += [
+        "",
+        "## Means over slices",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for k in report["metrics"]:
+        lines.append(f"| {k} | " + " | ".join(_fmt(models[n]["mean"].get(k)) for n in names) + " |")
+    for k in report["metrics"]:
+        title, direction = METRICS[k]
+        lines += ["", f"## {k}: {title}", "", f"({direction})", ""]
+        if k in plots:
+            lines += [f"![{k}]({plots[k]})", ""]
+        lines += [f"| slice ({unit}) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for i, (s, e) in enumerate(slices):
+            vals = []
+            for n in names:
+                v = models[n]["per_slice"].get(k)
+                vals.append(_fmt(v[i]) if v is not None else "–")
+            lines.append(
+                f"| {_time_label(s, minutes)}–{_time_label(e, minutes)} | "
+                + " | ".join(vals)
+                + " |"
+            )
+    if any(models[n]["transcripts"] and models[n]["transcripts"][0] for n in names):
+        lines += ["", "## Transcripts (prompt 0, pocketsphinx)", ""]
+        lines += [f"- prompt: {report['prompt_transcripts'][0] or '(nothing recognised)'}", ""]
+        for n in names:
+            lines.append(f"**{n}**")
+            lines.append("")
+            for (s, e), text in zip(slices, models[n]["transcripts"][0], strict=False):
+                text = text if len(text) <= 200 else text[:200] + "…"
+                lines.append(
+                    f"- {_time_label(s, minutes)}–{_time_label(e, minutes)} {unit}: "
+                    f"{text or '(nothing recognised)'}"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(report: dict[str, Any], plot_dir: str) -> dict[str, str]:
+    """One PNG per metric (every model on one plot, value over time); returns {metric: path}.
+
+    `continuity_boundary` and `continuity_within` share one plot (`continuity.png`: solid =
+    across the boundary, dotted = within the slice).
+    """
+    from matplotlib.figure import Figure  # no pyplot: Agg canvas, no global state
+
+    os.makedirs(plot_dir, exist_ok=True)
+    slices, models = report["slices"], report["models"]
+    minutes = slices[-1][1] > 300
+    mids = np.asarray([(s + e) / 2 for s, e in slices]) / (60.0 if minutes else 1.0)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    style = {}
+    for i, n in enumerate(models):
+        style[n] = (
+            {"color": "0.45", "linestyle": "--"}
+            if n == GROUND_TRUTH
+            else {"color": colors[i % len(colors)], "linestyle": "-"}
+        )
+    paths: dict[str, str] = {}
+    groups: list[tuple[str, list[str]]] = []
+    for k in report["metrics"]:
+        if k == "continuity_within":
+            continue
+        if k == "continuity_boundary":
+            groups.append(("continuity", ["continuity_boundary", "continuity_within"]))
+        else:
+            groups.append((k, [k]))
+    for fname, keys in groups:
+        fig = Figure(figsize=(7, 3.6), dpi=100)
+        ax = fig.add_subplot()
+        for n, r in models.items():
+            for j, k in enumerate(keys):
+                v = r["per_slice"].get(k)
+                if v is None:
+                    continue
+                y = np.asarray([np.nan if x is None else x for x in v], np.float64)
+                if np.all(np.isnan(y)):
+                    continue
+                kw = dict(style[n])
+                if j == 1:
+                    kw["linestyle"] = ":"
+                label = n if len(keys) == 1 else f"{n} ({k.split('_')[-1]})"
+                ax.plot(mids, y, marker="o", markersize=3, label=label, **kw)
+        ax.set_xlabel(f"time into the continuation ({'min' if minutes else 's'})")
+        title = "Acoustic continuity (dB)" if fname == "continuity" else METRICS[keys[0]][0]
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(plot_dir, f"{fname}.png")
+        fig.savefig(path)
+        for k in keys:
+            paths[k] = path
+    return paths
+
+
+def write_tensorboard(report: dict[str, Any], tb_dir: str) -> None:
+    """Scalars `longform/<metric>` per slice into `tb_dir/<model>/` (step = slice end, s)."""
+    from clu import metric_writers
+
+    for n, r in report["models"].items():
+        w = metric_writers.SummaryWriter(os.path.join(tb_dir, n))
+        for i, (_, e) in enumerate(report["slices"]):
+            scalars = {}
+            for k, v in r["per_slice"].items():
+                x = v[i] if i < len(v) else None
+                if x is not None and np.isfinite(x):
+                    scalars[f"longform/{k}"] = float(x)
+            if scalars:
+                w.write_scalars(int(round(e)), scalars)
+        w.flush()
+        w.close()
