@@ -29,7 +29,11 @@ What is measured, per (model, length, batch), all in one process:
                     both). `rss_bytes` is the process's resident set after the row (a
                     process-wide figure, for reference only).
   tokens_per_s      batch / (ms_per_token / 1e3): throughput rows (`kind` = "throughput") at
-                    `--throughput_tokens` (16.4k, the paper's figure) for batch 1 and 16.
+                    `--throughput_tokens` (16.4k, the paper's figure) for batch 1 and 16;
+                    `ssm_over_transformer` is the throughput ratio. `bytes_ratio` is what a
+                    memory-bandwidth-bound decoder would give: bytes read per step (weights +
+                    decoding state; the Transformer's cache half full on average), Transformer
+                    over SSM.
 With `--full_runs`, each length is also generated for real at batch 1 (prefill of a 10 s
 prompt, then every 250-step decode chunk, as `autoregressive.generate` does), timed as a whole
 (`ms_per_token_full_run`), a check of the midpoint estimate.
@@ -258,19 +262,25 @@ def main() -> None:
         ssm_row, tf_row = rows[-2], rows[-1]
         ratio = ssm_row["tokens_per_s"] / tf_row["tokens_per_s"]
         ssm_row["ssm_over_transformer"] = tf_row["ssm_over_transformer"] = ratio
+        # Bandwidth model of a decode step: the weights plus the decoding state are read once;
+        # the SSM's whole (constant) state, the Transformer's cache filled half on average.
+        for r, fill in ((ssm_row, 1.0), (tf_row, 0.5)):
+            r["bytes_per_step"] = r["param_bytes"] + fill * r["state_bytes"]
+        ratio_model = tf_row["bytes_per_step"] / ssm_row["bytes_per_step"]
+        ssm_row["bytes_ratio"] = tf_row["bytes_ratio"] = ratio_model
 
     by = {(r["model"], r["tokens"]): r for r in rows if r["kind"] == "length"}
     print()
     print("Per-token decode time and decode-state memory vs generated length (batch 1)")
     head = f"{'minutes':>8}{'tokens':>8}"
     for name in (SSM, TRANSFORMER):
-        head += f"{name + ' ms/tok':>24}{'mem':>12}"
+        head += f"  {name + ' ms/tok':>24}{'mem':>12}"
     print(head)
     for tokens in lengths:
-        line = f"{tokens / UNIT_RATE / 60:>8.0f}{tokens:>8}"
+        line = f"{tokens / UNIT_RATE / 60:>8.3g}{tokens:>8}"
         for name in (SSM, TRANSFORMER):
             r = by[(name, tokens)]
-            line += f"{r['ms_per_token']:>13.3f} (end {r['ms_per_token_end']:.3f})"
+            line += f"  {r['ms_per_token']:>10.3f} (end {r['ms_per_token_end']:>7.3f})"
             line += f"{_fmt_bytes(r['peak_bytes']):>12}"
         print(line)
     for name in (SSM, TRANSFORMER):
@@ -282,12 +292,16 @@ def main() -> None:
         )
     print()
     print(f"Batch throughput decoding {args.throughput_tokens} tokens (tokens/s, all sequences)")
-    print(f"{'batch':>6}{SSM:>14}{TRANSFORMER:>20}{'ratio':>8}{'ssm mem':>12}{'tf mem':>12}")
+    print(
+        f"{'batch':>6}{SSM:>14}{TRANSFORMER:>20}{'ratio':>8}{'bytes ratio':>13}"
+        f"{'ssm mem':>12}{'tf mem':>12}"
+    )
     tp = [r for r in rows if r["kind"] == "throughput"]
     for s, t in zip(tp[::2], tp[1::2], strict=True):
         print(
             f"{s['batch']:>6}{s['tokens_per_s']:>14.0f}{t['tokens_per_s']:>20.0f}"
-            f"{s['ssm_over_transformer']:>8.1f}{_fmt_bytes(s['peak_bytes']):>12}"
+            f"{s['ssm_over_transformer']:>8.1f}{s['bytes_ratio']:>13.1f}"
+            f"{_fmt_bytes(s['peak_bytes']):>12}"
             f"{_fmt_bytes(t['peak_bytes']):>12}"
         )
     print(
