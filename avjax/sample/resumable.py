@@ -245,6 +245,9 @@ def _run(
         tokens = np.asarray(restored["tokens"], np.int32)
         key = jax.random.wrap_key_data(jnp.asarray(restored["key"]))
         done = int(latest)
+        logging.info(
+            "Resuming sampling at token %d of %d from %s", done, num_tokens, manager.directory
+        )
         if done and done != int(state.step):
             raise ValueError(f"checkpoint {latest} holds step {int(state.step)}")
         if done:
