@@ -7,11 +7,14 @@ RMSNorm, tied embeddings, soft-capped logits) with SpeechSSM's width, heads and 
 MLP widened from 384 to 416 so the parameter count matches: 1,245,184 vs SpeechSSM's
 1,241,728 (+0.3%).
 
-Train (the units/corpus are built as for SpeechSSM; ~8 minutes on 2 CPU cores):
+Train (the units/corpus are built as for SpeechSSM; 400 steps of 8 x 512 units, ~8 minutes
+on 2 idle CPU cores; 27 minutes measured on 2 cores shared with other jobs):
 
   python -m avjax.main --config=configs/speechtransformer.py --workdir=workdir/speechtransformer
 
-Expected (measured on 2 CPU cores): see "Measured" below.
+Expected (measured on 2 CPU cores, 1,245,184 parameters): held-out loss 2.61 / 2.51 / 2.51 /
+2.59 nats per unit at steps 100 / 200 / 300 / 400 (train loss 1.63 at 400), against a unigram
+entropy of 5.29 and SpeechSSM's 2.44 / 2.19 / 2.17 / 2.28 with the same data, steps and size.
 
 Sample (the KV cache is sized from config.sample: prompt + continuation, unless
 config.model.max_len is set; 16 minutes = --config.sample.seconds=960 holds 24.3k keys and
@@ -20,9 +23,10 @@ values per layer):
   python -m avjax.main --config=configs/speechtransformer.py \
       --workdir=workdir/speechtransformer --mode=sample
 
-Decode speed and memory against SpeechSSM: `python tools/bench/longform.py`.
+writes workdir/speechtransformer/samples/step_<N>/sample_0.wav, .png, .npy (measured: 60 s,
+1,500 units in 4 s of decoding, 2.6 ms per unit, 142 distinct units).
 
-Measured: (filled in below after the training run)
+Decode speed and memory against SpeechSSM: `python tools/bench/longform.py`.
 """
 
 from __future__ import annotations
