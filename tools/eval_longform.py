@@ -16,14 +16,19 @@ as in `avjax.main` (`--config.sample.temperature=0.8`, `--baseline_config.model.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+# Run as a script, tools/ is sys.path[0], where tools/tokenize.py would shadow the standard
+# library's `tokenize` (imported by jax): drop it, add the repository root instead.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _TOOLS]
+sys.path.insert(0, os.path.dirname(_TOOLS))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import json  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config of --workdir.", lock_config=False)
 _BASE_CONFIG = config_flags.DEFINE_config_file(
