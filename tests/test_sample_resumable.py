@@ -70,6 +70,9 @@ def test_other_arguments_in_the_same_directory_are_refused(tmp_path):
         sample_resumable(model, params, prompt, 20, d, **{**KW, "seed": 4})
     with pytest.raises(ResumeMismatchError, match="prompt_sha256"):
         sample_resumable(model, params, prompt + 1, 20, d, **KW)
+    other, other_params, _ = _setup("transformer")
+    with pytest.raises(ResumeMismatchError, match="params_layout"):
+        sample_resumable(other, other_params, prompt, 20, d, **KW)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices")

@@ -8,7 +8,8 @@ saves, every `save_every_chunks` chunks (and at the end), the sampler state with
   tokens: `[batch, num_tokens]` int32, the tokens generated so far (zeros beyond `step`)
   key:    the sampling key's raw data (token i is drawn with `fold_in(key, i)`)
   meta:   JSON: what the job is (prompt digest, num_tokens, seed, temperature, top-k/p,
-          chunk_tokens, batch); a restart with other arguments in the same directory is refused
+          chunk_tokens, batch, the parameters' layout); a restart with other arguments in the
+          same directory is refused
 
 Restarted with the same arguments, it restores the newest saved step and regenerates from
 there. Chunks always start at multiples of `chunk_tokens`, so the resumed job runs the same
@@ -124,6 +125,10 @@ def generate_resumable(
         top_k=int(top_k),
         top_p=float(top_p),
         chunk_tokens=int(chunk_tokens),
+        # The model's parameter layout (names, shapes, dtypes; not the values).
+        params_layout=hashlib.sha256(
+            str(jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)).encode()
+        ).hexdigest(),
     )
     manager = _manager(directory, keep)
     rules = [(str(k), tuple(v) if isinstance(v, list) else v) for k, v in (rules or [])] or [

@@ -12,7 +12,8 @@ the configs' unit vocabulary. Lengths: 1, 4 and 16 minutes of 25 Hz units (1,500
 block), as a sampler for that length allocates it.
 
 What is measured, per (model, length, batch), all in one process:
-  ms_per_token      mean decode time per step over an N-token generation, estimated with the
+  ms_per_token      mean decode time per step (one token for every sequence of the batch)
+                    over an N-token generation, estimated with the
                     midpoint rule: the jitted sampler chunk (`autoregressive.decode_chunk`,
                     `lax.scan` over `--steps` steps, sampling included) is timed from decoding
                     states at positions (k + 1/2) N / P, k < P (`--panels` P), median of
