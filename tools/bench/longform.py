@@ -212,12 +212,17 @@ def main() -> None:
     ap.add_argument("--panels", type=int, default=0, help="midpoint-rule panels per length")
     ap.add_argument("--repeats", type=int, default=0)
     ap.add_argument("--full_runs", action="store_true", help="also time real batch-1 runs")
+    ap.add_argument(
+        "--kv_heads", type=int, default=0, help="the Transformer's kv heads (0: its config's)"
+    )
     args = ap.parse_args()
     args.steps = args.steps or (64 if args.quick else 128)
     args.panels = args.panels or (3 if args.quick else 4)
     args.repeats = args.repeats or (3 if args.quick else 5)
 
     configs = {SSM: _config("speechssm"), TRANSFORMER: _config("speechtransformer")}
+    if args.kv_heads:
+        configs[TRANSFORMER].model.num_kv_heads = args.kv_heads
     init_tokens = jnp.zeros((1, 8), jnp.int32)
     init_pos = jnp.broadcast_to(jnp.arange(8), (1, 8))
     param_cache: dict[str, object] = {}
@@ -234,7 +239,8 @@ def main() -> None:
     t0 = time.time()
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; float32, random weights; "
-        f"{args.steps} steps/chunk, {args.panels} panels, {args.repeats} repeats"
+        f"{args.steps} steps/chunk, {args.panels} panels, {args.repeats} repeats; Transformer "
+        f"kv heads {configs[TRANSFORMER].model.num_kv_heads}"
     )
     rows = []
     lengths = [int(round(float(m) * 60 * UNIT_RATE)) for m in args.minutes.split(",")]
