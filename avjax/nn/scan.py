@@ -7,6 +7,13 @@ All forms compute in float32, agree to float32 tolerance, and are differentiable
     (the usual compromise on accelerators; bounded intermediate memory).
   - "auto" (the default): "sequential" on CPU, where a scan unrolled by 8 is fastest at every
     length we measured (tools/bench/ssm.py), "associative" on GPU/TPU (log-depth parallelism).
+
+Sequence parallelism: when the logical axis "length" is mapped (flax logical axis rules) to a
+mesh axis of size n > 1 in the current mesh, and time divides by n, the scan runs under
+`jax.shard_map` over that axis: each shard scans its slice from a zero state, the shards
+exchange their total decay and final state (an all-gather of `[n, batch, ...]`), each folds
+the states of the shards before it into its incoming state, and corrects its slice with the
+cumulative decay. Communication is two small all-gathers, independent of the length.
 """
 
 from __future__ import annotations
@@ -75,6 +82,45 @@ def _chunked(a: jax.Array, b: jax.Array, h0: jax.Array, chunk_size: int) -> jax.
     return h[:, :t]
 
 
+def _length_mesh_axis(time: int) -> str | None:
+    """The mesh axis the "length" logical axis is sharded over, if it splits `time` evenly."""
+    import flax.linen as nn
+
+    rules = dict(nn.get_logical_axis_rules() or ())
+    axis = rules.get("length")
+    mesh = jax.sharding.get_abstract_mesh()
+    if not isinstance(axis, str) or mesh.empty or axis not in mesh.axis_names:
+        return None
+    n = mesh.shape[axis]
+    return axis if n > 1 and time % n == 0 else None
+
+
+def _sequence_parallel(
+    a: jax.Array, b: jax.Array, h0: jax.Array, axis: str, local_scan
+) -> jax.Array:
+    """`local_scan` on each shard of the time axis, stitched across shards (see module doc)."""
+    from jax.sharding import PartitionSpec as P
+
+    def shard(a, b, h0):
+        h = local_scan(a, b, jnp.zeros_like(h0))  # from a zero state, [batch, t_local, ...]
+        idx = jax.lax.axis_index(axis)
+        decays = jax.lax.all_gather(jnp.prod(a, axis=1), axis)  # [n, batch, ...]
+        finals = jax.lax.all_gather(h[:, -1], axis)
+
+        def fold(carry, xs):  # the state entering shard k+1, for shards before this one
+            a_k, h_k, k = xs
+            return jnp.where(k < idx, a_k * carry + h_k, carry), None
+
+        n = decays.shape[0]
+        carry, _ = jax.lax.scan(fold, h0, (decays, finals, jnp.arange(n)))
+        return h + jnp.cumprod(a, axis=1) * carry[:, None]
+
+    spec = P(None, axis)
+    return jax.shard_map(
+        shard, in_specs=(spec, spec, P()), out_specs=spec, axis_names={axis}, check_vma=False
+    )(a, b, h0)
+
+
 def linear_scan(
     a: jax.Array,
     b: jax.Array,
@@ -106,9 +152,14 @@ def linear_scan(
     )
     impl = resolve_impl(impl)
     if impl == "sequential":
-        h = _sequential(a, b, h0)
+        local = _sequential
     elif impl == "associative":
-        h = _associative(a, b, h0)
+        local = _associative
     else:
-        h = _chunked(a, b, h0, chunk_size)
+
+        def local(a, b, h0):
+            return _chunked(a, b, h0, chunk_size)
+
+    axis = _length_mesh_axis(a.shape[1])
+    h = local(a, b, h0) if axis is None else _sequence_parallel(a, b, h0, axis, local)
     return h, h[:, -1]
