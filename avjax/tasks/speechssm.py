@@ -21,7 +21,6 @@ from absl import logging
 from avjax.data import lm_windows
 from avjax.data.units import UNIT_RATE
 from avjax.models import speechssm as speechssm_lib
-from avjax.sample import autoregressive
 from avjax.tasks.base import Batch, Metrics, Task
 
 
@@ -406,22 +405,27 @@ class SpeechSSMTask(Task):
         )
         chunks = []
         t0 = time.time()
-        gen = autoregressive.generate(
+        # Resumable: the sampler state is saved under out_dir/sampler_state; re-running the
+        # same command after a kill continues there with the same tokens. The batch is split
+        # over the mesh the params live on (progress bar with ETA inside).
+        from avjax.sample import resumable
+
+        mesh = getattr(jax.tree.leaves(params)[0].sharding, "mesh", None)
+        gen = resumable.generate_resumable(
             model,
             params,
             prompt,
             num_tokens,
+            os.path.join(out_dir, "sampler_state"),
             seed=int(sc.seed),
             temperature=float(sc.temperature),
             top_k=int(sc.top_k),
             chunk_tokens=int(sc.chunk_tokens),
+            mesh=mesh if isinstance(mesh, jax.sharding.Mesh) else None,
+            rules=self.config.sharding_rules,
         )
-        from tqdm import tqdm
-
-        with tqdm(total=num_tokens, unit="tok", desc="sampling", mininterval=2.0) as bar:
-            for c in gen:
-                chunks.append(c)
-                bar.update(c.shape[1])
+        for c in gen:
+            chunks.append(c)
         gen_s = time.time() - t0
         tokens = np.concatenate(chunks, axis=1) if chunks else np.zeros((len(prompts), 0), np.int32)
         files = []
@@ -453,7 +457,22 @@ class SpeechSSMTask(Task):
 
     def evaluate(self, model, params, step, eval_loss) -> dict[str, Any]:
         facts = self.prepare()
-        return {
+        out = {
             "unigram_entropy_nats": facts["unigram_entropy_nats"],
             "eval_perplexity": math.exp(eval_loss) if eval_loss is not None else None,
         }
+        ec = self.config.get("eval")
+        if ec is None or ec.get("longform", True):
+            from avjax.eval import longform
+
+            out.update(
+                longform.evaluate_longform(
+                    [longform.ModelEntry(self.name, model, params)],
+                    self._docs["heldout"],
+                    self._prepared["vocoder"],
+                    os.path.join(self.workdir, "eval", f"step_{step}"),
+                    longform.LongformConfig.from_config(self.config),
+                    step=step,
+                )
+            )
+        return out
