@@ -46,7 +46,7 @@ used into workdir/units/tokens-*/ (resumable shards); later runs reuse all of it
 A missing folder or another layout stops with the expected layout; a corrupt, empty or
 non-16 kHz file stops with its name unless --config.data.skip_bad=True (then skipped and
 counted in the log and in workdir/data_facts.json). To tokenise a corpus on many machines
-ahead of training: tools/tokenize.py (--process_index/--process_count, resumable).
+ahead of training: tools/tokenize_corpus.py (--process_index/--process_count, resumable).
 """
 
 from __future__ import annotations

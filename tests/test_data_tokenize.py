@@ -96,7 +96,7 @@ def test_cli_tokenises_a_built_corpus_and_reports_throughput(corpus, tmp_path):
     root, _, _, _ = corpus
     cmd = [
         sys.executable,
-        os.path.join(REPO, "tools", "tokenize.py"),
+        os.path.join(REPO, "tools", "tokenize_corpus.py"),
         "--corpus=librispeech",
         f"--manual_dir={root / 'm'}",
         f"--data_dir={root / 'tfds'}",

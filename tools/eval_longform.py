@@ -20,7 +20,7 @@ import os
 import sys
 
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
-# Run as a script, tools/ is sys.path[0], where tools/tokenize.py would shadow the standard
+# Run as a script, tools/ is sys.path[0], where a tools/tokenize.py would shadow the standard
 # library's `tokenize` (imported by jax): drop it, add the repository root instead.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _TOOLS]
 sys.path.insert(0, os.path.dirname(_TOOLS))

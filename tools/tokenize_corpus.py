@@ -2,10 +2,11 @@ r"""Tokenise a corpus into 25 Hz unit sequences (ArrayRecord), resumably, across
 
 A TFDS-built corpus (built here from --manual_dir if needed) or a plain audio folder:
 
-  python tools/tokenize.py --corpus=librispeech --manual_dir=/data --data_dir=~/.cache/avjax/tfds \
+  python tools/tokenize_corpus.py --corpus=librispeech --manual_dir=/data \
+      --data_dir=~/.cache/avjax/tfds \
       --tokenizer=workdir/speechssm/units/tokenizer --out=/data/units --num_shards=64 \
       [--splits=train_clean_100,dev_clean] [--process_index=0 --process_count=8] [--skip_bad]
-  python tools/tokenize.py --dir=/my/audio --tokenizer=... --out=/my/units
+  python tools/tokenize_corpus.py --dir=/my/audio --tokenizer=... --out=/my/units
 
 `--tokenizer` is a fitted `UnitTokenizer` folder (tokenizer.json + tokenizer.npz), e.g. the
 `units/tokenizer` of a SpeechSSM workdir. Process i of N writes shards s with s % N == i;
