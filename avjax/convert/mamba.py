@@ -38,6 +38,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from avjax.convert.common import load_params_dir, save_params_dir
 from avjax.models.mamba import MambaLM
 
 _MODEL_FIELDS = (
@@ -259,33 +260,16 @@ def load_hf_mamba(path: str, dtype: Any = jnp.float32) -> tuple[MambaLM, dict[st
 
 def save_converted(model: MambaLM, variables: dict[str, Any], out_dir: str) -> None:
     """Writes `out_dir/params` (orbax, float32) and `out_dir/model.json` (MambaLM fields)."""
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
-    with open(os.path.join(out_dir, "model.json"), "w") as f:
-        json.dump({k: fields[k] for k in _MODEL_FIELDS}, f, indent=2)
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.join(out_dir, "params"), variables.get("params", variables), force=True)
-    ckpt.wait_until_finished()
+    save_params_dir(
+        out_dir, {k: fields[k] for k in _MODEL_FIELDS}, variables.get("params", variables)
+    )
 
 
 def load_converted(out_dir: str, dtype: Any = jnp.float32) -> tuple[MambaLM, dict[str, Any]]:
     """Reads what `save_converted` wrote: `(model, {"params": ...})`."""
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(out_dir)
-    meta = os.path.join(out_dir, "model.json")
-    if not os.path.exists(meta):
-        raise FileNotFoundError(
-            f"{meta} not found: expected a directory written by tools/convert_mamba.py"
-        )
-    with open(meta) as f:
-        kw = json.load(f)
+    kw, params = load_params_dir(out_dir, "tools/convert_mamba.py")
     unknown = sorted(set(kw) - set(_MODEL_FIELDS))
     if unknown:
-        raise ValueError(f"{meta}: unknown MambaLM fields {unknown}")
-    model = MambaLM(**kw, dtype=dtype)
-    params = ocp.StandardCheckpointer().restore(os.path.join(out_dir, "params"))
-    return model, {"params": params}
+        raise ValueError(f"{out_dir}/model.json: unknown MambaLM fields {unknown}")
+    return MambaLM(**kw, dtype=dtype), {"params": params}

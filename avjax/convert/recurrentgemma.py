@@ -17,13 +17,12 @@ fields). `config.train.init_from=DIR` then starts training from those weights.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from avjax.convert.common import load_params_dir, save_params_dir
 from avjax.nn.griffin import ATTENTION, RECURRENT, GriffinLM, stack_layers
 
 
@@ -129,34 +128,15 @@ def save_converted(model: GriffinLM, variables: dict[str, Any], out_dir: str) ->
 
     With `model.scan_layers` the parameters are written in the stacked (scanned) layout.
     """
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(out_dir)
     params = variables.get("params", variables)
     if model.scan_layers and "layers" not in params:
         params = stack_layers(params, model.num_layers, model.period)
-    os.makedirs(out_dir, exist_ok=True)
     fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
-    with open(os.path.join(out_dir, "model.json"), "w") as f:
-        json.dump({k: fields[k] for k in _MODEL_FIELDS}, f, indent=2)
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.join(out_dir, "params"), params, force=True)
-    ckpt.wait_until_finished()
+    save_params_dir(out_dir, {k: fields[k] for k in _MODEL_FIELDS}, params)
 
 
 def load_converted(out_dir: str, dtype: Any = jnp.float32) -> tuple[GriffinLM, dict[str, Any]]:
     """Reads what `save_converted` wrote: `(model, {"params": ...})` (numpy arrays)."""
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(out_dir)
-    meta = os.path.join(out_dir, "model.json")
-    if not os.path.exists(meta):
-        raise FileNotFoundError(
-            f"{meta} not found: expected a directory written by tools/convert_recurrentgemma.py"
-        )
-    with open(meta) as f:
-        kw = json.load(f)
+    kw, params = load_params_dir(out_dir, "tools/convert_recurrentgemma.py")
     kw["block_types"] = tuple(kw["block_types"])
-    model = GriffinLM(**kw, dtype=dtype)
-    params = ocp.StandardCheckpointer().restore(os.path.join(out_dir, "params"))
-    return model, {"params": params}
+    return GriffinLM(**kw, dtype=dtype), {"params": params}
