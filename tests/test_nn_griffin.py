@@ -105,3 +105,23 @@ def test_params_carry_logical_axes():
         "embed", "heads"
     )
     assert specs["blocks_0"]["temporal"]["rg_lru"]["a_param"] == jax.sharding.PartitionSpec("rnn")
+
+
+def test_rg_lru_and_recurrent_block_step_equals_call():
+    """`step` over a sequence (with a segment reset in it) equals the full call."""
+    from avjax.nn.ssm import RGLRU, RecurrentBlock
+
+    b, t, w = 2, 12, 16
+    x = jax.random.normal(jax.random.key(0), (b, t, w))
+    pos = jnp.concatenate([jnp.arange(7), jnp.arange(5)])[None].repeat(b, 0)  # reset at 7
+    for module, state in (
+        (RGLRU(w, 2), jnp.zeros((b, w), jnp.float32)),
+        (RecurrentBlock(w, w, 2), RecurrentBlock(w, w, 2).init_cache(b)),
+    ):
+        variables = module.init(jax.random.key(1), x, pos)
+        full = module.apply(variables, x, pos)[0]
+        ys = []
+        for i in range(t):
+            y, state = module.apply(variables, x[:, i], pos[:, i], state, method="step")
+            ys.append(y)
+        np.testing.assert_allclose(jnp.stack(ys, 1), full, atol=1e-5)

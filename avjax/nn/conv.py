@@ -59,7 +59,11 @@ class Conv1D(nn.Module):
             if x.shape[1] != 1:
                 raise ValueError(f"Conv1D decoding takes one token at a time, got {x.shape}")
             window = jnp.concatenate([cache.inputs.astype(dtype), x], axis=1)  # [b, k, d]
-            y = jnp.einsum("bkd,kd->bd", window, w)[:, None] + b
+            # As in the full call: inputs `lag` tokens back count only if they are in this
+            # document (lag <= segment_pos).
+            lag = jnp.arange(k - 1, -1, -1)
+            valid = (lag[None] <= segment_pos[:, -1:]).astype(dtype)  # [b, k]
+            y = jnp.einsum("bkd,kd->bd", window * valid[..., None], w)[:, None] + b
             return y, Conv1DCache(window[:, 1:])
         t = x.shape[1]
         ids = segment_ids(segment_pos)

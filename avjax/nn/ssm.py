@@ -94,6 +94,14 @@ class RGLRU(nn.Module):
         h, h_last = linear_scan(a, b, h0, impl=self.scan_impl)
         return h.astype(x.dtype), h_last
 
+    def step(
+        self, x_t: jax.Array, segment_pos_t: jax.Array, h: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """One token: `x_t [batch, width]`, `segment_pos_t [batch]`, state `h [batch, width]`
+        (float32) -> `(y_t [batch, width], new state)`."""
+        y, h = self(x_t[:, None], segment_pos_t[:, None], h)
+        return y[:, 0], h
+
 
 class RecurrentBlockCache(NamedTuple):
     """Decoding state of a recurrent block: RG-LRU state `[batch, lru_width]` (float32) and
@@ -136,6 +144,13 @@ class RecurrentBlock(nn.Module):
         if cache is None and not return_cache:
             return out, None
         return out, RecurrentBlockCache(h_last, new_conv.inputs)
+
+    def step(
+        self, x_t: jax.Array, segment_pos_t: jax.Array, cache: RecurrentBlockCache
+    ) -> tuple[jax.Array, RecurrentBlockCache]:
+        """One token: `x_t [batch, width]`, `segment_pos_t [batch]` -> `(y_t, new cache)`."""
+        y, cache = self(x_t[:, None], segment_pos_t[:, None], cache)
+        return y[:, 0], cache
 
     def init_cache(self, batch_size: int, dtype=jnp.float32) -> RecurrentBlockCache:
         return init_recurrent_cache(batch_size, self.lru_width, self.conv1d_width, dtype)
@@ -307,7 +322,7 @@ class SelectiveSSM(nn.Module):
         # Causal depthwise conv; a cached call sees the buffered inputs as a prefix.
         conv = Conv1D(self.conv_width, dtype, name="conv1d")
         want_cache = return_cache or cache is not None
-        pos = jnp.ones((batch, t), jnp.int32) if segment_pos is None else segment_pos
+        pos = jnp.full((batch, t), 2**30, jnp.int32) if segment_pos is None else segment_pos
         if cache is not None and t == 1:
             xs, conv_cache = conv(xs, pos, Conv1DCache(cache.conv_state), True)
         elif cache is not None:
