@@ -47,6 +47,8 @@ A missing folder or another layout stops with the expected layout; a corrupt, em
 non-16 kHz file stops with its name unless --config.data.skip_bad=True (then skipped and
 counted in the log and in workdir/data_facts.json). To tokenise a corpus on many machines
 ahead of training: tools/tokenize_corpus.py (--process_index/--process_count, resumable).
+Units are k-means over log-mel by default; --config.data.features=mfcc, or =hubert with
+--config.data.hubert_dir=DIR (--config.data.hubert_layer=6), fits them on other features.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.join_documents = True  # join a chapter's / file's utterances into one document
     c.data.pack = False  # pack short documents into shared windows (segment_pos restarts)
     c.data.num_units = 256
+    c.data.features = "logmel"  # unit features (real corpora): logmel | mfcc | hubert; 25 Hz
+    c.data.hubert_dir = ""  # features="hubert": a local HF HuBERT dir (config.json + weights)
+    c.data.hubert_layer = 6  # features="hubert": transformer layer (6 = GSLM's for base)
     c.data.kmeans_iters = 30
     c.data.vocoder_steps = 300  # units->mel decoder training steps (fitted with the units)
     c.data.seq_len = 512  # tokens per training window (20.5 s at 25 Hz; the paper: 6000)

@@ -126,6 +126,9 @@ def test_fit_units_tool_end_to_end_mfcc(tmp_path, capsys):
     wav, _ = sf.read(tmp_path / "audio" / "spk0" / "utt0.wav", dtype="float32")
     units = tok.encode_features(features_lib.get_extractor("mfcc")(wav))
     assert units.shape == (49,)
+    # The saved tokenizer knows its features: encoding audio gives the same units.
+    assert tok.features == "mfcc" and tok.extractor == features_lib.get_extractor("mfcc").spec
+    np.testing.assert_array_equal(tok.encode(wav), units)
     thirds = [np.bincount(units[a : a + 14], minlength=8).argmax() for a in (1, 18, 35)]
     assert len(set(thirds)) == 3, units
     with pytest.raises(ValueError, match="unknown feature extractor"):

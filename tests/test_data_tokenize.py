@@ -112,3 +112,23 @@ def test_cli_tokenises_a_built_corpus_and_reports_throughput(corpus, tmp_path):
     assert len(_read(str(tmp_path / "u"), "dev_clean")) == 2
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert "total: 0 shards written, 4 already done" in r2.stdout, r2.stdout + r2.stderr[-2000:]
+
+
+def test_fit_units_on_mfcc_features_tokenises_with_them(corpus, tmp_path):
+    from avjax.data import features
+
+    _, _, source, _ = corpus
+    fit = dict(num_units=6, kmeans_iters=3, vocoder_steps=0, max_minutes=1.0, progress=False)
+    tok, voc = tokenize.fit_units([source], tmp_path / "fit", features="mfcc", **fit)
+    assert tok.features == "mfcc" and tok.feature_dim == 156 and voc.num_units == 6
+    again, _ = tokenize.fit_units([source], tmp_path / "fit", features="mfcc", **fit)  # cached
+    np.testing.assert_array_equal(again.centroids, tok.centroids)
+    assert again.extractor == tok.extractor
+    tokenize.tokenize_split(source, again, tmp_path / "u", "train", num_shards=2, progress=False)
+    mfcc = features.get_extractor("mfcc")
+    for i, r in enumerate(_read(tmp_path / "u", "train")):
+        wav = tokenize.to_float(source[i]["audio"])
+        np.testing.assert_array_equal(r["units"], tok.encode_features(mfcc(wav)))
+        assert len(r["units"]) == 12
+    logmel, _ = tokenize.fit_units([source], tmp_path / "fit", **fit)  # another key: refitted
+    assert logmel.features == "logmel" and logmel.feature_dim == 320

@@ -109,3 +109,40 @@ def test_prepare_units_on_tiny_corpus(tmp_path, monkeypatch):
     np.testing.assert_array_equal(tok2.centroids, tok.centroids)
     assert all(np.array_equal(u2[k], u[k]) for k in u)
     np.testing.assert_allclose(voc2.units_to_mel(u[x0.id]), voc.units_to_mel(u[x0.id]), atol=1e-5)
+
+
+def test_tokenizer_records_its_extractor_and_old_files_load_as_logmel(tmp_path):
+    from avjax.data import features, tokenize
+
+    wavs = [espeak.synthesize(t).wav for t in ("One two three.", "Four five six seven.")]
+    ex = features.get_extractor("mfcc")
+    feats = [ex(w) for w in wavs]
+    tok = units.UnitTokenizer.fit(feats, num_units=8, seed=0, iters=5, extractor=ex.spec)
+    assert tok.features == "mfcc" and tok.feature_dim == 156
+    tok.save(tmp_path / "mfcc")
+    back = units.UnitTokenizer.load(tmp_path / "mfcc")
+    assert back.extractor == ex.spec
+    for w, f in zip(wavs, feats, strict=True):
+        u = back.encode(w)
+        assert u.shape == (len(w) // 640,)
+        np.testing.assert_array_equal(u, tok.encode_features(f))
+    plain = units.UnitTokenizer(back.centroids, back.mean, back.std)
+    assert plain.features == "logmel"
+    assert tokenize.tokenizer_fingerprint(back) != tokenize.tokenizer_fingerprint(plain)
+    with pytest.raises(ValueError, match="not log-mel patches"):
+        back.centroid_mels()
+    meta = json.loads((tmp_path / "mfcc" / "tokenizer.json").read_text())
+    meta["extractor"]["n_mfcc"] = 20
+    (tmp_path / "mfcc" / "tokenizer.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"mfcc.tokenizer\.json: mfcc extractor .*n_mfcc"):
+        units.UnitTokenizer.load(tmp_path / "mfcc")
+    # A tokenizer.json from before the extractor was recorded is a log-mel tokenizer.
+    lm = units.UnitTokenizer.fit([units.unit_features(w) for w in wavs], num_units=8, iters=3)
+    lm.save(tmp_path / "lm")
+    meta = json.loads((tmp_path / "lm" / "tokenizer.json").read_text())
+    assert meta.pop("extractor") == units.logmel_spec()
+    (tmp_path / "lm" / "tokenizer.json").write_text(json.dumps(meta))
+    old = units.UnitTokenizer.load(tmp_path / "lm")
+    assert old.features == "logmel"
+    np.testing.assert_array_equal(old.encode(wavs[1]), lm.encode(wavs[1]))
+    assert tokenize.tokenizer_fingerprint(old) == tokenize.tokenizer_fingerprint(lm)

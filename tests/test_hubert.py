@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from avjax.convert.hubert import from_hf_hubert, load_hf_hubert  # noqa: E402
-from avjax.models.hubert import HubertConfig  # noqa: E402
+from avjax.nn.hubert import HubertConfig  # noqa: E402
 
 TINY = dict(
     hidden_size=32,
@@ -139,23 +139,72 @@ def test_load_errors_name_the_problem(tmp_path):
         load_hf_hubert(tmp_path / "nope")
 
 
-def test_hubert_feature_extractor_matches_transformers_layer(tmp_path):
-    from avjax.data.features import get_extractor
+def _stack(frames: np.ndarray, units: int, per_unit: int = 32) -> np.ndarray:
+    """Reference 25 Hz stacking: the first `per_unit * units` frames, the last one repeated."""
+    need = per_unit * units
+    frames = np.concatenate([frames, np.repeat(frames[-1:], max(need - len(frames), 0), 0)])
+    return frames[:need].reshape(units, -1)
 
-    cfg, hf = _hf_model("layer_preln", seed=5)
+
+def test_hubert_feature_extractor_matches_transformers_layer(tmp_path):
+    from avjax.data.features import HubertFeatures, get_extractor
+
+    _, hf = _hf_model("layer_preln", seed=5)
     hf.save_pretrained(tmp_path / "hub")
     wav = _wav(batch=1, samples=5000, seed=6)[0]
     ex = get_extractor("hubert", hubert_dir=tmp_path / "hub", layer=1)
-    assert ex.dim == 32 and ex.frame_rate == 16000 / 20 and ex.spec["layer"] == 1
-    feats = ex(wav)  # zero-padded to 1 s inside, exact through the valid length
+    # The tiny model's 20-sample frames are stacked 32 per 640-sample unit (the published
+    # models' 320-sample frames: 2 per unit): 25 Hz units like every extractor.
+    assert ex.frame_rate == 25 and ex.dim == 32 * 32
+    assert ex.spec["layer"] == 1 and ex.spec["frames_per_unit"] == 32
     _, ref_hidden = _hf_forward(hf, wav[None])
-    np.testing.assert_allclose(feats, ref_hidden[1][0], atol=1e-4, rtol=0)
-    # Long audio is encoded in independent chunks.
+    raw = HubertFeatures(tmp_path / "hub", layer=1)(wav)  # zero-padded to 1 s inside, exact
+    np.testing.assert_allclose(raw, ref_hidden[1][0], atol=1e-4, rtol=0)
+    feats = ex(wav)
+    assert feats.shape == (5000 // 640, 1024)
+    np.testing.assert_allclose(feats, _stack(ref_hidden[1][0], 7), atol=1e-4, rtol=0)
+    # 1280 samples give 63 frames for 2 units: the last frame is repeated.
+    short = wav[:1280]
+    assert len(_hf_forward(hf, short[None])[0][0]) == 63
+    np.testing.assert_allclose(
+        ex(short), _stack(_hf_forward(hf, short[None])[1][1][0], 2), atol=1e-4, rtol=0
+    )
+    # Long audio is encoded in independent chunks of whole units, each stacked on its own.
     chunked = get_extractor("hubert", hubert_dir=tmp_path / "hub", layer=1, max_chunk_seconds=0.2)
     got = chunked(wav)
     ref = np.concatenate(
-        [_hf_forward(hf, wav[None, a : a + 3200])[1][1][0] for a in range(0, 5000, 3200)]
+        [
+            _stack(_hf_forward(hf, wav[None, a : a + 3200])[1][1][0], len(wav[a : a + 3200]) // 640)
+            for a in range(0, 5000, 3200)
+        ]
     )
+    assert got.shape == (7, 1024)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="layer 3 out of range"):
         get_extractor("hubert", hubert_dir=tmp_path / "hub", layer=3)
+
+
+def test_hubert_tokenizer_saves_loads_and_encodes_with_its_layer(tmp_path):
+    import shutil
+
+    from avjax.data import features, units
+
+    _, hf = _hf_model("group_postln", seed=7)
+    hf.save_pretrained(tmp_path / "hub")
+    ex = features.get_extractor("hubert", hubert_dir=tmp_path / "hub", layer=2)
+    wavs = [_wav(batch=1, samples=n, seed=k)[0] for k, n in ((1, 6400), (2, 4000))]
+    feats = [ex(w) for w in wavs]
+    tok = units.UnitTokenizer.fit(feats, num_units=4, iters=3, extractor=ex.spec, normalize=False)
+    assert np.all(tok.mean == 0) and np.all(tok.std == 1)
+    tok.save(tmp_path / "tok")
+    back = units.UnitTokenizer.load(tmp_path / "tok")
+    assert back.features == "hubert" and back.extractor == ex.spec
+    assert back.extractor["hubert_dir"] == str(tmp_path / "hub") and back.extractor["layer"] == 2
+    for w, f in zip(wavs, feats, strict=True):
+        u = back.encode(w)
+        assert u.shape == (len(w) // 640,)
+        np.testing.assert_array_equal(u, tok.encode_features(f))
+    # The checkpoint is needed where it was fitted: a moved one is named.
+    shutil.move(tmp_path / "hub", tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="hub: HuBERT model directory not found"):
+        units.UnitTokenizer.load(tmp_path / "tok").encode(wavs[0])

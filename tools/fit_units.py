@@ -6,18 +6,21 @@ r"""Fit k-means speech units on features of a folder of audio.
 
 `--audio_dir` is any folder of .wav/.flac files (searched recursively, see
 `avjax.data.corpus.scan_audio_dir`; files are decoded and resampled to 16 kHz). `--features`
-picks the extractor (`avjax.data.features`): `logmel` (320-dim, 25 Hz), `mfcc` (156-dim,
-25 Hz) or `hubert` (layer `--layer` of the HF HuBERT checkpoint in the local directory
-`--hubert_dir`, 50 Hz; nothing is downloaded). Files are taken in a seeded random order until
-`--max_hours` of audio (default: all); `--splits` picks which of scan_audio_dir's splits to use.
+picks the extractor (`avjax.data.features`), all at 25 Hz (one vector per unit, what the
+vocoder and training windows expect): `logmel` (320-dim), `mfcc` (156-dim) or `hubert` (layer
+`--layer` of the HF HuBERT checkpoint in the local directory `--hubert_dir`, its 50 Hz frames
+stacked 2 per unit: 1536-dim for HuBERT base; nothing is downloaded). Files are taken in a
+seeded random order until `--max_hours` of audio (default: all); `--splits` picks which of
+scan_audio_dir's splits to use. `--layer` is `config.data.hubert_layer` of the training config.
 
 Features are normalised per dimension for logmel/mfcc (`--normalize=auto`; HuBERT features are
 clustered as they are, as GSLM does), then clustered with mini-batch k-means in JAX over all
 devices (`avjax.data.kmeans`). Writes to `--out`:
 
   tokenizer.npz, tokenizer.json   `avjax.data.units.UnitTokenizer.save` format (centroids in the
-                                  normalised space, mean, std); tokenizer.json also records the
-                                  extractor under "extractor" (name, layer, hubert_dir, ...)
+                                  normalised space, mean, std, and under "extractor" the
+                                  features: name, layer, hubert_dir, ...); `UnitTokenizer.load`
+                                  + `encode` (and tools/tokenize_corpus.py) use the same ones
   fit_info.json                   files, hours, frames, timings, throughput, inertia
 
 and prints the throughput: hours of audio per minute for feature extraction and for k-means.
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"--num_units={args.num_units}; give more audio"
         )
     normalize = args.normalize == "true" or (
-        args.normalize == "auto" and extractor.name != "hubert"
+        args.normalize == "auto" and features_lib.normalize_by_default(extractor.name)
     )
     if normalize:
         mean = x.mean(axis=0)
@@ -127,15 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         progress=progress,
     )
     full_inertia = kmeans_lib.mean_sq_distance(x, result.centroids)
-    tok = UnitTokenizer(result.centroids, mean, std)
+    tok = UnitTokenizer(result.centroids, mean, std, extractor=extractor.spec)
     tok.save(args.out)
-    # The tokenizer format has no field for the extractor: record it beside the others.
-    meta_path = os.path.join(args.out, "tokenizer.json")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    meta["extractor"] = extractor.spec
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=2)
 
     hours = seconds / 3600
     info = {

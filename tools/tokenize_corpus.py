@@ -9,7 +9,9 @@ A TFDS-built corpus (built here from --manual_dir if needed) or a plain audio fo
   python tools/tokenize_corpus.py --dir=/my/audio --tokenizer=... --out=/my/units
 
 `--tokenizer` is a fitted `UnitTokenizer` folder (tokenizer.json + tokenizer.npz), e.g. the
-`units/tokenizer` of a SpeechSSM workdir. Process i of N writes shards s with s % N == i;
+`units/tokenizer` of a SpeechSSM workdir or a tools/fit_units.py output: units are computed on
+the features it records (log-mel, MFCC or HuBERT; a HuBERT tokenizer needs its checkpoint
+folder where it was when fitted). Process i of N writes shards s with s % N == i;
 shards with a `.done` marker are skipped, so rerunning the same command resumes. Prints the
 throughput in hours of audio per minute per process (one process per core) and per CPU
 minute. Layout of the output: see `avjax/data/tokenize.py`.
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from avjax.data.units import UnitTokenizer
 
     tok = UnitTokenizer.load(args.tokenizer)
+    print(f"tokenizer: {tok.num_units} units on {tok.features} features ({args.tokenizer})")
     if args.dir:
         sources = {"audio": tokenize.DirSource(args.dir, progress=not args.no_progress)}
         source_ids = {"audio": f"dir:{os.path.abspath(args.dir)}"}

@@ -1,4 +1,4 @@
-"""Import HuggingFace HuBERT weights into `avjax.models.hubert.HubertEncoder`.
+"""Import HuggingFace HuBERT weights into `avjax.nn.hubert.HubertEncoder`.
 
 `from_hf_hubert(state_dict, hf_config)` takes a `HubertModel` state dict (torch tensors or
 numpy arrays; keys with or without the `hubert.` prefix that `HubertForCTC` & co. use) and its
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from avjax.models.hubert import HubertConfig, HubertEncoder, param_shapes
+from avjax.nn.hubert import HubertConfig, HubertEncoder, param_shapes
 
 # State-dict entries that hold no encoder weights: the SpecAugment mask embedding and the heads
 # of HubertForCTC / HubertForSequenceClassification.

@@ -1,9 +1,15 @@
 """Pluggable frame-level speech features for unit discovery (k-means) and tokenising.
 
 One interface: `get_extractor(name, ...)` returns a `FeatureExtractor`, a callable
-`wav [samples] float32 at 16 kHz -> [frames, dim] float32` that also states its `dim`,
-`frame_rate` (Hz) and a JSON-able `spec` (what a saved tokenizer records so the same features
-can be rebuilt).
+`wav [samples] float32 at 16 kHz -> [units, dim] float32` that also states its `dim`,
+`frame_rate` (Hz) and a JSON-able `spec` (what a saved `UnitTokenizer` records, so that
+`from_spec` rebuilds the same features when it encodes).
+
+Every extractor gives one vector per 25 Hz unit (`units.UNIT_RATE`), `n // 640` of them for
+`n` samples: the unit vocoder, the token windows and the 4-minute training length all assume
+25 Hz. Faster frames are stacked: 4 log-mel / MFCC frames (10 ms) per unit, and
+`640 / samples_per_frame` HuBERT frames per unit (2 of its 20 ms frames for the published
+models), as TWIST-style 25 Hz HuBERT units come from 2 x 20 ms.
 
 - `"logmel"`: `avjax.data.units.unit_features`, 4 stacked 10 ms 80-bin log-mel frames per
   40 ms: 320 dims at 25 Hz (`units.UNIT_RATE`), `n // 640` frames.
@@ -11,11 +17,16 @@ can be rebuilt).
   same log-mel spectrogram), 4 frames stacked per 40 ms like `"logmel"`: 156 dims at 25 Hz,
   `n // 640` frames. (HuBERT's first iteration clustered 39-dim MFCCs.)
 - `"hubert"`: the output of transformer layer `layer` of a HuggingFace HuBERT checkpoint in a
-  local directory (`avjax.convert.hubert.load_hf_hubert`), `hidden_size` dims at 50 Hz
-  (`config.num_frames(n)` frames: `(n - 400) // 320 + 1` for the published models). GSLM uses
-  layer 6 of HuBERT base. Audio longer than `max_chunk_seconds` is cut into chunks encoded
-  independently (as textlesslib does); inputs are zero-padded to whole seconds with the valid
-  length passed to the model, which keeps the result exact and the number of compilations small.
+  local directory (`avjax.convert.hubert.load_hf_hubert`); its frames (`hidden_size` dims at
+  50 Hz, `config.num_frames(n)` = `(n - 400) // 320 + 1` of them for the published models)
+  stacked 2 per unit: `2 * hidden_size` dims at 25 Hz (1536 for HuBERT base). The encoder
+  gives a frame or so fewer than `2 * (n // 640)` (its receptive field): the last frame is
+  repeated, as `units.unit_mel` pads log-mel. GSLM uses layer 6 of HuBERT base. Audio longer
+  than `max_chunk_seconds` (rounded down to whole units) is cut into chunks encoded
+  independently (as textlesslib does), each padded to its own units so that no drift
+  accumulates; inputs are zero-padded to whole seconds with the valid length passed to the
+  model, which keeps the result exact and the number of compilations small.
+  `HubertFeatures(...)(wav)` gives the unstacked 50 Hz frames.
 """
 
 from __future__ import annotations
@@ -69,7 +80,8 @@ def mfcc_features(wav: np.ndarray) -> np.ndarray:
 
 
 class HubertFeatures:
-    """Layer-`layer` HuBERT features `[frames, hidden]` at 50 Hz from a local HF directory."""
+    """Layer-`layer` HuBERT features from a local HF directory: `__call__` gives the frames
+    `[frames, hidden]` (50 Hz), `unit_features` the 25 Hz stack `[n // 640, fpu * hidden]`."""
 
     def __init__(
         self,
@@ -90,10 +102,20 @@ class HubertFeatures:
                 f"HuBERT layer {layer} out of range: {hubert_dir} has {cfg.num_hidden_layers} "
                 "transformer layers (0 = the input of the first)"
             )
+        if units.SAMPLES_PER_UNIT % cfg.samples_per_frame:
+            raise ValueError(
+                f"{hubert_dir}: a HuBERT frame of {cfg.samples_per_frame} samples does not "
+                f"divide the {units.SAMPLES_PER_UNIT}-sample (25 Hz) unit"
+            )
         self.layer = int(layer)
         self.config = cfg
+        self.frames_per_unit = units.SAMPLES_PER_UNIT // cfg.samples_per_frame
         self.params = jax.device_put(variables)
-        self.max_chunk = int(max_chunk_seconds * SAMPLE_RATE)
+        # Whole units per chunk, so chunked and unchunked unit counts agree.
+        self.max_chunk = (
+            max(int(max_chunk_seconds * SAMPLE_RATE) // units.SAMPLES_PER_UNIT, 1)
+            * units.SAMPLES_PER_UNIT
+        )
         self.pad_to = max(int(pad_to_seconds * SAMPLE_RATE), 1)
         self.min_samples = next(n for n in range(1, 100_000) if cfg.num_frames(n) > 0)
 
@@ -107,21 +129,54 @@ class HubertFeatures:
     def frame_rate(self) -> float:
         return SAMPLE_RATE / self.config.samples_per_frame
 
+    @property
+    def unit_dim(self) -> int:
+        return self.frames_per_unit * self.config.hidden_size
+
+    def _frames(self, chunk: np.ndarray) -> np.ndarray:
+        """`[num_frames(len(chunk)), hidden]` frames of one chunk (zero-padded inside)."""
+        n = len(chunk)
+        frames = self.config.num_frames(n)
+        if frames == 0:
+            return np.zeros((0, self.config.hidden_size), np.float32)
+        padded = max(-(-n // self.pad_to) * self.pad_to, self.min_samples)
+        x = np.zeros((1, padded), np.float32)
+        x[0, :n] = chunk
+        h = self._run(self.params, x, np.asarray([n], np.int32))
+        return np.asarray(h[0, :frames])
+
     def __call__(self, wav: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(wav), self.max_chunk):
-            chunk = wav[start : start + self.max_chunk]
-            n = len(chunk)
-            frames = self.config.num_frames(n)
-            if frames == 0:
-                continue
-            padded = max(-(-n // self.pad_to) * self.pad_to, self.min_samples)
-            x = np.zeros((1, padded), np.float32)
-            x[0, :n] = chunk
-            h = self._run(self.params, x, np.asarray([n], np.int32))
-            out.append(np.asarray(h[0, :frames]))
+        """`[frames, hidden]` float32 at the model's frame rate (chunks concatenated)."""
+        out = [
+            self._frames(wav[a : a + self.max_chunk]) for a in range(0, len(wav), self.max_chunk)
+        ]
+        out = [o for o in out if len(o)]
         if not out:
             return np.zeros((0, self.config.hidden_size), np.float32)
+        return np.concatenate(out)
+
+    def unit_features(self, wav: np.ndarray) -> np.ndarray:
+        """`[n // 640, frames_per_unit * hidden]` float32 at 25 Hz: frames stacked per unit.
+
+        Per chunk, the first `frames_per_unit * units` frames are used, the last one repeated
+        when the encoder gave fewer (a chunk's final partial unit is dropped, as everywhere).
+        """
+        fpu, hidden = self.frames_per_unit, self.config.hidden_size
+        out = []
+        for a in range(0, len(wav), self.max_chunk):
+            chunk = wav[a : a + self.max_chunk]
+            n_units = units.num_units_for(len(chunk))
+            if n_units == 0:
+                continue
+            h = self._frames(chunk)
+            if len(h) == 0:
+                h = np.zeros((1, hidden), np.float32)
+            need = fpu * n_units
+            if len(h) < need:
+                h = np.pad(h, ((0, need - len(h)), (0, 0)), mode="edge")
+            out.append(h[:need].reshape(n_units, fpu * hidden))
+        if not out:
+            return np.zeros((0, self.unit_dim), np.float32)
         return np.concatenate(out)
 
 
@@ -174,16 +229,82 @@ def get_extractor(
         h = _hubert(path, int(layer), float(max_chunk_seconds))
         return FeatureExtractor(
             "hubert",
-            h.config.hidden_size,
-            h.frame_rate,
-            h,
+            h.unit_dim,
+            float(units.UNIT_RATE),
+            h.unit_features,
             {
                 "name": "hubert",
                 "hubert_dir": path,
                 "layer": int(layer),
                 "max_chunk_seconds": float(max_chunk_seconds),
                 "sample_rate": SAMPLE_RATE,
+                "unit_rate": units.UNIT_RATE,
                 "frame_rate": h.frame_rate,
+                "frames_per_unit": h.frames_per_unit,
+                "hidden_size": h.config.hidden_size,
             },
         )
     raise ValueError(f"unknown feature extractor {name!r}; expected one of {EXTRACTORS}")
+
+
+def normalize_by_default(name: str) -> bool:
+    """Whether k-means standardises these features per dimension: log-mel and MFCC yes,
+    HuBERT no (clustered as they are, as GSLM does)."""
+    return name != "hubert"
+
+
+def check_spec(spec: Any, where: str) -> dict[str, Any]:
+    """Validates a saved extractor spec without building it (a HuBERT model is not loaded).
+
+    log-mel / MFCC specs must equal this code's; a HuBERT spec needs its directory and layer.
+    `where` (e.g. the tokenizer.json path) starts the error message.
+    """
+    if not isinstance(spec, dict) or spec.get("name") not in EXTRACTORS:
+        raise ValueError(f"{where}: extractor {spec!r} is not one of {EXTRACTORS}")
+    name = spec["name"]
+    if name in ("logmel", "mfcc"):
+        expected = get_extractor(name).spec
+        if spec != expected:
+            diff = {
+                k: (spec.get(k), expected.get(k))
+                for k in sorted(set(spec) | set(expected))
+                if spec.get(k) != expected.get(k)
+            }
+            raise ValueError(
+                f"{where}: {name} extractor settings differ from this code's: {diff} "
+                "(saved, expected)"
+            )
+    else:
+        missing = [k for k in ("hubert_dir", "layer", "frames_per_unit") if k not in spec]
+        if missing:
+            raise ValueError(f"{where}: hubert extractor spec lacks {missing}")
+        if spec.get("unit_rate") != units.UNIT_RATE:
+            raise ValueError(
+                f"{where}: hubert extractor at unit_rate {spec.get('unit_rate')}, this code "
+                f"makes {units.UNIT_RATE} Hz units (a 50 Hz tokenizer from an older "
+                "tools/fit_units.py must be refitted)"
+            )
+    return dict(spec)
+
+
+def from_spec(spec: dict[str, Any], where: str = "extractor") -> FeatureExtractor:
+    """Rebuilds the extractor a spec describes (`FeatureExtractor.spec`, as saved by
+    `UnitTokenizer`); a rebuilt spec that differs (another HuBERT checkpoint config, say) is
+    an error naming `where` and the fields."""
+    spec = check_spec(spec, where)
+    if spec["name"] != "hubert":
+        return get_extractor(spec["name"])
+    ex = get_extractor(
+        "hubert",
+        hubert_dir=spec["hubert_dir"],
+        layer=int(spec["layer"]),
+        max_chunk_seconds=float(spec.get("max_chunk_seconds", 30.0)),
+    )
+    if ex.spec != spec:
+        diff = {
+            k: (spec.get(k), ex.spec.get(k))
+            for k in sorted(set(spec) | set(ex.spec))
+            if spec.get(k) != ex.spec.get(k)
+        }
+        raise ValueError(f"{where}: HuBERT features now differ from the saved ones: {diff}")
+    return ex

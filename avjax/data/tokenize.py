@@ -54,13 +54,20 @@ def encode_record(units: np.ndarray, meta: dict[str, Any]) -> bytes:
     return _HEADER.pack(len(header)) + header + units.astype(dtype).tobytes()
 
 
-def decode_record(data: bytes) -> dict[str, Any]:
-    """Inverse of `encode_record`: the meta fields plus `units` int32 `[tokens]`."""
+def decode_header(data: bytes) -> tuple[dict[str, Any], np.ndarray]:
+    """`(meta, units)` of a record without copying: `units` `[tokens]` is a read-only view in
+    the stored dtype (uint16 or int32)."""
     (n,) = _HEADER.unpack_from(data)
     meta = json.loads(data[_HEADER.size : _HEADER.size + n])
     units = np.frombuffer(data, dtype=meta.pop("dtype"), offset=_HEADER.size + n)
     if len(units) != meta["num_tokens"]:
         raise ValueError(f"record holds {len(units)} tokens, header says {meta['num_tokens']}")
+    return meta, units
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    """Inverse of `encode_record`: the meta fields plus `units` int32 `[tokens]`."""
+    meta, units = decode_header(data)
     meta["units"] = units.astype(np.int32)
     return meta
 
@@ -111,9 +118,12 @@ class DirSource:
 
 
 def tokenizer_fingerprint(tok: UnitTokenizer) -> str:
+    """A hash of the centroids, normalisation and (other than log-mel) feature extractor."""
     h = hashlib.sha256()
     for a in (tok.centroids, tok.mean, tok.std):
         h.update(np.ascontiguousarray(a).tobytes())
+    if tok.features != "logmel":  # log-mel fingerprints stay as they were
+        h.update(json.dumps(tok.extractor, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -222,7 +232,9 @@ def tokenize_split(
     bounds = shard_bounds(n, num_shards)
     stats = TokenizeStats()
     t0, c0 = time.time(), time.process_time()
-    todo = [s for s in mine if not os.path.exists(_done(shard_path(out_dir, split, s, num_shards)))]
+    todo = [
+        s for s in mine if not os.path.exists(done_path(shard_path(out_dir, split, s, num_shards)))
+    ]
     stats.shards_skipped = len(mine) - len(todo)
     bar = None
     if progress:
@@ -264,9 +276,9 @@ def tokenize_split(
         writer.close()
         os.replace(tmp, path)
         done = dataclasses.asdict(shard) | {"wall_seconds": time.time() - ts}
-        with open(_done(path) + ".tmp", "w") as f:
+        with open(done_path(path) + ".tmp", "w") as f:
             json.dump(done, f)
-        os.replace(_done(path) + ".tmp", _done(path))
+        os.replace(done_path(path) + ".tmp", done_path(path))
         stats.shards_done += 1
         stats.examples += shard.examples
         stats.audio_seconds += shard.audio_seconds
@@ -282,7 +294,8 @@ def tokenize_split(
     return stats
 
 
-def _done(path: str) -> str:
+def done_path(path: str) -> str:
+    """The `.done` marker (json: examples, audio seconds, tokens, seconds) of a shard path."""
     return path[: -len(".array_record")] + ".done"
 
 
@@ -295,8 +308,8 @@ def split_status(out_dir: str | os.PathLike, split: str) -> tuple[list[str], lis
     with open(key_path) as f:
         num_shards = json.load(f)["num_shards"]
     paths = [shard_path(os.fspath(out_dir), split, s, num_shards) for s in range(num_shards)]
-    done = [p for p in paths if os.path.exists(_done(p))]
-    return done, [p for p in paths if not os.path.exists(_done(p))]
+    done = [p for p in paths if os.path.exists(done_path(p))]
+    return done, [p for p in paths if not os.path.exists(done_path(p))]
 
 
 def wait_for_split(out_dir: str, split: str, timeout_s: float = 3600.0) -> None:
@@ -355,17 +368,29 @@ def fit_units(
     max_minutes: float = 60.0,
     source_id: str = "",
     progress: bool = True,
+    features: str = "logmel",
+    hubert_dir: str = "",
+    hubert_layer: int = 6,
 ) -> tuple[UnitTokenizer, Any]:
-    """Fits the log-mel k-means tokenizer and the unit vocoder on up to `max_minutes` of audio.
+    """Fits the k-means tokenizer and the unit vocoder on up to `max_minutes` of audio.
 
-    Examples are taken evenly spread over `sources` (train splits). Cached in `out_dir`
-    (`tokenizer/`, `vocoder/`, `fit_info.json`); a second call with the same settings loads.
-    Returns `(UnitTokenizer, UnitVocoder)`.
+    Examples are taken evenly spread over `sources` (train splits). `features`: "logmel",
+    "mfcc" or "hubert" (layer `hubert_layer` of the local HF checkpoint `hubert_dir`), see
+    `avjax.data.features`; all give 25 Hz units, recorded in the tokenizer. HuBERT features
+    are clustered unnormalised (`features.normalize_by_default`). The vocoder always maps
+    units to log-mel. Cached in `out_dir` (`tokenizer/`, `vocoder/`, `fit_info.json`); a
+    second call with the same settings loads. Returns `(UnitTokenizer, UnitVocoder)`.
     """
+    from avjax.data import features as features_lib
     from avjax.data import units as units_lib
     from avjax.data import vocoder as vocoder_lib
 
     out_dir = os.fspath(out_dir)
+    extractor = None  # log-mel: reuse the vocoder's mel below
+    if features != "logmel":
+        extractor = features_lib.get_extractor(
+            features, hubert_dir=hubert_dir or None, layer=int(hubert_layer)
+        )
     key = {
         "source": source_id,
         "num_units": int(num_units),
@@ -375,6 +400,8 @@ def fit_units(
         "max_minutes": float(max_minutes),
         "features": units_lib.feature_config(),
     }
+    if extractor is not None:  # (log-mel keys stay as before: existing caches still load)
+        key["extractor"] = extractor.spec
     info_path = os.path.join(out_dir, "fit_info.json")
     if os.path.exists(info_path):
         with open(info_path) as f:
@@ -389,7 +416,7 @@ def fit_units(
         raise ValueError("fit_units: the sources hold no examples")
     order = np.random.default_rng(seed).permutation(len(index))
     budget = max_minutes * 60 * audio_lib.SAMPLE_RATE
-    mels, taken = [], 0
+    mels, feats, taken = [], [], 0
     for j in order:
         k, i = index[j]
         wav = to_float(sources[k][i]["audio"])
@@ -397,6 +424,12 @@ def fit_units(
         if n == 0:
             continue
         mels.append(units_lib.unit_mel(units_lib.log_mel(wav), n))
+        if extractor is None:
+            feats.append(units_lib.mel_to_unit_features(mels[-1]))
+        else:
+            feats.append(extractor(wav))
+            if len(feats[-1]) != n:
+                raise AssertionError(f"{extractor.name} gave {len(feats[-1])} units for {n}")
         taken += len(wav)
         if taken >= budget:
             break
@@ -405,8 +438,15 @@ def fit_units(
             f"fit_units: {taken / audio_lib.SAMPLE_RATE:.1f} s of audio give fewer unit frames "
             f"than num_units={num_units}"
         )
-    feats = [units_lib.mel_to_unit_features(m) for m in mels]
-    tok = UnitTokenizer.fit(feats, num_units=num_units, seed=seed, iters=kmeans_iters)
+    name = "logmel" if extractor is None else extractor.name
+    tok = UnitTokenizer.fit(
+        feats,
+        num_units=num_units,
+        seed=seed,
+        iters=kmeans_iters,
+        extractor=None if extractor is None else extractor.spec,
+        normalize=features_lib.normalize_by_default(name),
+    )
     unit_lists = [tok.encode_features(f) for f in feats]
     voc = vocoder_lib.UnitVocoder.fit(
         unit_lists,
@@ -430,8 +470,9 @@ def fit_units(
             indent=2,
         )
     logging.info(
-        "Fitted %d units + vocoder on %.1f min of audio in %.1f s",
+        "Fitted %d %s units + vocoder on %.1f min of audio in %.1f s",
         tok.num_units,
+        tok.features,
         taken / audio_lib.SAMPLE_RATE / 60,
         time.time() - t0,
     )

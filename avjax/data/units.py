@@ -9,6 +9,11 @@ mel patch, which gives the units->mel decoder (`vocoder.py`) its starting point.
 
 Lengths: a waveform of `n` samples gives `n // 640` units (the tail shorter than 40 ms is
 dropped); decoding `u` units gives `640 * u` samples.
+
+Other features: a `UnitTokenizer` records the extractor its centroids were fitted on
+(`extractor`, an `avjax.data.features` spec: log-mel by default, MFCC, or a layer of a local
+HuBERT checkpoint) and `encode` uses it; every extractor gives 25 Hz vectors (faster frames
+stacked per unit), so units, vocoder and windows line up whatever the features.
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ FEATURE_DIM = FRAMES_PER_UNIT * N_MELS  # 320
 
 TOKENIZER_VERSION = 1
 UNITS_CACHE_VERSION = 1
+
+
+def logmel_spec() -> dict[str, Any]:
+    """The extractor spec of the default features (`avjax.data.features.get_extractor`)."""
+    return {"name": "logmel", **feature_config()}
 
 
 def feature_config() -> dict[str, Any]:
@@ -214,14 +224,23 @@ def kmeans(
 
 
 class UnitTokenizer:
-    """Waveform -> 25 Hz k-means units.
+    """Waveform -> 25 Hz k-means units, over the features its `extractor` spec names.
 
     Attributes:
-      centroids: `[num_units, 320]` float32 in normalised feature space.
-      mean, std: `[320]` float32 feature normalisation.
+      centroids: `[num_units, dim]` float32 in normalised feature space (dim 320 for log-mel,
+        156 for MFCC, `2 * hidden_size` for HuBERT: see `avjax.data.features`).
+      mean, std: `[dim]` float32 feature normalisation (0 / 1 where none was used).
+      extractor: the `FeatureExtractor.spec` of the features (name + settings, e.g.
+        hubert_dir and layer); default log-mel. Saved in tokenizer.json; `encode` rebuilds it.
     """
 
-    def __init__(self, centroids: np.ndarray, mean: np.ndarray, std: np.ndarray):
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        mean: np.ndarray,
+        std: np.ndarray,
+        extractor: dict[str, Any] | None = None,
+    ):
         self.centroids = np.asarray(centroids, np.float32)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
@@ -230,7 +249,14 @@ class UnitTokenizer:
                 f"tokenizer shapes disagree: centroids {self.centroids.shape}, "
                 f"mean {self.mean.shape}, std {self.std.shape}"
             )
+        self.extractor = dict(extractor) if extractor else logmel_spec()
+        self._features = None  # the FeatureExtractor, built on the first `encode`
         self._cj = jnp.asarray(self.centroids)
+
+    @property
+    def features(self) -> str:
+        """The extractor's name: "logmel", "mfcc" or "hubert"."""
+        return str(self.extractor["name"])
 
     @property
     def num_units(self) -> int:
@@ -248,16 +274,24 @@ class UnitTokenizer:
         seed: int = 0,
         iters: int = 30,
         max_points: int = 200_000,
+        extractor: dict[str, Any] | None = None,
+        normalize: bool = True,
     ) -> UnitTokenizer:
         """Fits k-means on unit features (a list of `[units, dim]` arrays, e.g. one per file).
 
-        At most `max_points` vectors (a seeded random subset) are clustered.
+        At most `max_points` vectors (a seeded random subset) are clustered. `extractor`: the
+        spec of the features given (default log-mel); `normalize`: standardise each
+        dimension first (off: mean 0, std 1, e.g. for HuBERT).
         """
         x = np.concatenate([np.asarray(f, np.float32) for f in features if len(f)])
         if len(x) > max_points:
             x = x[np.random.default_rng(seed).choice(len(x), max_points, replace=False)]
-        mean = x.mean(axis=0)
-        std = np.maximum(x.std(axis=0), 1e-3)
+        if normalize:
+            mean = x.mean(axis=0)
+            std = np.maximum(x.std(axis=0), 1e-3)
+        else:
+            mean = np.zeros(x.shape[1], np.float32)
+            std = np.ones(x.shape[1], np.float32)
         c, hist = kmeans((x - mean) / std, num_units, seed=seed, iters=iters)
         logging.info(
             "k-means: %d units on %d vectors x %d dims, %d iterations, inertia %.2f -> %.2f",
@@ -268,7 +302,7 @@ class UnitTokenizer:
             hist[0],
             hist[-1],
         )
-        return cls(c, mean, std)
+        return cls(c, mean, std, extractor)
 
     def encode_features(self, feats: np.ndarray) -> np.ndarray:
         """`[units, dim]` features -> `[units]` int32 unit ids."""
@@ -286,12 +320,30 @@ class UnitTokenizer:
         a, _ = _assign(jnp.asarray(x), self._cj)
         return np.asarray(a[:n], np.int32)
 
+    def unit_features(self, wav: np.ndarray) -> np.ndarray:
+        """16 kHz waveform `[samples]` -> this tokenizer's features `[samples // 640, dim]`."""
+        if self.features == "logmel":
+            return unit_features(wav)
+        if self._features is None:
+            from avjax.data import features as features_lib
+
+            self._features = features_lib.from_spec(self.extractor, f"{self.features} tokenizer")
+            if self._features.dim != self.feature_dim:
+                raise ValueError(
+                    f"the {self.features} extractor {self.extractor} gives {self._features.dim}-"
+                    f"dim features, the centroids are {self.centroids.shape}"
+                )
+        return self._features(wav)
+
     def encode(self, wav: np.ndarray) -> np.ndarray:
-        """16 kHz waveform `[samples]` -> `[samples // 640]` int32 units."""
-        return self.encode_features(unit_features(wav))
+        """16 kHz waveform `[samples]` -> `[samples // 640]` int32 units (25 Hz), computed on
+        the features `extractor` names."""
+        return self.encode_features(self.unit_features(wav))
 
     def centroid_mels(self) -> np.ndarray:
-        """Each unit's centroid as a log-mel patch `[num_units, 4, n_mels]`."""
+        """Each unit's centroid as a log-mel patch `[num_units, 4, n_mels]` (log-mel only)."""
+        if self.features != "logmel":
+            raise ValueError(f"a {self.features} tokenizer's centroids are not log-mel patches")
         m = self.centroids * self.std + self.mean
         return m.reshape(self.num_units, FRAMES_PER_UNIT, -1)
 
@@ -307,9 +359,12 @@ class UnitTokenizer:
             "num_units": self.num_units,
             "feature_dim": self.feature_dim,
             "features": feature_config(),
+            "extractor": self.extractor,
         }
-        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+        tmp = os.path.join(directory, ".tokenizer.tmp.json")
+        with open(tmp, "w") as f:
             json.dump(meta, f, indent=2)
+        os.replace(tmp, os.path.join(directory, "tokenizer.json"))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> UnitTokenizer:
@@ -328,8 +383,12 @@ class UnitTokenizer:
                 f"{meta.get('features')}, this code expects version {TOKENIZER_VERSION} / "
                 f"{feature_config()}"
             )
+        # Files from before the extractor was recorded are log-mel tokenizers.
+        from avjax.data import features as features_lib
+
+        extractor = features_lib.check_spec(meta.get("extractor") or logmel_spec(), meta_path)
         with np.load(npz_path) as z:
-            tok = cls(z["centroids"], z["mean"], z["std"])
+            tok = cls(z["centroids"], z["mean"], z["std"], extractor)
         if tok.num_units != meta["num_units"] or tok.feature_dim != meta["feature_dim"]:
             raise ValueError(
                 f"{npz_path}: centroids {tok.centroids.shape} disagree with {meta_path} "
