@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from test_speechssm import REPO, TINY, _config
 
 from avjax.data.tfds import LayoutError, testing
+from avjax.data.token_store import TokenStore
 from avjax.tasks import get_task
 from avjax.train.metrics import read_jsonl
 
@@ -130,8 +132,23 @@ def test_librilight_files_are_documents_held_out_by_fraction(tmp_path):
             "data.vocoder_steps": 0,
         },
     )
-    facts = get_task(cfg, str(tmp_path / "w")).prepare()
+    task = get_task(cfg, str(tmp_path / "w"))
+    facts = task.prepare()
     # Each 2 s file: 4 VAD blocks of 0.4 s speech kept -> one 1.9 s segment, 47 units.
     assert facts["eval_split"].startswith("heldout_fraction")
     assert (facts["train_docs"], facts["heldout_docs"]) == (3, 1)
+    assert facts["train_tokens"] == 3 * 47 and facts["heldout_tokens"] == 47
+    # Documents come memory-mapped from the consolidated store: train as uint16 views,
+    # held-out as int32 copies; one store split into train / held-out by document.
+    train, heldout = task._docs["train"], task._docs["heldout"]
+    assert isinstance(train, TokenStore) and isinstance(train[0], np.memmap)
+    assert heldout[0].dtype == np.int32 and len(heldout[0]) == 47
+    assert set(train.doc_ids).isdisjoint(heldout.doc_ids) and len(facts["token_stores"]) == 1
+    batch = next(iter(task.train_dataset(0, 1)))
+    assert batch["inputs"].shape == (cfg.train.batch_size, cfg.data.seq_len)
+    # MFCC units through the config: fitted, recorded in the tokenizer, same 25 Hz counts.
+    cfg.data.features = "mfcc"
+    task = get_task(cfg, str(tmp_path / "mfcc"))
+    facts = task.prepare()
+    assert task._prepared["tokenizer"].features == "mfcc"
     assert facts["train_tokens"] == 3 * 47 and facts["heldout_tokens"] == 47

@@ -13,7 +13,13 @@ first-fit in a seeded order, into shared windows; each starts a new segment (`se
 0, which resets the recurrence), and the space left after the last one is filled from that
 last document's start, as above. Every token is still seen once per epoch; fewer are repeated.
 Training windows of up to 6,000 tokens (4 minutes at 25 Hz, the paper's length) are cut on
-the fly from in-memory documents.
+the fly.
+
+Documents (`docs`): a list of `[tokens]` int arrays (copied to int32 once, as always), or any
+lazy random-access sequence of them (`__len__`, `__getitem__`; ideally `lengths`
+`[num_docs]`), e.g. `avjax.data.token_store.TokenStore`, whose documents are views into a
+memory map: then nothing is copied up front, the window plans are built from `lengths` and
+each window reads only its own tokens.
 
 Example fields (per window, `[seq_len]` each):
   inputs: int32 tokens; targets: int32 next tokens; segment_pos: int32 position in segment;
@@ -27,18 +33,43 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+Docs = Sequence[np.ndarray]
 
-def window_index(doc_lengths: Sequence[int], seq_len: int) -> np.ndarray:
+
+def _doc_source(docs: Docs) -> tuple[Docs, np.ndarray]:
+    """`(documents, lengths [num_docs] int64)`: a list or tuple becomes int32 arrays (in
+    memory, as before); any other sequence is kept lazy, lengths from its `lengths` if any."""
+    if isinstance(docs, list | tuple):
+        arrays = [np.asarray(d, np.int32) for d in docs]
+        return arrays, np.array([len(d) for d in arrays], np.int64)
+    lengths = getattr(docs, "lengths", None)
+    if lengths is None:
+        lengths = [len(docs[i]) for i in range(len(docs))]
+    lengths = np.asarray(lengths, np.int64).reshape(-1)
+    if len(lengths) != len(docs):
+        raise ValueError(f"docs.lengths has {len(lengths)} entries for {len(docs)} documents")
+    return docs, lengths
+
+
+def _starts_per_doc(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """`[num_docs]` windows per document: starts 0, seq_len, ... below `n - 1` (0 if n < 2)."""
+    return np.where(lengths >= 2, -(-(lengths - 1) // seq_len), 0)
+
+
+def _expand(counts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(doc, start)` of `counts[d]` windows per document at starts 0, seq_len, ..."""
+    d = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return d, (np.arange(len(d), dtype=np.int64) - first) * seq_len
+
+
+def window_index(doc_lengths: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
     """All `(doc, start)` window origins, `[num_windows, 2]` int64, in document order."""
-    rows = []
-    for d, n in enumerate(doc_lengths):
-        if n < 2:
-            continue
-        starts = np.arange(0, max(n - 1, 1), seq_len)
-        rows.append(np.stack([np.full_like(starts, d), starts], axis=1))
-    if not rows:
-        raise ValueError(f"no document has 2 or more tokens (lengths {list(doc_lengths)[:10]}...)")
-    return np.concatenate(rows).astype(np.int64)
+    lengths = np.asarray(doc_lengths, np.int64).reshape(-1)
+    d, starts = _expand(_starts_per_doc(lengths, seq_len), seq_len)
+    if not len(d):
+        raise ValueError(f"no document has 2 or more tokens (lengths {lengths[:10].tolist()}...)")
+    return np.stack([d, starts], axis=1)
 
 
 def cut_window(doc: np.ndarray, start: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -62,10 +93,10 @@ def cut_window(doc: np.ndarray, start: int, seq_len: int) -> dict[str, np.ndarra
 class _Windows:
     """Random access over window origins of a list of documents."""
 
-    def __init__(self, docs: Sequence[np.ndarray], seq_len: int):
-        self._docs = [np.asarray(d, np.int32) for d in docs]
+    def __init__(self, docs: Docs, seq_len: int):
+        self._docs, lengths = _doc_source(docs)
         self._seq_len = seq_len
-        self._index = window_index([len(d) for d in self._docs], seq_len)
+        self._index = window_index(lengths, seq_len)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -76,7 +107,7 @@ class _Windows:
 
 
 def pack_plan(
-    doc_lengths: Sequence[int], seq_len: int, seed: int = 0, open_bins: int = 16
+    doc_lengths: Sequence[int] | np.ndarray, seq_len: int, seed: int = 0, open_bins: int = 16
 ) -> tuple[np.ndarray, np.ndarray]:
     """Which document pieces make up each window when short pieces are packed.
 
@@ -89,16 +120,22 @@ def pack_plan(
       offsets `[num_windows + 1]` int64: window `w` is `pieces[offsets[w]:offsets[w + 1]]`.
     """
     span = seq_len + 1
-    windows: list[list[tuple[int, int, int]]] = []
-    tails: list[tuple[int, int, int]] = []
-    for d, n in enumerate(doc_lengths):
-        if n < 2:
-            continue
-        for start in range(0, n - 1, seq_len):
-            if start + span <= n:
-                windows.append([(d, start, span)])
-            else:
-                tails.append((d, start, n - start))
+    lengths = np.asarray(doc_lengths, np.int64).reshape(-1)
+    k = _starts_per_doc(lengths, seq_len)
+    # Only a document's last start can fall short of a full window (when n - 1 is not a
+    # multiple of seq_len): that piece is its tail.
+    last = np.maximum(k - 1, 0) * seq_len
+    has_tail = (k > 0) & (last + span > lengths)
+    full_d, full_start = _expand(k - has_tail, seq_len)
+    tail_d = np.flatnonzero(has_tail)
+    tails = list(
+        zip(
+            tail_d.tolist(),
+            last[tail_d].tolist(),
+            (lengths[tail_d] - last[tail_d]).tolist(),
+            strict=True,
+        )
+    )
     order = np.random.default_rng(seed).permutation(len(tails))
     bins: list[list[tuple[int, int, int]]] = []
     room: list[int] = []
@@ -114,17 +151,18 @@ def pack_plan(
             bins.append([piece])
             room.append(span - piece[2])
             first_open = max(first_open, len(bins) - open_bins)
-    windows += bins
-    if not windows:
-        raise ValueError(f"no document has 2 or more tokens (lengths {list(doc_lengths)[:10]}...)")
-    offsets = np.cumsum([0] + [len(w) for w in windows]).astype(np.int64)
-    pieces = np.array([p for w in windows for p in w], np.int64).reshape(-1, 3)
-    return pieces, offsets
+    if not len(full_d) and not bins:
+        raise ValueError(f"no document has 2 or more tokens (lengths {lengths[:10].tolist()}...)")
+    full = np.stack([full_d, full_start, np.full_like(full_d, span)], axis=1)
+    packed = np.array([p for b in bins for p in b], np.int64).reshape(-1, 3)
+    sizes = np.concatenate(
+        [np.ones(len(full), np.int64), np.array([len(b) for b in bins], np.int64)]
+    )
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return np.concatenate([full, packed]), offsets
 
 
-def cut_packed(
-    docs: Sequence[np.ndarray], pieces: np.ndarray, seq_len: int
-) -> dict[str, np.ndarray]:
+def cut_packed(docs: Docs, pieces: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
     """One example from pieces `[k, 3]` `(doc, start, length)`, filled from the last doc's start.
 
     Each piece is a segment (`segment_pos` from 0); targets across segment starts are masked.
@@ -154,10 +192,10 @@ def cut_packed(
 class _Packed:
     """Random access over packed windows (see `pack_plan`)."""
 
-    def __init__(self, docs: Sequence[np.ndarray], seq_len: int, seed: int):
-        self._docs = [np.asarray(d, np.int32) for d in docs]
+    def __init__(self, docs: Docs, seq_len: int, seed: int):
+        self._docs, lengths = _doc_source(docs)
         self._seq_len = seq_len
-        self._pieces, self._offsets = pack_plan([len(d) for d in self._docs], seq_len, seed)
+        self._pieces, self._offsets = pack_plan(lengths, seq_len, seed)
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -168,7 +206,7 @@ class _Packed:
 
 
 def train_windows(
-    docs: Sequence[np.ndarray],
+    docs: Docs,
     seq_len: int,
     batch_size: int,
     seed: int,
@@ -192,7 +230,7 @@ def train_windows(
 
 
 def eval_windows(
-    docs: Sequence[np.ndarray],
+    docs: Docs,
     seq_len: int,
     batch_size: int,
     max_batches: int,

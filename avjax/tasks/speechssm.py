@@ -149,15 +149,32 @@ class SpeechSSMTask(Task):
             raise ValueError(
                 "the corpus has no held-out documents: raise config.data.heldout_fraction"
             )
-        train_units = np.concatenate(self._docs["train"])
-        counts = np.bincount(train_units, minlength=tokenizer.num_units)
+        dc = self.config.data
+        want = str(dc.get("features", "logmel"))
+        if getattr(tokenizer, "features", "logmel") != want:
+            raise ValueError(
+                f"config.data.features={want!r}, but the units of data.name={dc.name!r} are "
+                f"{tokenizer.features}: other features are fitted for the real corpora only "
+                "(librispeech, librilight, librispeech_long)"
+            )
+        train = self._docs["train"]
+        if hasattr(train, "unigram_counts"):  # a memory-mapped TokenStore: counted in chunks
+            counts = train.unigram_counts(tokenizer.num_units)
+            train_tokens = int(train.lengths.sum())
+        else:
+            counts = np.bincount(np.concatenate(train), minlength=tokenizer.num_units)
+            train_tokens = int(sum(len(d) for d in train))
         p = counts[counts > 0] / counts.sum()
+        heldout = self._docs["heldout"]
+        lengths = getattr(heldout, "lengths", None)
         facts = {
             "num_units": tokenizer.num_units,
             "unigram_entropy_nats": float(-(p * np.log(p)).sum()),
-            "train_tokens": int(len(train_units)),
-            "train_hours": len(train_units) / UNIT_RATE / 3600,
-            "heldout_tokens": int(sum(len(d) for d in self._docs["heldout"])),
+            "train_tokens": train_tokens,
+            "train_hours": train_tokens / UNIT_RATE / 3600,
+            "heldout_tokens": int(
+                lengths.sum() if lengths is not None else sum(len(d) for d in heldout)
+            ),
             "train_docs": len(self._docs["train"]),
             "heldout_docs": len(self._docs["heldout"]),
             **extra,
@@ -174,12 +191,16 @@ class SpeechSSMTask(Task):
         The TFDS dataset goes to `<cache>/tfds/<name>-<fingerprint of manual_dir>`; the
         tokenizer and vocoder (fitted on up to `data.fit_minutes` of train audio) to
         `workdir/units/`; the unit sequences to `workdir/units/tokens-<tokenizer>/<split>/`
-        (ArrayRecord shards, resumable, each process writes its share). Documents are the
-        corpus' chapters / files (utterances joined when `data.join_documents`).
+        (ArrayRecord shards, resumable, each process writes its share), then consolidated once
+        by process 0 into a memory-mapped `TokenStore` per split (`avjax.data.token_store`):
+        training reads windows from the map, so a 60k-hour corpus never sits in RAM.
+        Documents are the corpus' chapters / files (utterances joined when
+        `data.join_documents`). Units come from `data.features` (logmel | mfcc | hubert with
+        `data.hubert_dir`, `data.hubert_layer`), always at 25 Hz.
         """
         from avjax.data import corpus as corpus_lib
         from avjax.data import tfds as corpora
-        from avjax.data import tokenize
+        from avjax.data import token_store, tokenize
 
         dc = self.config.data
         pi, pc = jax.process_index(), jax.process_count()
@@ -242,6 +263,9 @@ class SpeechSSMTask(Task):
             vocoder_steps=int(dc.vocoder_steps),
             max_minutes=float(dc.fit_minutes),
             source_id=source_id + ":" + ",".join(train_splits),
+            features=str(dc.get("features", "logmel")),
+            hubert_dir=str(dc.get("hubert_dir", "")),
+            hubert_layer=int(dc.get("hubert_layer", 6)),
         )
         if pi == 0:
             fit()
@@ -263,27 +287,33 @@ class SpeechSSMTask(Task):
             stats[split] = st
         for split in sources:
             tokenize.wait_for_split(tokens_dir, split)
-        docs = {
-            split: (
-                tokenize.documents(tokenize.read_split(tokens_dir, split))
-                if dc.join_documents
-                else [
-                    (r["id"], r["speaker"], r["units"])
-                    for r in tokenize.read_split(tokens_dir, split)
-                ]
+        join, num_units = bool(dc.join_documents), tokenizer.num_units
+        stores, consolidate_s = {}, 0.0
+        for split in sources:
+            if pi == 0:
+                consolidate_s += token_store.consolidate(
+                    tokens_dir, split, num_units=num_units, join_documents=join, progress=True
+                ).seconds
+            _wait_for(
+                functools.partial(token_store.is_current, tokens_dir, split, num_units, join),
+                token_store.store_path(tokens_dir, split, join),
             )
-            for split in sources
-        }
-        train = [(d, u) for n in train_splits for d, _, u in docs[n]]
+            stores[split] = token_store.TokenStore.open(
+                token_store.store_path(tokens_dir, split, join)
+            )
+        train = token_store.TokenStore.concat([stores[n] for n in train_splits])
         if eval_split:
-            heldout = [u for _, _, u in docs[eval_split]]
+            heldout = stores[eval_split]
         else:
+            ids = train.doc_ids
             held = corpus_lib._pick_heldout(  # noqa: SLF001
-                [d for d, _ in train], float(dc.heldout_fraction), int(self.config.seed)
+                ids, float(dc.heldout_fraction), int(self.config.seed)
             )
-            heldout = [u for d, u in train if d in held]
-            train = [(d, u) for d, u in train if d not in held]
-        self._docs = {"train": [u for _, u in train], "heldout": heldout}
+            heldout = train.subset([i for i, d in enumerate(ids) if d in held])
+            train = train.subset([i for i, d in enumerate(ids) if d not in held])
+        # Training windows read uint16 views of the map; held-out documents (prompts,
+        # evaluation) come as int32 copies, one document at a time.
+        self._docs = {"train": train, "heldout": heldout.with_dtype(np.int32)}
         done = [s for s in stats.values() if s.shards_done]
         extra = {
             "corpus": dc.name,
@@ -292,7 +322,10 @@ class SpeechSSMTask(Task):
             "eval_split": eval_split or f"heldout_fraction={dc.heldout_fraction:g} of train",
             "skipped_bad_files": num_skipped,
             "tokens_dir": tokens_dir,
+            "token_stores": {n: stores[n].paths[0] for n in stores},
         }
+        if consolidate_s:
+            extra["consolidate_seconds"] = consolidate_s
         if done:
             audio = sum(s.audio_seconds for s in done)
             cpu = sum(s.cpu_seconds for s in done)
