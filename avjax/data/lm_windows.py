@@ -78,9 +78,13 @@ def cut_window(doc: np.ndarray, start: int, seq_len: int) -> dict[str, np.ndarra
     idx = start + np.arange(seq_len + 1)
     tokens = doc[idx % n]
     # Positions count from the window start, and from 0 again after each wrap.
-    seg_pos = np.where(idx < n, idx - start, idx % n)
+    return _example(tokens, np.where(idx < n, idx - start, idx % n))
+
+
+def _example(tokens: np.ndarray, seg_pos: np.ndarray) -> dict[str, np.ndarray]:
+    """The example fields from `seq_len + 1` tokens and their segment positions."""
     # A token whose successor starts a new segment has no valid target.
-    new_seg = np.zeros(seq_len + 1, bool)
+    new_seg = np.zeros(len(tokens), bool)
     new_seg[1:] = seg_pos[1:] == 0
     return {
         "inputs": tokens[:-1].astype(np.int32),
@@ -177,16 +181,7 @@ def cut_packed(docs: Docs, pieces: np.ndarray, seq_len: int) -> dict[str, np.nda
         idx = np.arange(left) % len(last)
         toks.append(last[idx])
         pos.append(idx)
-    tokens = np.concatenate(toks)
-    seg_pos = np.concatenate(pos)
-    new_seg = np.zeros(seq_len + 1, bool)
-    new_seg[1:] = seg_pos[1:] == 0
-    return {
-        "inputs": tokens[:-1].astype(np.int32),
-        "targets": tokens[1:].astype(np.int32),
-        "segment_pos": seg_pos[:-1].astype(np.int32),
-        "mask": (~new_seg[1:]).astype(np.float32),
-    }
+    return _example(np.concatenate(toks), np.concatenate(pos))
 
 
 class _Packed:

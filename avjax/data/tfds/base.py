@@ -80,13 +80,31 @@ def subdirs(path: str) -> list[str]:
     )
 
 
+def numeric_key(name: str) -> tuple[int, int | str]:
+    """Sorts "19" before "103" (ids are numbers) and other names after, alphabetically."""
+    stem = name.split(".")[0].split("_")[-1].split("-")[-1]
+    return (0, int(stem)) if stem.isdigit() else (1, name)
+
+
+def speaker_folders(split_dir: str, numeric: bool = True) -> Iterator[tuple[str, str, str]]:
+    """`(speaker, sub-folder name, sub-folder path)` of `split_dir/<speaker>/<chapter or book>/`.
+
+    Speakers in `numeric_key` order; sub-folders too (`numeric`) or alphabetically.
+    """
+    for spk in sorted(subdirs(split_dir), key=numeric_key):
+        inner = subdirs(os.path.join(split_dir, spk))
+        for sub in sorted(inner, key=numeric_key) if numeric else inner:
+            yield spk, sub, os.path.join(split_dir, spk, sub)
+
+
 class SpeechCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the avjax speech corpora: subclasses define the layout and the examples.
 
     Subclasses set `CORPUS` (a display name), `LAYOUT` (the expected layout, shown in errors),
-    `DOC_FEATURE` ("chapter" or "book") and implement `_find_splits(manual_dir)` ->
-    {folder name: folder path} and `_examples(split_dir, skip)` yielding `(key, example)`
-    without the audio-derived fields, plus a callable loading the waveform.
+    `DOC_FEATURE` ("chapter" or "book"), `ROOT` (the corpus' own top folder inside
+    manual_dir, which may also be manual_dir itself; "" for none) and implement
+    `_is_split_dir(path)` (does this folder hold a split in the layout) and
+    `_utterances(split_dir)`; `_load` when one file gives several examples.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -94,6 +112,8 @@ class SpeechCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     CORPUS = "corpus"
     LAYOUT = ""
     DOC_FEATURE = "chapter"
+    ROOT = ""
+    SPLIT_WORD = "split"  # what a split folder is called in errors ("subset" for LibriLight)
     disable_shuffling = True  # keep reading order: documents stay contiguous
 
     @tfds.core.utils.classproperty
@@ -108,6 +128,10 @@ class SpeechCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         self.skipped: dict[str, list[str]] = {}
         kwargs.setdefault("file_format", tfds.core.FileFormat.ARRAY_RECORD)
         super().__init__(**kwargs)
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.MANUAL_DOWNLOAD_INSTRUCTIONS = cls.manual_instructions()
 
     @classmethod
     def manual_instructions(cls) -> str:
@@ -146,8 +170,24 @@ class SpeechCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             )
         return self._find_splits(manual_dir)
 
-    def _find_splits(self, manual_dir: str) -> dict[str, str]:
+    def _is_split_dir(self, path: str) -> bool:
         raise NotImplementedError
+
+    def _find_splits(self, manual_dir: str) -> dict[str, str]:
+        """{split folder name: path} under `manual_dir/ROOT` (or `manual_dir`)."""
+        root = os.path.join(manual_dir, self.ROOT) if self.ROOT else manual_dir
+        if not os.path.isdir(root):
+            root = manual_dir
+        splits = {n: os.path.join(root, n) for n in subdirs(root)}
+        splits = {n: p for n, p in splits.items() if self._is_split_dir(p)}
+        if not splits:
+            raise LayoutError(
+                self.CORPUS,
+                manual_dir,
+                f"no {self.CORPUS} {self.SPLIT_WORD} folder found (in {root}: {listing(root)})",
+                self.LAYOUT,
+            )
+        return splits
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         # dl_manager.manual_dir asserts existence with TFDS' own message; ours names the layout.

@@ -29,7 +29,6 @@ import tensorflow_datasets as tfds
 
 from avjax.data import audio as audio_lib
 from avjax.data.tfds import base
-from avjax.data.tfds.librispeech import numeric_key
 
 LAYOUT = """  manual_dir/<subset>/<speaker>/<book>/<file>.flac
   manual_dir/<subset>/<speaker>/<book>/<file>.json  (with "voice_activity": [[start, end], ...])
@@ -80,21 +79,12 @@ def cut_by_vad(
     return segments
 
 
-def _is_subset_dir(path: str) -> bool:
-    for spk in base.subdirs(path):
-        for book in base.subdirs(os.path.join(path, spk)):
-            if any(n.endswith(".flac") for n in os.listdir(os.path.join(path, spk, book))):
-                return True
-    return False
-
-
 class AvjaxLibrilight(base.SpeechCorpusBuilder):
     """LibriLight audiobook files cut into <= max_minutes segments (no transcripts)."""
 
     CORPUS = "LibriLight"
     LAYOUT = LAYOUT
     DOC_FEATURE = "book"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Place LibriLight in manual_dir:\n" + LAYOUT
     BUILDER_CONFIGS = [
         LibriLightConfig(name="cut4min", description="segments <= 4 min", max_minutes=4.0),
         LibriLightConfig(name="cut30s", description="segments <= 30 s", max_minutes=0.5),
@@ -102,36 +92,30 @@ class AvjaxLibrilight(base.SpeechCorpusBuilder):
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "cut4min"
 
-    def _find_splits(self, manual_dir: str) -> dict[str, str]:
-        splits = {n: os.path.join(manual_dir, n) for n in base.subdirs(manual_dir)}
-        splits = {n: p for n, p in splits.items() if _is_subset_dir(p)}
-        if not splits:
-            raise base.LayoutError(
-                self.CORPUS,
-                manual_dir,
-                f"no LibriLight subset folder found ({base.listing(manual_dir)})",
-                LAYOUT,
-            )
-        return splits
+    SPLIT_WORD = "subset"
+
+    def _is_split_dir(self, path: str) -> bool:
+        return any(
+            any(n.endswith(".flac") for n in os.listdir(d))
+            for _, _, d in base.speaker_folders(path, numeric=False)
+        )
 
     def _utterances(self, split_dir: str) -> Iterator[dict[str, Any]]:
-        for spk in sorted(base.subdirs(split_dir), key=numeric_key):
-            for book in sorted(base.subdirs(os.path.join(split_dir, spk))):
-                d = os.path.join(split_dir, spk, book)
-                for name in sorted(os.listdir(d)):
-                    if not name.endswith(".flac") or name.startswith("."):
-                        continue
-                    stem = os.path.splitext(name)[0]
-                    yield {
-                        "path": os.path.join(d, name),
-                        "json": os.path.join(d, stem + ".json"),
-                        "speaker": spk,
-                        "document": f"{spk}/{book}/{stem}",
-                        "doc": book,
-                        "id": f"{spk}/{book}/{stem}",
-                        "index": 0,
-                        "text": "",
-                    }
+        for spk, book, d in base.speaker_folders(split_dir, numeric=False):
+            for name in sorted(os.listdir(d)):
+                if not name.endswith(".flac") or name.startswith("."):
+                    continue
+                stem = os.path.splitext(name)[0]
+                yield {
+                    "path": os.path.join(d, name),
+                    "json": os.path.join(d, stem + ".json"),
+                    "speaker": spk,
+                    "document": f"{spk}/{book}/{stem}",
+                    "doc": book,
+                    "id": f"{spk}/{book}/{stem}",
+                    "index": 0,
+                    "text": "",
+                }
 
     def _load(self, utt: dict[str, Any]) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         intervals: list = []

@@ -24,21 +24,6 @@ LAYOUT = """  manual_dir/LibriSpeech/<split>/<speaker>/<chapter>/<speaker>-<chap
   (<split> e.g. train-clean-100, dev-clean; manual_dir may also be the LibriSpeech/ folder)"""
 
 
-def numeric_key(name: str) -> tuple[int, int | str]:
-    """Sorts "19" before "103" (ids are numbers) and other names after, alphabetically."""
-    stem = name.split(".")[0].split("_")[-1].split("-")[-1]
-    return (0, int(stem)) if stem.isdigit() else (1, name)
-
-
-def _is_split_dir(path: str) -> bool:
-    """Whether `path` holds <speaker>/<chapter>/<speaker>-<chapter>.trans.txt somewhere."""
-    for spk in base.subdirs(path):
-        for chap in base.subdirs(os.path.join(path, spk)):
-            if os.path.exists(os.path.join(path, spk, chap, f"{spk}-{chap}.trans.txt")):
-                return True
-    return False
-
-
 def read_transcripts(path: str) -> dict[str, str]:
     """`<utt id> <TEXT>` lines of a `.trans.txt` -> {utt id: text}."""
     out = {}
@@ -56,44 +41,34 @@ class AvjaxLibrispeech(base.SpeechCorpusBuilder):
     CORPUS = "LibriSpeech"
     LAYOUT = LAYOUT
     DOC_FEATURE = "chapter"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Place LibriSpeech in manual_dir:\n" + LAYOUT
+    ROOT = "LibriSpeech"
 
-    def _find_splits(self, manual_dir: str) -> dict[str, str]:
-        root = os.path.join(manual_dir, "LibriSpeech")
-        if not os.path.isdir(root):
-            root = manual_dir
-        splits = {n: os.path.join(root, n) for n in base.subdirs(root)}
-        splits = {n: p for n, p in splits.items() if _is_split_dir(p)}
-        if not splits:
-            raise base.LayoutError(
-                self.CORPUS,
-                manual_dir,
-                f"no LibriSpeech split folder found (in {root}: {base.listing(root)})",
-                LAYOUT,
-            )
-        return splits
+    def _is_split_dir(self, path: str) -> bool:
+        """Whether `path` holds <speaker>/<chapter>/<speaker>-<chapter>.trans.txt somewhere."""
+        return any(
+            os.path.exists(os.path.join(d, f"{spk}-{chap}.trans.txt"))
+            for spk, chap, d in base.speaker_folders(path)
+        )
 
     def _utterances(self, split_dir: str) -> Iterator[dict[str, Any]]:
-        for spk in sorted(base.subdirs(split_dir), key=numeric_key):
-            for chap in sorted(base.subdirs(os.path.join(split_dir, spk)), key=numeric_key):
-                d = os.path.join(split_dir, spk, chap)
-                trans_path = os.path.join(d, f"{spk}-{chap}.trans.txt")
-                texts = read_transcripts(trans_path) if os.path.exists(trans_path) else {}
-                audio = {
-                    os.path.splitext(n)[0]: os.path.join(d, n)
-                    for n in os.listdir(d)
-                    if n.endswith(".flac") and not n.startswith(".")
+        for spk, chap, d in base.speaker_folders(split_dir):
+            trans_path = os.path.join(d, f"{spk}-{chap}.trans.txt")
+            texts = read_transcripts(trans_path) if os.path.exists(trans_path) else {}
+            audio = {
+                os.path.splitext(n)[0]: os.path.join(d, n)
+                for n in os.listdir(d)
+                if n.endswith(".flac") and not n.startswith(".")
+            }
+            for index, uid in enumerate(sorted(set(texts) | set(audio), key=base.numeric_key)):
+                utt = {
+                    "path": audio.get(uid, os.path.join(d, uid + ".flac")),
+                    "speaker": spk,
+                    "document": f"{spk}-{chap}",
+                    "doc": chap,
+                    "id": uid,
+                    "index": index,
+                    "text": texts.get(uid, ""),
                 }
-                for index, uid in enumerate(sorted(set(texts) | set(audio), key=numeric_key)):
-                    utt = {
-                        "path": audio.get(uid, os.path.join(d, uid + ".flac")),
-                        "speaker": spk,
-                        "document": f"{spk}-{chap}",
-                        "doc": chap,
-                        "id": uid,
-                        "index": index,
-                        "text": texts.get(uid, ""),
-                    }
-                    if uid not in texts:
-                        utt["error"] = f"{utt['path']}: no transcript line in {trans_path}"
-                    yield utt
+                if uid not in texts:
+                    utt["error"] = f"{utt['path']}: no transcript line in {trans_path}"
+                yield utt
