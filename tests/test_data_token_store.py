@@ -177,14 +177,14 @@ def test_large_vocabularies_are_stored_as_int32(tmp_path):
 def test_store_documents_are_views_of_the_map_and_pickle_by_path(split):
     store = TokenStore.open(token_store.consolidate(split, "train", num_units=NUM_UNITS).path)
     doc = store[2]
-    tokens = store._parts[0].tokens  # noqa: SLF001
-    assert isinstance(tokens, np.memmap) and isinstance(doc, np.memmap)
-    assert np.shares_memory(doc, tokens) and not doc.flags.writeable
+    mmap = store._parts[0].mmap  # noqa: SLF001
+    assert isinstance(mmap, np.memmap) and mmap.filename.endswith("tokens.npy")
+    assert np.shares_memory(doc, mmap) and not doc.flags.writeable and not doc.flags.owndata
     blob = pickle.dumps(store.subset([2, 0]))
     assert len(blob) < 2000  # paths and indices, not tokens
     back = pickle.loads(blob)
     np.testing.assert_array_equal(back[0], doc)
-    assert isinstance(back[0], np.memmap)
+    assert np.shares_memory(back[0], back._parts[0].mmap)  # noqa: SLF001
 
 
 class _Lazy:
@@ -231,3 +231,39 @@ def test_windows_from_a_store_equal_windows_from_the_list(split, pack):
     assert lazy.reads == 0 and len(source) > 0
     source[0]
     assert 0 < lazy.reads <= 3
+
+
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_windows_over_a_large_store_take_no_anonymous_memory(tmp_path):
+    class Big:  # 800 utterances of 6,000-18,000 units: ~10M tokens (40 MB as int32 lists)
+        def __len__(self):
+            return 800
+
+        def __getitem__(self, i):
+            n = 6000 + (i * 7919) % 12000
+            return {"audio": np.array([n, i], np.float32), "document": f"d{i // 3}"}
+
+    class Tok(_Tokenizer):
+        def encode(self, wav):
+            return np.random.default_rng(int(wav[1])).integers(0, 500, int(wav[0]))
+
+    out = str(tmp_path / "big")
+    tokenize.tokenize_split(Big(), Tok(500), out, "train", num_shards=4, progress=False)
+    path = token_store.consolidate(out, "train", num_units=500).path
+    before = _rss_anon_mb()
+    store = TokenStore.open(path)
+    assert store.num_tokens > 9_000_000
+    sources = [lm_windows._Windows(store, 6000), lm_windows._Packed(store, 6000, 0)]  # noqa: SLF001
+    for src in sources:
+        for i in range(0, len(src), 7):
+            assert src[i]["inputs"].shape == (6000,)
+    assert store.unigram_counts(500).sum() == store.num_tokens
+    # Window plans and the examples read: far below the tokens (40 MB as int32 lists).
+    assert _rss_anon_mb() - before < 8
+    assert next(iter(lm_windows.train_windows(store, 6000, 4, seed=0)))["inputs"].shape == (4, 6000)

@@ -276,7 +276,8 @@ class _Part:
     """One consolidated store on disk, memory-mapped."""
 
     path: str
-    tokens: np.memmap  # [num_tokens]
+    tokens: np.ndarray  # [num_tokens], a plain view of `mmap` (cheaper to index than memmap)
+    mmap: np.memmap
     offsets: np.ndarray  # [num_docs + 1] int64
     ids: list[str]
     speakers: list[str]
@@ -314,6 +315,7 @@ class _Part:
         counts = np.load(counts_path) if os.path.exists(counts_path) else None
         return cls(
             path,
+            tokens.view(np.ndarray),
             tokens,
             offsets,
             list(docs["ids"]),
@@ -326,9 +328,10 @@ class _Part:
 class TokenStore(Sequence):
     """Read-only documents `[tokens]` from memory-mapped stores (one or several, a subset).
 
-    `store[i]` is a view into the map in the stored dtype (uint16 for <= 65536 units), or a
-    copy in `dtype` when the store was opened with one (`open(path, dtype=np.int32)`):
-    views cost no memory until read, copies are for consumers that need int32.
+    `store[i]` is a read-only view into the map in the stored dtype (uint16 for <= 65536
+    units; a plain ndarray whose base is the `np.memmap`), or a copy in `dtype` when the store
+    was opened with one (`open(path, dtype=np.int32)`): views cost no memory until read,
+    copies are for consumers that need int32.
     Pickles by path (re-opens the maps), so it can go to grain worker processes.
     """
 
