@@ -15,6 +15,11 @@ folder where it was when fitted). Process i of N writes shards s with s % N == i
 shards with a `.done` marker are skipped, so rerunning the same command resumes. Prints the
 throughput in hours of audio per minute per process (one process per core) and per CPU
 minute. Layout of the output: see `avjax/data/tokenize.py`.
+
+`--consolidate` (process 0, once every shard of a split is done) also writes each split's
+memory-mapped token store (`avjax/data/token_store.py`, what training reads; documents
+joined per chapter / file unless `--no_join_documents`) and prints its speed; training
+reuses a store that matches the shards.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--process_index", type=int, default=0)
     p.add_argument("--process_count", type=int, default=1)
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--consolidate", action="store_true", help="also write the token stores")
+    p.add_argument("--no_join_documents", action="store_true", help="stores: one doc per record")
     args = p.parse_args(argv)
     if bool(args.corpus) == bool(args.dir):
         p.error("give exactly one of --corpus (with --manual_dir) or --dir")
@@ -98,6 +105,22 @@ def main(argv: list[str] | None = None) -> int:
         for f in ("audio_seconds", "wall_seconds", "cpu_seconds"):
             setattr(total, f, getattr(total, f) + getattr(stats, f))
     print(f"total: {total.summary()}")
+    if args.consolidate and args.process_index == 0:
+        from avjax.data import token_store
+
+        for split in wanted:
+            if tokenize.split_status(args.out, split)[1]:
+                print(f"{split}: shards of other processes unfinished, not consolidated")
+                continue
+            st = token_store.consolidate(
+                args.out,
+                split,
+                num_units=tok.num_units,
+                join_documents=not args.no_join_documents,
+                progress=not args.no_progress,
+            )
+            how = "reused" if st.reused else f"{st.tokens_per_second / 1e6:.1f} M tokens/s"
+            print(f"{split}: token store {st.path} ({how})")
     return 0
 
 
