@@ -5,11 +5,15 @@ RoPE rotates the first half of each head's dimensions by the token's segment pos
 only relative distances (never beyond `window`) matter and generation can run far past the
 training length. The decoding cache is a ring buffer of exactly `window` keys and values:
 memory is constant however many tokens are generated.
+
+The pieces (`project_qkv`: q/k/v projections + RoPE, `sequence_mask`, `attend`: the softmax in
+float32 with grouped key/value heads, `project_out`) are shared with the global causal
+attention of `avjax.nn.transformer`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -41,7 +45,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_00
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q `[b, t, h, d]`, k/v `[b, s, kv, d]`, mask `[b, t, s]` -> `[b, t, h, d]` (f32 softmax)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -53,14 +57,58 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
     return out.reshape(b, t, h, d)
 
 
-class LocalAttention(nn.Module):
-    """Multi-query local attention block. `[batch, time, width] -> [batch, time, width]`."""
+def project_qkv(
+    x: jax.Array,
+    segment_pos: jax.Array,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: jnp.dtype | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The query/key/value projections of an attention module, with RoPE on q and k.
 
-    width: int
-    num_heads: int
-    window: int
-    num_kv_heads: int = 1
-    dtype: jnp.dtype | None = None
+    Call inside the `nn.compact` method of the attention module: it adds the bias-free dense
+    submodules "q", "k" and "v" to that module. `x [batch, time, width]`, `segment_pos
+    [batch, time]` -> q `[b, t, num_heads, head_dim]`, k and v `[b, t, num_kv_heads, head_dim]`.
+    """
+    b, t, _ = x.shape
+    width = num_heads * head_dim
+    q = dense(width, ("embed", "heads"), use_bias=False, dtype=dtype, name="q")(x)
+    k = dense(num_kv_heads * head_dim, ("embed", "kv"), use_bias=False, dtype=dtype, name="k")(x)
+    v = dense(num_kv_heads * head_dim, ("embed", "kv"), use_bias=False, dtype=dtype, name="v")(x)
+    q = apply_rope(q.reshape(b, t, num_heads, head_dim), segment_pos)
+    k = apply_rope(k.reshape(b, t, num_kv_heads, head_dim), segment_pos)
+    return q, k, v.reshape(b, t, num_kv_heads, head_dim)
+
+
+def project_out(out: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
+    """The output projection (dense submodule "out", with bias) of the heads `out [batch,
+    time, heads, head_dim]` -> `[batch, time, heads * head_dim]`; inside `nn.compact`."""
+    b, t, h, d = out.shape
+    out = nn.with_logical_constraint(out.reshape(b, t, h * d), ("batch", "length", "heads"))
+    return dense(h * d, ("heads", "embed"), dtype=dtype, name="out")(out)
+
+
+def sequence_mask(segment_pos: jax.Array, window: int | None = None) -> jax.Array:
+    """`[batch, time, time]` bool: query i sees key j when j <= i in the same document (and,
+    with a `window`, i - j <= window); documents restart where `segment_pos [b, t]` does."""
+    pos = jnp.arange(segment_pos.shape[1])
+    causal = pos[:, None] >= pos[None, :]
+    if window is not None:
+        causal &= pos[:, None] - pos[None, :] <= window
+    ids = segment_ids(segment_pos)
+    return causal[None] & (ids[:, :, None] == ids[:, None, :])
+
+
+class AttentionLayer(nn.Module):
+    """The shape of every attention layer here. `[batch, time, width] -> [batch, time, width]`.
+
+    `__call__(x, segment_pos, cache=None, return_cache=False) -> (out, cache or None)`:
+    `project_qkv`, then either one decoding step against `cache` (`_decode`) or attention over
+    the whole sequence (`_sequence`; with `return_cache` also the cache after it, a prefill),
+    then `project_out`. Subclasses declare the fields `width`, `num_heads`, `num_kv_heads`
+    and `dtype` and implement the two hooks.
+    """
 
     @property
     def head_dim(self) -> int:
@@ -71,50 +119,70 @@ class LocalAttention(nn.Module):
         self,
         x: jax.Array,
         segment_pos: jax.Array,
-        cache: AttentionCache | None = None,
+        cache: Any = None,
         return_cache: bool = False,
-    ) -> tuple[jax.Array, AttentionCache | None]:
-        b, t, _ = x.shape
-        hd, kvh = self.head_dim, self.num_kv_heads
-        q = dense(self.width, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="q")(x)
-        k = dense(kvh * hd, ("embed", "kv"), use_bias=False, dtype=self.dtype, name="k")(x)
-        v = dense(kvh * hd, ("embed", "kv"), use_bias=False, dtype=self.dtype, name="v")(x)
-        q = apply_rope(q.reshape(b, t, self.num_heads, hd), segment_pos)
-        k = apply_rope(k.reshape(b, t, kvh, hd), segment_pos)
-        v = v.reshape(b, t, kvh, hd)
-        new_cache = None
-        if cache is not None:
-            if t != 1:
-                raise ValueError(
-                    f"LocalAttention decoding takes one token at a time, got {x.shape}"
-                )
-            keys = jnp.concatenate([cache.keys.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache.values.astype(v.dtype), v], axis=1)
-            q_pos = cache.index[:, None]  # [b, 1]
-            k_pos = jnp.concatenate([cache.positions, q_pos], axis=1)  # [b, window + 1]
-            mask = ((k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos <= self.window))[:, None]
-            out = _attend(q, keys, values, mask)
-            slot = cache.index % self.window
-            rows = jnp.arange(b)
-            new_cache = AttentionCache(
-                cache.keys.at[rows, slot].set(k[:, 0].astype(cache.keys.dtype)),
-                cache.values.at[rows, slot].set(v[:, 0].astype(cache.values.dtype)),
-                cache.positions.at[rows, slot].set(cache.index),
-                cache.index + 1,
+    ) -> tuple[jax.Array, Any]:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}"
             )
-        else:
-            pos = jnp.arange(t)
-            ids = segment_ids(segment_pos)
-            causal = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] <= self.window)
-            mask = causal[None] & (ids[:, :, None] == ids[:, None, :])
-            out = _attend(q, k, v, mask)
-            if return_cache:
-                new_cache = self._cache_from_sequence(k, v)
-        out = nn.with_logical_constraint(
-            out.reshape(b, t, self.width), ("batch", "length", "heads")
+        q, k, v = project_qkv(
+            x, segment_pos, self.num_heads, self.num_kv_heads, self.head_dim, self.dtype
         )
-        out = dense(self.width, ("heads", "embed"), dtype=self.dtype, name="out")(out)
-        return out, new_cache
+        if cache is not None:
+            out, new_cache = self._decode(q, k, v, cache)
+        else:
+            out, new_cache = self._sequence(q, k, v, segment_pos, return_cache)
+        return project_out(out, self.dtype), new_cache
+
+    def _decode(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any
+    ) -> tuple[jax.Array, Any]:
+        """New tokens' q `[b, t, h, d]`, k/v `[b, t, kv, d]` against `cache` -> (heads, cache)."""
+        raise NotImplementedError
+
+    def _sequence(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, segment_pos: jax.Array, return_cache: bool
+    ) -> tuple[jax.Array, Any]:
+        """Attention over the whole sequence -> (heads `[b, t, h, d]`, cache after it or None)."""
+        raise NotImplementedError
+
+
+class LocalAttention(AttentionLayer):
+    """Multi-query local attention block. `[batch, time, width] -> [batch, time, width]`."""
+
+    width: int
+    num_heads: int
+    window: int
+    num_kv_heads: int = 1
+    dtype: jnp.dtype | None = None
+
+    def _decode(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, cache: AttentionCache
+    ) -> tuple[jax.Array, AttentionCache]:
+        b, t = q.shape[:2]
+        if t != 1:
+            raise ValueError(f"LocalAttention decoding takes one token at a time, got {t}")
+        keys = jnp.concatenate([cache.keys.astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([cache.values.astype(v.dtype), v], axis=1)
+        q_pos = cache.index[:, None]  # [b, 1]
+        k_pos = jnp.concatenate([cache.positions, q_pos], axis=1)  # [b, window + 1]
+        mask = ((k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos <= self.window))[:, None]
+        out = attend(q, keys, values, mask)
+        slot = cache.index % self.window
+        rows = jnp.arange(b)
+        return out, AttentionCache(
+            cache.keys.at[rows, slot].set(k[:, 0].astype(cache.keys.dtype)),
+            cache.values.at[rows, slot].set(v[:, 0].astype(cache.values.dtype)),
+            cache.positions.at[rows, slot].set(cache.index),
+            cache.index + 1,
+        )
+
+    def _sequence(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, segment_pos: jax.Array, return_cache: bool
+    ) -> tuple[jax.Array, AttentionCache | None]:
+        out = attend(q, k, v, sequence_mask(segment_pos, self.window))
+        return out, (self._cache_from_sequence(k, v) if return_cache else None)
 
     def _cache_from_sequence(self, k: jax.Array, v: jax.Array) -> AttentionCache:
         """The ring buffer after a prefill of `t` tokens: the last `window` keys at slot i % W."""

@@ -34,9 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avjax.nn.attention import NEG_INF, _attend, apply_rope
+from avjax.nn.attention import NEG_INF, AttentionLayer, attend, sequence_mask
 from avjax.nn.griffin import REMAT_POLICIES, MLPBlock
-from avjax.nn.layers import dense, segment_ids
 from avjax.nn.norms import RMSNorm
 
 
@@ -99,7 +98,7 @@ def _blocked_attend(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-class CausalAttention(nn.Module):
+class CausalAttention(AttentionLayer):
     """Causal multi-head / grouped-query / multi-query attention with RoPE.
 
     `[batch, time, width] -> [batch, time, width]`. `num_kv_heads` = `num_heads` is MHA, 1 is
@@ -113,57 +112,31 @@ class CausalAttention(nn.Module):
     decode_block: int = 256
     dtype: jnp.dtype | None = None
 
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        segment_pos: jax.Array,
-        cache: KVCache | None = None,
-        return_cache: bool = False,
-    ) -> tuple[jax.Array, KVCache | None]:
-        b, t, _ = x.shape
-        hd, kvh = self.head_dim, self.num_kv_heads
-        if self.num_heads % kvh:
-            raise ValueError(f"num_kv_heads={kvh} does not divide num_heads={self.num_heads}")
-        q = dense(self.width, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="q")(x)
-        k = dense(kvh * hd, ("embed", "kv"), use_bias=False, dtype=self.dtype, name="k")(x)
-        v = dense(kvh * hd, ("embed", "kv"), use_bias=False, dtype=self.dtype, name="v")(x)
-        q = apply_rope(q.reshape(b, t, self.num_heads, hd), segment_pos)
-        k = apply_rope(k.reshape(b, t, kvh, hd), segment_pos)
-        v = v.reshape(b, t, kvh, hd)
-        new_cache = None
-        if cache is not None:
-            new_cache = _append(cache, k, v)
-            q_slot = cache.index[:, None] + jnp.arange(t)[None]  # [b, t]
-            length = cache.keys.shape[1]
-            if self.decode_block and length % self.decode_block == 0:
-                out = _blocked_attend(
-                    q, new_cache.keys, new_cache.values, q_slot, self.decode_block
-                )
-            else:
-                mask = jnp.arange(length)[None, None, :] <= q_slot[:, :, None]
-                out = _attend(
-                    q, new_cache.keys.astype(q.dtype), new_cache.values.astype(q.dtype), mask
-                )
+    def _decode(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Appends the new tokens (one or more) and attends over the filled prefix."""
+        new_cache = _append(cache, k, v)
+        q_slot = cache.index[:, None] + jnp.arange(q.shape[1])[None]  # [b, t]
+        length = cache.keys.shape[1]
+        if self.decode_block and length % self.decode_block == 0:
+            out = _blocked_attend(q, new_cache.keys, new_cache.values, q_slot, self.decode_block)
         else:
-            pos = jnp.arange(t)
-            ids = segment_ids(segment_pos)
-            mask = (pos[:, None] >= pos[None, :])[None] & (ids[:, :, None] == ids[:, None, :])
-            out = _attend(q, k, v, mask)
-            if return_cache:
-                if t > self.max_len:
-                    raise ValueError(f"prefill of {t} tokens > cache max_len={self.max_len}")
-                empty = init_kv_cache(b, self.max_len, kvh, hd, k.dtype)
-                new_cache = _append(empty, k, v)
-        out = nn.with_logical_constraint(
-            out.reshape(b, t, self.width), ("batch", "length", "heads")
-        )
-        out = dense(self.width, ("heads", "embed"), dtype=self.dtype, name="out")(out)
+            mask = jnp.arange(length)[None, None, :] <= q_slot[:, :, None]
+            out = attend(q, new_cache.keys.astype(q.dtype), new_cache.values.astype(q.dtype), mask)
         return out, new_cache
+
+    def _sequence(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, segment_pos: jax.Array, return_cache: bool
+    ) -> tuple[jax.Array, KVCache | None]:
+        out = attend(q, k, v, sequence_mask(segment_pos))
+        if not return_cache:
+            return out, None
+        b, t = k.shape[:2]
+        if t > self.max_len:
+            raise ValueError(f"prefill of {t} tokens > cache max_len={self.max_len}")
+        empty = init_kv_cache(b, self.max_len, self.num_kv_heads, self.head_dim, k.dtype)
+        return out, _append(empty, k, v)
 
 
 def _append(cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
