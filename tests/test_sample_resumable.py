@@ -103,3 +103,21 @@ def test_sharded_batch_sampling_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(
         two, sample_resumable(model, params, prompt[:2], 30, str(tmp_path / "e"), **KW)
     )
+
+
+@pytest.mark.parametrize("name", ["griffin", "transformer"])
+def test_score_equals_the_parallel_pass(name):
+    """Teacher forcing through the decode step == log-softmax of one full forward pass."""
+    model, params, prompt = _setup(name)
+    targets = np.random.default_rng(1).integers(0, 32, (2, 23)).astype(np.int32)
+    lp = autoregressive.score(model, params, prompt, targets, chunk_tokens=10)
+    assert lp.shape == (2, 23)
+    full = np.concatenate([prompt, targets], axis=1)
+    pos = jnp.broadcast_to(jnp.arange(full.shape[1]), full.shape)
+    logits, _ = model.apply({"params": params}, jnp.asarray(full), pos)
+    logp = jax.nn.log_softmax(logits[:, prompt.shape[1] - 1 : -1], axis=-1)
+    ref = np.take_along_axis(np.asarray(logp), targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(lp, ref, rtol=1e-4, atol=1e-4)
+    # Chunks end at multiples of chunk_tokens, wherever the run starts.
+    assert list(autoregressive.chunk_sizes(0, 23, 10)) == [10, 10, 3]
+    assert list(autoregressive.chunk_sizes(7, 23, 10)) == [3, 10, 3]

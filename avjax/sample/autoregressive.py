@@ -3,13 +3,18 @@
 Works with any LM whose `apply(variables, tokens, segment_pos, cache=None, return_cache=False)`
 returns `(logits [batch, time, vocab], cache)` (e.g. `avjax.nn.griffin.GriffinLM`):
 
-  state = prefill(prompt)                 # one parallel pass over the prompt
-  for chunk in range(...):                # host loop: progress, streaming output
-      state, tokens = decode_chunk(state) # lax.scan over `chunk_tokens` steps
+  state = prefill(prompt)                           # one parallel pass over the prompt
+  for state, tokens in decode_chunks(state, ...):   # host loop: progress, streaming, saves
+      ...                                           # lax.scan over <= chunk_tokens steps
 
-The state (model cache, next-token logits, position, step) has a fixed size, so memory does
-not grow with the generated length. Token `i` is drawn with `fold_in(key, i)`, so the output
-does not depend on how the generation is cut into chunks.
+`decode_chunks` is the one decode loop: `generate` streams it, `avjax.sample.resumable` saves
+its state between chunks. The state (model cache, next-token logits, position, step) has a
+fixed size, so memory does not grow with the generated length. Token `i` is drawn with
+`fold_in(key, i)`, and chunks end at multiples of `chunk_tokens` counted from token 0, so the
+output depends neither on how the generation is cut into calls nor on where it resumed.
+
+`score` runs the same step with given tokens instead of sampled ones (teacher forcing): the
+log-probabilities of a continuation in constant memory, whatever its length.
 """
 
 from __future__ import annotations
@@ -75,6 +80,15 @@ def prefill(model: nn.Module, params: Any, prompt: jax.Array) -> SamplerState:
     )
 
 
+def advance(model: nn.Module, params: Any, state: SamplerState, token: jax.Array) -> SamplerState:
+    """Feeds `token [batch]` int32 (one per sequence) and returns the next state."""
+    logits, cache = model.apply(
+        {"params": params}, token[:, None], state.position[:, None], cache=state.cache
+    )
+    next_logits = logits[:, -1].astype(jnp.float32)
+    return SamplerState(cache, next_logits, state.position + 1, state.step + 1)
+
+
 def decode_chunk(
     model: nn.Module,
     params: Any,
@@ -92,14 +106,68 @@ def decode_chunk(
         token = sample_from_logits(
             s.logits, jax.random.fold_in(key, s.step), temperature, top_k, top_p
         )
-        logits, cache = model.apply(
-            {"params": params}, token[:, None], s.position[:, None], cache=s.cache
-        )
-        new = SamplerState(cache, logits[:, -1].astype(jnp.float32), s.position + 1, s.step + 1)
-        return new, token
+        return advance(model, params, s, token), token
 
     state, tokens = jax.lax.scan(body, state, None, length=num_tokens)
     return state, tokens.T
+
+
+def score_chunk(
+    model: nn.Module, params: Any, state: SamplerState, targets: jax.Array
+) -> tuple[SamplerState, jax.Array]:
+    """Teacher forcing under `lax.scan`: feeds `targets [batch, n]` int32 one step at a time.
+
+    Returns the new state and `[batch, n]` float32 `log p(targets[:, i] | everything before)`.
+    """
+
+    def body(s: SamplerState, token: jax.Array):
+        logp = jax.nn.log_softmax(s.logits, axis=-1)
+        lp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+        return advance(model, params, s, token), lp
+
+    state, logprobs = jax.lax.scan(body, state, targets.T)
+    return state, logprobs.T
+
+
+def chunk_sizes(start: int, num_tokens: int, chunk_tokens: int) -> Iterator[int]:
+    """Sizes of the chunks from token `start` to `num_tokens`, ending at multiples of
+    `chunk_tokens` (so a run resumed at any chunk end cuts the rest as an unbroken run does)."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    done = start
+    while done < num_tokens:
+        n = min(chunk_tokens - done % chunk_tokens, num_tokens - done)
+        yield n
+        done += n
+
+
+def decode_chunks(
+    model: nn.Module,
+    params: Any,
+    state: SamplerState,
+    key: jax.Array,
+    num_tokens: int,
+    *,
+    start: int = 0,
+    chunk_tokens: int = 250,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> Iterator[tuple[SamplerState, jax.Array]]:
+    """The decode loop: from token `start` (= `state.step`) to `num_tokens`, one jitted
+    `decode_chunk` per chunk (`chunk_sizes`).
+
+    Yields `(state after the chunk, tokens [batch, n])` as device arrays. The state is donated
+    to the next chunk: use it (e.g. save it) before asking for the next item.
+    """
+    fn = jax.jit(
+        functools.partial(decode_chunk, model, temperature=temperature, top_k=top_k, top_p=top_p),
+        static_argnames="num_tokens",
+        donate_argnums=(1,),
+    )  # compiled once per chunk size
+    for n in chunk_sizes(start, num_tokens, chunk_tokens):
+        state, tokens = fn(params, state, key, num_tokens=n)
+        yield state, tokens
 
 
 def generate(
@@ -118,24 +186,41 @@ def generate(
 
     Memory stays constant in `num_tokens`: only one chunk of tokens is alive at a time.
     """
-    key = jax.random.key(seed)
     state = jax.jit(functools.partial(prefill, model))(params, jnp.asarray(prompt, jnp.int32))
-    step_fns: dict[int, Any] = {}
-    done = 0
-    while done < num_tokens:
-        n = min(chunk_tokens, num_tokens - done)
-        if n not in step_fns:
-            step_fns[n] = jax.jit(
-                functools.partial(
-                    decode_chunk,
-                    model,
-                    num_tokens=n,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                ),
-                donate_argnums=(1,),
-            )
-        state, tokens = step_fns[n](params, state, key)
-        done += n
+    for _, tokens in decode_chunks(
+        model,
+        params,
+        state,
+        jax.random.key(seed),
+        num_tokens,
+        chunk_tokens=chunk_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    ):
         yield np.asarray(tokens)
+
+
+def score(
+    model: nn.Module,
+    params: Any,
+    prompt: np.ndarray,
+    targets: np.ndarray,
+    *,
+    chunk_tokens: int = 250,
+) -> np.ndarray:
+    """Teacher-forced log-probabilities of `targets [batch, n]` after `prompt [batch, P]`.
+
+    Returns `[batch, n]` float32 `log p(targets[:, i] | prompt, targets[:, :i])`. The prompt is
+    prefilled in one pass, the targets are fed in jitted chunks of `chunk_tokens` steps: memory
+    stays constant in `n` (a full-length parallel pass would build `n x n` attention scores).
+    """
+    targets = np.asarray(targets, np.int32)
+    state = jax.jit(functools.partial(prefill, model))(params, jnp.asarray(prompt, jnp.int32))
+    fn = jax.jit(functools.partial(score_chunk, model), donate_argnums=(1,))
+    out, done = [], 0
+    for n in chunk_sizes(0, targets.shape[1], chunk_tokens):
+        state, lp = fn(params, state, jnp.asarray(targets[:, done : done + n]))
+        out.append(np.asarray(lp))
+        done += n
+    return np.concatenate(out, axis=1) if out else np.zeros((len(targets), 0), np.float32)

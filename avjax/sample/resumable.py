@@ -1,8 +1,8 @@
 """Resumable, sharded long-form sampling: a killed job continues where it stopped.
 
-`generate_resumable` runs `avjax.sample.autoregressive`'s prefill + jitted decode chunks and
-saves, every `save_every_chunks` chunks (and at the end), the sampler state with orbax to
-`directory`:
+`generate_resumable` runs `avjax.sample.autoregressive`'s prefill and decode loop
+(`decode_chunks`) and saves, every `save_every_chunks` chunks (and at the end), the sampler
+state with orbax to `directory`:
 
   state:  the `SamplerState` (model caches, next-token logits, positions, step)
   tokens: `[batch, num_tokens]` int32, the tokens generated so far (zeros beyond `step`)
@@ -12,7 +12,8 @@ saves, every `save_every_chunks` chunks (and at the end), the sampler state with
           same directory is refused
 
 Restarted with the same arguments, it restores the newest saved step and regenerates from
-there. Chunks always start at multiples of `chunk_tokens`, so the resumed job runs the same
+there (a save cut short by a kill leaves a temporary folder, removed on restart). Chunks
+always end at multiples of `chunk_tokens`, so the resumed job runs the same
 compiled programs on the same (bit-identical, restored) states as an uninterrupted one: the
 tokens are exactly equal.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -36,7 +38,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from avjax.sample.autoregressive import SamplerState, decode_chunk, prefill
+from avjax.sample import autoregressive
+from avjax.sample.autoregressive import SamplerState, prefill
 
 
 class ResumeMismatchError(ValueError):
@@ -57,7 +60,11 @@ def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=False, create=True
+            max_to_keep=keep,
+            enable_async_checkpointing=False,
+            create=True,
+            # A job killed mid-save leaves a temporary folder: removed on restart.
+            cleanup_tmp_directories=True,
         ),
     )
 
@@ -157,15 +164,8 @@ def generate_resumable(
                 params,
                 prompt,
                 prompt_sharding,
-                num_tokens,
                 manager,
                 meta,
-                batch=batch,
-                seed=seed,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                chunk_tokens=chunk_tokens,
                 save_every_chunks=save_every_chunks,
                 stop_after_chunks=stop_after_chunks,
                 progress=progress,
@@ -194,24 +194,19 @@ class _MeshContext:
 
 
 def _run(
-    model,
-    params,
-    prompt,
-    prompt_sharding,
-    num_tokens,
-    manager,
-    meta,
+    model: nn.Module,
+    params: Any,
+    prompt: np.ndarray,
+    prompt_sharding: jax.sharding.Sharding | None,
+    manager: ocp.CheckpointManager,
+    meta: dict[str, Any],
     *,
-    batch,
-    seed,
-    temperature,
-    top_k,
-    top_p,
-    chunk_tokens,
-    save_every_chunks,
-    stop_after_chunks,
-    progress,
+    save_every_chunks: int,
+    stop_after_chunks: int | None,
+    progress: bool,
 ) -> Iterator[np.ndarray]:
+    """The job `meta` describes (its sampling settings are read from it): restore, then
+    `autoregressive.decode_chunks` with a save every `save_every_chunks` chunks."""
     from tqdm import tqdm
 
     if prompt_sharding is not None:
@@ -220,8 +215,9 @@ def _run(
         prompt_arr = jnp.asarray(prompt)
     # The prefill also gives the state's structure and shardings, the target of a restore.
     state = jax.jit(functools.partial(prefill, model))(params, prompt_arr)
-    key = jax.random.key(seed)
-    tokens = np.zeros((batch, num_tokens), np.int32)
+    num_tokens, chunk_tokens = meta["num_tokens"], meta["chunk_tokens"]
+    key = jax.random.key(meta["seed"])
+    tokens = np.zeros((meta["batch"], num_tokens), np.int32)
     done = 0
     latest = manager.latest_step()
     if latest is not None:
@@ -258,7 +254,7 @@ def _run(
         if done:
             yield tokens[:, :done].copy()
 
-    def save(step: int) -> None:
+    def save(step: int, state: SamplerState) -> None:
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -271,8 +267,20 @@ def _run(
         )
         manager.wait_until_finished()
 
-    step_fns: dict[int, Any] = {}
-    chunks_run = 0
+    chunks = autoregressive.decode_chunks(
+        model,
+        params,
+        state,
+        key,
+        num_tokens,
+        start=done,
+        chunk_tokens=chunk_tokens,
+        temperature=meta["temperature"],
+        top_k=meta["top_k"],
+        top_p=meta["top_p"],
+    )
+    if stop_after_chunks is not None:  # as a job killed after that many chunks
+        chunks = itertools.islice(chunks, stop_after_chunks)
     with tqdm(
         total=num_tokens,
         initial=done,
@@ -281,30 +289,14 @@ def _run(
         mininterval=2.0,
         disable=not progress or jax.process_index() != 0,
     ) as bar:
-        while done < num_tokens:
-            if stop_after_chunks is not None and chunks_run >= stop_after_chunks:
-                return
-            n = min(chunk_tokens - done % chunk_tokens, num_tokens - done)
-            if n not in step_fns:
-                step_fns[n] = jax.jit(
-                    functools.partial(
-                        decode_chunk,
-                        model,
-                        num_tokens=n,
-                        temperature=temperature,
-                        top_k=top_k,
-                        top_p=top_p,
-                    ),
-                    donate_argnums=(1,),
-                )
-            state, new = step_fns[n](params, state, key)
+        for state, new in chunks:
             new = _gather(new)
+            n = new.shape[1]
             tokens[:, done : done + n] = new
             done += n
-            chunks_run += 1
             bar.update(n)
             if done == num_tokens or done % (chunk_tokens * max(1, save_every_chunks)) == 0:
-                save(done)
+                save(done, state)
             yield new
 
 
