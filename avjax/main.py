@@ -26,7 +26,12 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to
 
 
 def _maybe_initialize_distributed() -> None:
-    """Joins a multi-process job on a TPU pod / SLURM cluster (no-op on one host)."""
+    """Joins a multi-process job on a TPU pod / SLURM cluster / plain cluster (no-op on one host).
+
+    TPU VMs and SLURM are detected by JAX itself. Elsewhere (several GPU hosts without SLURM,
+    or several processes on one machine) set `JAX_COORDINATOR_ADDRESS=host:port`,
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` on every process.
+    """
     import jax
 
     multi_host = (
@@ -34,9 +39,24 @@ def _maybe_initialize_distributed() -> None:
         or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1
     )
-    if multi_host:
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if not multi_host:
+        return
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        if not os.environ.get("JAX_PROCESS_ID"):
+            raise ValueError("JAX_NUM_PROCESSES is set but JAX_PROCESS_ID is not (set both)")
+        kwargs = {
+            "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+            "process_id": int(os.environ["JAX_PROCESS_ID"]),
+        }
+    jax.distributed.initialize(**kwargs)
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 class _QuietLibraries:
@@ -48,8 +68,12 @@ class _QuietLibraries:
         return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
 
 
-def run(config, workdir: str, mode: str) -> dict:
-    """Runs `mode` for `config` in `workdir`; returns a summary dict (also logged)."""
+def run(config, workdir: str, mode: str, stop_after: int | None = None) -> dict:
+    """Runs `mode` for `config` in `workdir`; returns a summary dict (also logged).
+
+    `stop_after` (train): stop with a checkpoint after that many steps of this run, as a
+    preempted job would (the learning-rate schedule still spans `config.train.steps`).
+    """
     import jax
 
     from avjax.tasks import get_task
@@ -62,7 +86,7 @@ def run(config, workdir: str, mode: str) -> dict:
     mesh = make_mesh(config.mesh)
     logging.info("Devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
     if mode == "train":
-        state = loop.train(task, config, workdir, mesh)
+        state = loop.train(task, config, workdir, mesh, stop_after=stop_after)
         return {"step": int(state.step)}
     trainer, params, step = loop.restore_params(task, config, workdir, mesh)
     if mode == "eval":

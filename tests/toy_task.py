@@ -82,7 +82,14 @@ class ToyTask(Task):
     def eval_batches(self, process_index, process_count):
         self.prepare()
         c = self.config
-        return lm_windows.eval_windows(self._docs[6:], c.data.seq_len, c.train.batch_size, 2)
+        return lm_windows.eval_windows(
+            self._docs[6:],
+            c.data.seq_len,
+            c.train.batch_size // process_count,
+            2,
+            process_index,
+            process_count,
+        )
 
     def dummy_batch(self):
         shape = (self.config.train.batch_size, self.config.data.seq_len)

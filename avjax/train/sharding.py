@@ -158,8 +158,11 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
     from jax.experimental import mesh_utils
 
     dcn_shape = (dcn,) + (1,) * (len(MESH_AXES) - 1)
+    # Multi-slice TPUs number their slices (`slice_index`); elsewhere (GPU hosts, CPU
+    # processes) every device reports slice 0 or none, and a process is the DCN granule.
+    slices = {getattr(d, "slice_index", 0) for d in devices}
     grid = mesh_utils.create_hybrid_device_mesh(
-        shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], "slice_index")
+        shape, dcn_shape, devices, process_is_granule=len(slices) < dcn
     )
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
