@@ -2,10 +2,10 @@
 
 Runs avjax's own multi-host path: `avjax.main._maybe_initialize_distributed` (from the
 `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` environment), then
-`avjax.main.run` on the toy task (a tiny LM with logically sharded params) (per-process data shards, global batches from
-`jax.make_array_from_process_local_data`, orbax checkpoints written by every process,
-metrics by process 0), then restores the newest checkpoint and gathers its params to
-process 0, which writes them to an .npz.
+`avjax.main.run` on the toy task, a tiny LM with logically sharded params (per-process data
+shards, global batches from `jax.make_array_from_process_local_data`, orbax checkpoints
+written by every process, metrics by process 0), then restores the newest checkpoint and
+gathers its params to process 0, which writes them to an .npz.
 
   python tests/multihost_worker.py WORKDIR STOP_AFTER MESH_JSON OUT_NPZ
 
