@@ -23,6 +23,11 @@ is rebuilt.
 `TokenStore` is a read-only sequence of `[tokens]` arrays (views into the map) with
 `lengths`, `subset` (held-out documents), `concat` (several train splits) and chunked
 `unigram_counts`; `avjax.data.lm_windows` cuts training windows from it lazily.
+
+Measured (2 shared CPU cores, 50M random units in 10k records, 2,220 documents):
+consolidation 40-47 M tokens/s (LibriLight's 5.4e9: ~2 min); 6,000-token windows, batch 8,
+as fast as from int32 lists (~2-3k examples/s per core) with ~0.7 MB of anonymous memory for
+the window plans instead of the lists' ~420 MB (peak RSS 404-457 MB vs 682-996 MB).
 """
 
 from __future__ import annotations
