@@ -21,32 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn.norms import RMSNorm
 from avjax.nn.scan import DEFAULT_IMPL
 from avjax.nn.ssm import MambaCache, SelectiveSSM, init_mamba_cache
-
-
-class MambaRMSNorm(nn.Module):
-    """RMSNorm with a direct scale (`y = w * x / rms(x)`, `w` initialised to 1) as in HF Mamba.
-
-    `avjax.nn.norms.RMSNorm` stores the scale as an offset from 1 (`1 + w`, Gemma's form); this
-    one keeps HF's parameterisation so imported weights are copied, not shifted.
-    `[..., dim] -> [..., dim]`, computed in float32, returned in `dtype` (or the input's).
-    """
-
-    eps: float = 1e-5
-    dtype: jnp.dtype | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-            (x.shape[-1],),
-            jnp.float32,
-        )
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        return (x32 * jax.lax.rsqrt(var + self.eps) * scale).astype(self.dtype or x.dtype)
 
 
 class MambaBlock(nn.Module):
@@ -71,7 +48,7 @@ class MambaBlock(nn.Module):
         cache: MambaCache | None,
         want_cache: bool,
     ) -> tuple[jax.Array, MambaCache | None]:
-        h = MambaRMSNorm(self.norm_eps, self.dtype, name="norm")(x)
+        h = RMSNorm(self.norm_eps, self.dtype, scale_offset=False, name="norm")(x)
         h, new_cache = SelectiveSSM(
             self.d_model,
             d_state=self.d_state,
@@ -172,7 +149,7 @@ class MambaLM(nn.Module):
                 name=f"blocks_{i}",
             )(x, segment_pos, None if cache is None else cache[i], want_cache)
             new_caches.append(c)
-        x = MambaRMSNorm(self.norm_eps, jnp.float32, name="final_norm")(x)
+        x = RMSNorm(self.norm_eps, jnp.float32, scale_offset=False, name="final_norm")(x)
         if self.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embedding)
         else:
