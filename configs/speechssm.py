@@ -142,4 +142,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.batch_size = 1
     c.sample.seed = 0
     c.sample.chunk_tokens = 250  # decode steps per jitted chunk (10 s): progress granularity
+    c.sample.save_every_chunks = 6  # sampler state saved every N chunks: a killed job resumes
     return c

@@ -454,6 +454,7 @@ class SpeechSSMTask(Task):
             temperature=float(sc.temperature),
             top_k=int(sc.top_k),
             chunk_tokens=int(sc.chunk_tokens),
+            save_every_chunks=int(sc.get("save_every_chunks", 6)),
             mesh=mesh if isinstance(mesh, jax.sharding.Mesh) else None,
             rules=self.config.sharding_rules,
         )
