@@ -149,6 +149,16 @@ def test_workdir_of_another_model_is_refused(cache_dir, tmp_path):
     assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == before
 
 
+def test_non_logmel_units_on_the_default_corpus_fail_before_building(tmp_path):
+    cfg = _config(tmp_path / "cache", **{"data.features": "mfcc"})
+    with pytest.raises(ValueError, match="config.data.features='mfcc'"):
+        get_task(cfg, str(tmp_path / "w")).prepare()
+    assert not os.path.exists(tmp_path / "cache")
+    # Log-mel workdirs keep the compatibility stamp they had; other features are part of it.
+    assert "features" not in get_task(_config(tmp_path), "w").compatibility()["units"]
+    assert get_task(cfg, "w").compatibility()["units"]["features"] == "mfcc"
+
+
 @pytest.mark.parametrize("bad", ["corrupt", "empty"])
 def test_bad_audio_file_in_data_dir_is_named(tmp_path, bad):
     import soundfile as sf

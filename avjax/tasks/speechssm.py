@@ -115,6 +115,11 @@ class SpeechSSMTask(Task):
             )
         if dc.name not in ("default", "dir"):
             return self._prepare_tfds()
+        if str(dc.get("features", "logmel")) != "logmel":
+            raise ValueError(
+                f"config.data.features={dc.features!r} is for the real corpora (librispeech, "
+                f"librilight, librispeech_long); data.name={dc.name!r} uses log-mel units"
+            )
         if dc.name == "default":
             root = os.path.join(cache_root(dc), f"default_corpus_{dc.minutes:g}min")
             utts = corpus_lib.build_default_corpus(
@@ -393,14 +398,15 @@ class SpeechSSMTask(Task):
         )
 
     def compatibility(self) -> dict[str, Any]:
+        dc = self.config.data
+        # What defines the unit vocabulary: other units would make the weights meaningless.
+        units = {k: dc[k] for k in ("name", "minutes", "manual_dir", "num_units", "kmeans_iters")}
+        if str(dc.get("features", "logmel")) != "logmel":  # (log-mel workdirs keep their stamp)
+            units.update({k: dc.get(k) for k in ("features", "hubert_dir", "hubert_layer")})
         return {
             "task": self.name,
             "model": self.config.model.to_dict(),
-            # What defines the unit vocabulary: other units would make the weights meaningless.
-            "units": {
-                k: self.config.data[k]
-                for k in ("name", "minutes", "manual_dir", "num_units", "kmeans_iters")
-            },
+            "units": units,
             "seed": int(self.config.seed),
         }
 
