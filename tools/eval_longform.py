@@ -50,6 +50,9 @@ _TRANSCRIPTS = flags.DEFINE_enum(
     "transcripts", "auto", ["auto", "true", "false"], "SC-L with pocketsphinx + MiniLM."
 )
 _SAVE_AUDIO = flags.DEFINE_bool("save_audio", True, "Keep the decoded WAVs.")
+_ASR_SECONDS = flags.DEFINE_float(
+    "asr_seconds", 0.0, "SC-L: transcribe only the first this many seconds of each slice (0: all)."
+)
 
 
 def _restore(config, workdir: str):
@@ -95,6 +98,7 @@ def main(argv: list[str]) -> None:
     cfg.slice_seconds = _SLICE.value
     cfg.transcripts = {"auto": "auto", "true": True, "false": False}[_TRANSCRIPTS.value]
     cfg.save_audio = _SAVE_AUDIO.value
+    cfg.asr_seconds = _ASR_SECONDS.value
 
     entries, docs, vocoder, step = [], None, None, 0
     for config, workdir, name in runs:

@@ -45,8 +45,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -104,6 +102,10 @@ class LongformConfig:
       ground_truth: also evaluate the held-out continuation (the reference row).
       save_audio: keep the decoded WAVs under `out_dir/audio/`.
       vocoder_iters: Griffin-Lim iterations when decoding units to audio.
+      asr_seconds: transcribe (for SC-L) only the first this many seconds of each slice (and
+        of the prompt); 0 = all of it. pocketsphinx runs at about real time on clean speech
+        and several times slower on noisy audio (2 CPU cores), so 16-minute evaluations
+        want a bound: e.g. 10 s of every 60 s slice.
     """
 
     prompt_seconds: float = 10.0
@@ -119,6 +121,7 @@ class LongformConfig:
     ground_truth: bool = True
     save_audio: bool = True
     vocoder_iters: int = 16
+    asr_seconds: float = 0.0
 
     @classmethod
     def from_config(cls, config: Any) -> LongformConfig:
@@ -213,33 +216,34 @@ def _generate(entry: ModelEntry, prompts: np.ndarray, num_tokens: int, cfg: Long
 
 
 def _teacher_forced_logprobs(
-    entry: ModelEntry, docs: Sequence[np.ndarray], prompt_len: int, num_tokens: int
+    entry: ModelEntry,
+    prompts: np.ndarray,
+    refs: Sequence[np.ndarray],
+    num_tokens: int,
+    chunk_tokens: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Log-probabilities of each doc's continuation after its prompt, one parallel pass each.
+    """Log-probabilities of each held-out continuation `refs[i]` after `prompts[i]`.
 
     Returns `(logprobs [n_docs, num_tokens], mask [n_docs, num_tokens])`; the mask is 0 past
-    a document's end. Inputs are padded to one length (causal models: padding at the end does
-    not change earlier logits), so one compilation serves all documents.
+    a document's end. All documents are scored in one batch with the sampler's step
+    (`autoregressive.score`: prefill, then chunks of teacher-forced decoding), so memory is
+    constant in the length and the work stops where the longest reference does (a
+    full-length parallel pass of 16 minutes would build 24k x 24k attention scores).
     """
-    total = prompt_len + num_tokens
+    from avjax.sample import autoregressive
 
-    @jax.jit
-    def logp(params, tokens):
-        pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-        out = entry.model.apply({"params": params}, tokens[:, :-1], pos[:, :-1])
-        logits = out[0] if isinstance(out, tuple) else out
-        return metrics.token_logprobs(logits[:, prompt_len - 1 :], tokens[:, prompt_len:])
-
-    lps, masks = [], []
-    for d in docs:
-        d = np.asarray(d[:total], np.int32)
-        n = len(d) - prompt_len
-        padded = np.pad(d, (0, total - len(d)))
-        lp = np.asarray(logp(entry.params, jnp.asarray(padded[None])))[0]
-        m = (np.arange(num_tokens) < n).astype(np.float64)
-        lps.append(np.where(m > 0, lp, 0.0))
-        masks.append(m)
-    return np.stack(lps), np.stack(masks)
+    reach = max((len(r) for r in refs), default=0)
+    lps = np.zeros((len(refs), num_tokens))
+    mask = np.zeros((len(refs), num_tokens))
+    for i, r in enumerate(refs):
+        mask[i, : len(r)] = 1.0
+    if reach:
+        targets = np.stack([np.pad(r, (0, reach - len(r))) for r in refs]).astype(np.int32)
+        lp = autoregressive.score(
+            entry.model, entry.params, prompts, targets, chunk_tokens=chunk_tokens
+        )
+        lps[:, :reach] = np.where(mask[:, :reach] > 0, lp, 0.0)
+    return lps, mask
 
 
 def _vocode(vocoder: Any, units: np.ndarray, path: str, n_iter: int) -> np.ndarray:
@@ -259,10 +263,9 @@ def _slice_metrics(
     full_wav: np.ndarray,
     prompt_wav: np.ndarray,
     slice_units: int,
-    asr: Any,
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Per-slice metrics of one continuation `units` `[t]` (its audio: `full_wav`, prompt
-    included); returns `({metric: [slices]}, slice transcripts)`."""
+) -> dict[str, np.ndarray]:
+    """Per-slice metrics `{metric: [slices]}` of one continuation `units` `[t]` (its audio:
+    `full_wav`, prompt included), transcripts aside."""
     p = len(prompt_units)
     out = dict(metrics.ngram_stats(units, slice_units, context=prompt_units))
     cont_wav = full_wav[p * SAMPLES_PER_UNIT :]
@@ -273,13 +276,19 @@ def _slice_metrics(
         units_lib.log_mel(full_wav), p * fpu, slice_units * fpu, FRAMES_PER_SECOND // 2
     )
     out["continuity_boundary"], out["continuity_within"] = c["boundary"], c["within"]
-    texts = []
-    if asr is not None:
-        texts = [
-            asr.transcribe(cont_wav[s:e])
-            for s, e in metrics.slice_bounds(len(cont_wav), slice_samples)
-        ]
-    return out, texts
+    return out
+
+
+def _transcribe_slices(
+    asr: Any, wav: np.ndarray, slice_samples: int, max_seconds: float = 0.0
+) -> list[str]:
+    """The transcript of each slice of `slice_samples` of the continuation audio `wav`
+    `[samples]`; only its first `max_seconds` when that is positive."""
+    cap = int(max_seconds * units_lib.SAMPLE_RATE) if max_seconds > 0 else None
+    return [
+        asr.transcribe(wav[s : e if cap is None else min(e, s + cap)])
+        for s, e in metrics.slice_bounds(len(wav), slice_samples)
+    ]
 
 
 def _load_text_tools(mode: bool | str) -> tuple[Any, Any, str]:
@@ -415,7 +424,11 @@ def evaluate_longform(
     for j, p in enumerate(prompts):
         path = os.path.join(audio_dir, f"prompt_{j}.wav")
         prompt_wavs.append(_vocode(vocoder, p, path, cfg.vocoder_iters))
-        prompt_texts.append(asr.transcribe(prompt_wavs[-1]) if asr is not None else "")
+        prompt_texts.append(
+            _transcribe_slices(asr, prompt_wavs[-1], len(prompt_wavs[-1]), cfg.asr_seconds)[0]
+            if asr is not None
+            else ""
+        )
         bar.update(1)
 
     results: dict[str, Any] = {}
@@ -429,33 +442,44 @@ def evaluate_longform(
             r["timing"]["generate_s"] = gen_s
             r["timing"]["ms_per_token"] = 1e3 * gen_s / max(num_tokens, 1)
             t0 = time.time()
-            lp, mask = _teacher_forced_logprobs(entry, docs, prompt_len, num_tokens)
+            lp, mask = _teacher_forced_logprobs(entry, prompts, refs, num_tokens, cfg.chunk_tokens)
             r["timing"]["teacher_forcing_s"] = time.time() - t0
             r["per_prompt"]["ppl"] = np.stack(
                 [metrics.perplexity_by_slice(lp[i], slice_units, mask[i]) for i in range(len(docs))]
             )
             r["ppl_by_slice_pooled"] = metrics.perplexity_by_slice(lp, slice_units, mask)
-        t0 = time.time()
         per: dict[str, list[np.ndarray]] = {}
         scl_rows = []
+        clock = {"vocoder_s": 0.0, "asr_s": 0.0, "metrics_s": 0.0}
         for j, units in enumerate(gens):
+            t0 = time.time()
             full = np.concatenate([prompts[j], units]).astype(np.int32)
             wav_path = os.path.join(audio_dir, f"{name}_{j}.wav")
             wav = _vocode(vocoder, full, wav_path, cfg.vocoder_iters)
             if not cfg.save_audio:
                 os.remove(wav_path)
-            m, texts = _slice_metrics(units, prompts[j], wav, prompt_wavs[j], slice_units, asr)
+            t1 = time.time()
+            m = _slice_metrics(units, prompts[j], wav, prompt_wavs[j], slice_units)
             for k, v in m.items():
                 per.setdefault(k, []).append(v)
+            t2 = time.time()
+            texts = []
             if asr is not None:
+                cont = wav[len(prompts[j]) * SAMPLES_PER_UNIT :]
+                texts = _transcribe_slices(
+                    asr, cont, slice_units * SAMPLES_PER_UNIT, cfg.asr_seconds
+                )
                 scl_rows.append(metrics.semantic_coherence(prompt_texts[j], texts, embedder.encode))
             r["transcripts"].append(texts)
+            clock["vocoder_s"] += t1 - t0
+            clock["metrics_s"] += t2 - t1
+            clock["asr_s"] += time.time() - t2
             bar.update(1)
         for k, v in per.items():
             r["per_prompt"][k] = _pad_to(v, n_slices)
         if scl_rows:
             r["per_prompt"]["sc_l"] = _pad_to(scl_rows, n_slices)
-        r["timing"]["metrics_s"] = time.time() - t0
+        r["timing"].update(clock)
         r["per_slice"] = {k: _nanmean(v, axis=0) for k, v in r["per_prompt"].items()}
         if "ppl" in r["per_slice"]:  # ppl pools tokens across prompts (not a mean of ppls)
             r["per_slice"]["ppl"] = r.pop("ppl_by_slice_pooled")
@@ -547,18 +571,26 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     ]
     if st.get("sc_l_note"):
         lines += [f"> {st['sc_l_note']}", ""]
+    elif st.get("asr_seconds"):
+        lines += [f"SC-L transcribes the first {st['asr_seconds']:g} s of every slice.", ""]
     lines += [
         "## Timing",
         "",
-        "| model | ms/token (decode) | generate s | teacher forcing s | metrics s |",
-        "|---|---|---|---|---|",
+        "| model | ms/token (decode) | generate s | teacher forcing s | vocoder s | metrics s "
+        "| ASR + SC-L s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for n, r in models.items():
         t = r["timing"]
-        lines.append(
-            f"| {n} | {_fmt(t.get('ms_per_token'))} | {_fmt(t.get('generate_s'))} | "
-            f"{_fmt(t.get('teacher_forcing_s'))} | {_fmt(t.get('metrics_s'))} |"
+        cols = (
+            "ms_per_token",
+            "generate_s",
+            "teacher_forcing_s",
+            "vocoder_s",
+            "metrics_s",
+            "asr_s",
         )
+        lines.append(f"| {n} | " + " | ".join(_fmt(t.get(c)) for c in cols) + " |")
     lines += [
         "",
         "## Means over slices",
