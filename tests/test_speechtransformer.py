@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from test_speechssm import TINY as SSM_TINY
 
 from avjax.main import run
 from avjax.models import speechssm as speechssm_lib
@@ -14,27 +15,14 @@ from avjax.tasks.speechtransformer import SpeechTransformerTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# test_speechssm's tiny settings with a 2-layer Transformer in place of the Griffin model.
 TINY = {
-    "data.minutes": 1.0,
-    "data.num_units": 32,
-    "data.seq_len": 64,
-    "data.kmeans_iters": 5,
-    "data.vocoder_steps": 10,
-    "model.width": 32,
-    "model.mlp_width": 64,
-    "model.num_heads": 2,
+    **{k: v for k, v in SSM_TINY.items() if k not in ("model.lru_width", "model.window")},
     "model.num_layers": 2,
     "model.decode_block": 16,
-    "train.batch_size": 8,
     "train.steps": 3,
     "train.warmup_steps": 1,
-    "train.log_every": 1,
     "train.eval_every": 0,
-    "train.eval_batches": 1,
-    "train.checkpoint_every": 3,
-    "sample.seconds": 4.0,
-    "sample.prompt_seconds": 1.0,
-    "sample.chunk_tokens": 20,
 }
 
 
@@ -48,12 +36,7 @@ def _load(name):
 def _config(cache_dir, **overrides):
     c = _load("speechtransformer")
     c.data.cache_dir = str(cache_dir)
-    for key, value in {**TINY, **overrides}.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict({**TINY, **overrides})
     return c
 
 
