@@ -71,7 +71,12 @@ def _restore(config, workdir: str):
 def _same_docs(a, b) -> bool:
     import numpy as np
 
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        return False
+    la, lb = getattr(a, "lengths", None), getattr(b, "lengths", None)
+    if la is not None and lb is not None and not np.array_equal(la, lb):
+        return False
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))  # streamed, not held
 
 
 def main(argv: list[str]) -> None:

@@ -151,13 +151,15 @@ class LongformConfig:
         return float(math.ceil(self.seconds / 16 / 60) * 60)
 
 
-def task_eval_data(task: Any) -> tuple[list[np.ndarray], Any]:
+def task_eval_data(task: Any) -> tuple[Sequence[np.ndarray], Any]:
     """`(held-out unit documents, unit vocoder)` of a prepared SpeechSSM-family task.
 
-    The documents are the task's held-out split (`[units]` int32 arrays, document order).
+    The documents are the task's held-out split (`[units]` int32 arrays, document order): a
+    list for the embedded corpus, a lazy memory-mapped `TokenStore` for real corpora (not
+    copied: a LibriLight held-out fraction is gigabytes).
     """
     task.prepare()
-    return list(task._docs["heldout"]), task._prepared["vocoder"]  # noqa: SLF001
+    return task._docs["heldout"], task._prepared["vocoder"]  # noqa: SLF001
 
 
 # --- pieces ---------------------------------------------------------------------------------
@@ -174,13 +176,15 @@ def _pick_prompts(
     and from later parts of the longest documents otherwise (small corpora).
     """
     span = prompt_len + num_tokens
+    lengths = getattr(docs, "lengths", None)  # a TokenStore knows them without reading
+    lengths = [len(d) for d in docs] if lengths is None else [int(n) for n in lengths]
     windows = [
-        (k, -len(d), i, k * span)
-        for i, d in enumerate(docs)
-        for k in range(max(0, -(-(len(d) - prompt_len) // span)))
+        (k, -n, i, k * span)
+        for i, n in enumerate(lengths)
+        for k in range(max(0, -(-(n - prompt_len) // span)))
     ]
     if not windows:
-        longest = max((len(d) for d in docs), default=0) / UNIT_RATE
+        longest = max(lengths, default=0) / UNIT_RATE
         raise ValueError(
             f"no held-out document is longer than the {prompt_len / UNIT_RATE:g} s prompt "
             f"(the longest has {longest:.1f} s): lower prompt_seconds"
