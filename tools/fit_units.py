@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     from avjax.data import features as features_lib
     from avjax.data import kmeans as kmeans_lib
     from avjax.data.corpus import scan_audio_dir
-    from avjax.data.units import UnitTokenizer
+    from avjax.data.units import UnitTokenizer, feature_stats
 
     if args.num_units < 2:
         raise ValueError(f"--num_units must be >= 2, got {args.num_units}")
@@ -113,12 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     normalize = args.normalize == "true" or (
         args.normalize == "auto" and features_lib.normalize_by_default(extractor.name)
     )
-    if normalize:
-        mean = x.mean(axis=0)
-        std = np.maximum(x.std(axis=0), 1e-3)
-    else:
-        mean = np.zeros(x.shape[1], np.float32)
-        std = np.ones(x.shape[1], np.float32)
+    mean, std = feature_stats(x, normalize)
     x = (x - mean) / std
 
     result = kmeans_lib.fit_minibatch_kmeans(

@@ -202,6 +202,14 @@ def _lloyd_step(x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     return new, jnp.mean(d)
 
 
+def feature_stats(x: np.ndarray, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension `(mean, std)`, each `[dim]` float32, of features `x [n, dim]` (std floored
+    at 1e-3); `(0, 1)` when not `normalize` (e.g. HuBERT features, clustered as they are)."""
+    if not normalize:
+        return np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
+    return x.mean(axis=0).astype(np.float32), np.maximum(x.std(axis=0), 1e-3).astype(np.float32)
+
+
 def kmeans(
     x: np.ndarray, num_clusters: int, *, seed: int = 0, iters: int = 30, tol: float = 1e-4
 ) -> tuple[np.ndarray, list[float]]:
@@ -286,12 +294,7 @@ class UnitTokenizer:
         x = np.concatenate([np.asarray(f, np.float32) for f in features if len(f)])
         if len(x) > max_points:
             x = x[np.random.default_rng(seed).choice(len(x), max_points, replace=False)]
-        if normalize:
-            mean = x.mean(axis=0)
-            std = np.maximum(x.std(axis=0), 1e-3)
-        else:
-            mean = np.zeros(x.shape[1], np.float32)
-            std = np.ones(x.shape[1], np.float32)
+        mean, std = feature_stats(x, normalize)
         c, hist = kmeans((x - mean) / std, num_units, seed=seed, iters=iters)
         logging.info(
             "k-means: %d units on %d vectors x %d dims, %d iterations, inertia %.2f -> %.2f",
