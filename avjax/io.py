@@ -1,0 +1,61 @@
+"""Paths that understand URLs: local folders and `gs://` (or other remote) workdirs alike.
+
+Every place that touches a workdir, cache or output path goes through `as_path`, so a
+`gs://bucket/run` workdir is written to the bucket by every host (orbax, TensorBoard and our
+own JSON files), never to `<cwd>/gs:/bucket/run` on each host's boot disk.
+
+    path = as_path(workdir) / "checkpoints"
+    write_text_atomic(path / "stamp.json", json.dumps(...))
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from etils import epath
+
+PathLike = str | os.PathLike | epath.Path
+
+
+def is_remote(path: PathLike) -> bool:
+    """True for URLs such as `gs://bucket/x` (anything with a `scheme://`)."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """An `epath.Path`: URLs kept as they are; local paths made absolute (with `~` expanded)."""
+    text = os.fspath(path)
+    if is_remote(text):
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def unique_tmp(path: PathLike) -> epath.Path:
+    """A sibling of `path` with a unique temporary name (`<name>.tmp-<hex>`)."""
+    p = as_path(path)
+    return p.parent / f"{p.name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def write_text_atomic(path: PathLike, text: str) -> epath.Path:
+    """Writes `text` to `path` through a unique temporary file and a rename.
+
+    Readers see either the old content or the new one, never a half-written file (on GCS an
+    object write is atomic on its own; the rename keeps local filesystems the same).
+    """
+    p = as_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp(p)
+    tmp.write_text(text)
+    tmp.replace(p)
+    return p
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> epath.Path:
+    """`write_text_atomic` for bytes."""
+    p = as_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp(p)
+    tmp.write_bytes(data)
+    tmp.replace(p)
+    return p
