@@ -10,8 +10,12 @@ own JSON files), never to `<cwd>/gs:/bucket/run` on each host's boot disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -59,3 +63,34 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> epath.Path:
     tmp.write_bytes(data)
     tmp.replace(p)
     return p
+
+
+@contextlib.contextmanager
+def local_then_copy(path: PathLike) -> Iterator[str]:
+    """Yields a local file name for a writer that needs one (soundfile, matplotlib, np.save);
+    on a clean exit the file becomes `path`, which may be a URL.
+
+    Local `path`: the temporary file sits beside it and keeps its suffix (writers infer the
+    format from it; `np.save` would append `.npy` otherwise), then is renamed into place
+    (atomic). Remote `path`: the file is written to a local temporary folder and streamed to
+    `path`. On an error nothing is published and the temporary file is removed.
+
+        with local_then_copy(out / "sample_0.wav") as f:
+            soundfile.write(f, wav, 16000)
+    """
+    p = as_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if not is_remote(p):
+        tmp = p.parent / f"{p.stem}.tmp-{uuid.uuid4().hex[:12]}{p.suffix}"
+        try:
+            yield os.fspath(tmp)
+            os.replace(tmp, p)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return
+    with tempfile.TemporaryDirectory(prefix="avjax-") as d:
+        local = os.path.join(d, p.name)
+        yield local
+        with open(local, "rb") as src, p.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)

@@ -18,7 +18,10 @@ Sample a minute (or 16: --config.sample.seconds=960) continuing a held-out promp
 
   python -m avjax.main --config=configs/speechssm.py --workdir=workdir/speechssm --mode=sample
 
-writes workdir/speechssm/samples/step_<N>/sample_0.wav, .png spectrogram, .npy units.
+writes workdir/speechssm/samples/step_<N>/60s_t1.0_k0_seed0-<key8>/sample_0.wav, .png
+spectrogram, .npy units: one folder per request (length, temperature, top-k, seed; <key8>
+hashes everything that defines the tokens), so other settings sample beside it and the same
+command again resumes or returns the finished one (--config.sample.out_dir=DIR names it).
 
 Any field can be overridden, e.g. `--config.train.steps=100 --config.mesh.data=-1`.
 
@@ -139,8 +142,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.prompt_seconds = 10.0  # from the held-out split
     c.sample.temperature = 1.0
     c.sample.top_k = 0  # 0 = off
+    c.sample.top_p = 1.0  # nucleus sampling; 1.0 = off
     c.sample.batch_size = 1
     c.sample.seed = 0
     c.sample.chunk_tokens = 250  # decode steps per jitted chunk (10 s): progress granularity
     c.sample.save_every_chunks = 6  # sampler state saved every N chunks: a killed job resumes
+    # "" = samples/step_<N>/<seconds>s_t<T>_k<K>_seed<S>-<key8>/ in the workdir, one per
+    # request; else this folder (path or URL), refused if it holds another request.
+    c.sample.out_dir = ""
     return c

@@ -71,8 +71,12 @@ def test_other_arguments_in_the_same_directory_are_refused(tmp_path):
     with pytest.raises(ResumeMismatchError, match="prompt_sha256"):
         sample_resumable(model, params, prompt + 1, 20, d, **KW)
     other, other_params, _ = _setup("transformer")
-    with pytest.raises(ResumeMismatchError, match="params_layout"):
+    with pytest.raises(ResumeMismatchError, match="params_sha256"):
         sample_resumable(other, other_params, prompt, 20, d, **KW)
+    # The same shapes with other values (another checkpoint) are another job too.
+    moved = jax.tree.map(lambda x: x * 1.01, params)
+    with pytest.raises(ResumeMismatchError, match="params_sha256"):
+        sample_resumable(model, moved, prompt, 20, d, **KW)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices")

@@ -41,6 +41,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +52,7 @@ from absl import logging
 from avjax.data import units as units_lib
 from avjax.data.units import SAMPLES_PER_UNIT, UNIT_RATE
 from avjax.eval import metrics
+from avjax.io import PathLike, as_path, local_then_copy, write_text_atomic
 
 GROUND_TRUTH = "ground_truth"
 FRAMES_PER_SECOND = 100  # log-mel frame rate (units_lib.HOP_LENGTH at 16 kHz)
@@ -250,15 +252,22 @@ def _teacher_forced_logprobs(
     return lps, mask
 
 
-def _vocode(vocoder: Any, units: np.ndarray, path: str, n_iter: int) -> np.ndarray:
-    """Decodes `units` `[t]` to `path` (16 kHz WAV, windowed) and returns `[640 t]` float32."""
+def _vocode(vocoder: Any, units: np.ndarray, path: PathLike | None, n_iter: int) -> np.ndarray:
+    """Decodes `units` `[t]` (16 kHz, windowed) and returns `[640 t]` float32; the WAV is kept
+    at `path` (a path or URL) unless it is None."""
     import soundfile as sf
 
     from avjax.data import vocoder as vocoder_lib
 
-    vocoder_lib.decode_units_to_wav(vocoder, units, path, n_iter=n_iter, progress=False)
-    wav, _ = sf.read(path, dtype="float32")
-    return wav
+    def decode(f: str) -> np.ndarray:
+        vocoder_lib.decode_units_to_wav(vocoder, units, f, n_iter=n_iter, progress=False)
+        return sf.read(f, dtype="float32")[0]
+
+    if path is None:
+        with tempfile.TemporaryDirectory(prefix="avjax-eval-") as d:
+            return decode(os.path.join(d, "audio.wav"))
+    with local_then_copy(path) as f:
+        return decode(f)
 
 
 def _slice_metrics(
@@ -362,7 +371,7 @@ def evaluate_longform(
         "ground_truth").
       heldout_docs: held-out unit documents `[units]` (25 Hz); prompts come from the longest.
       vocoder: the units' `UnitVocoder` (units -> audio).
-      out_dir: output folder (created).
+      out_dir: output folder (created; a path or a URL such as `gs://bucket/run/eval`).
       config: settings (`LongformConfig()` by default).
       step: the training step evaluated (recorded in the report and JSON).
       asr / embedder: override the pocketsphinx ASR (`transcribe(wav) -> str`) and the text
@@ -384,9 +393,9 @@ def evaluate_longform(
         raise ValueError(f"seconds={cfg.seconds} and slice_seconds={slice_s} must be positive")
     bounds = metrics.slice_bounds(num_tokens, slice_units)
     n_slices = len(bounds)
-    os.makedirs(out_dir, exist_ok=True)
-    audio_dir = os.path.join(out_dir, "audio")
-    os.makedirs(audio_dir, exist_ok=True)
+    out_dir = as_path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    audio_dir = out_dir / "audio"
     t_start = time.time()
 
     doc_ids = _pick_prompts(heldout_docs, prompt_len, num_tokens, int(cfg.num_prompts))
@@ -426,7 +435,7 @@ def evaluate_longform(
     # References: the prompt decoded alone, and its transcript.
     prompt_wavs, prompt_texts = [], []
     for j, p in enumerate(prompts):
-        path = os.path.join(audio_dir, f"prompt_{j}.wav")
+        path = audio_dir / f"prompt_{j}.wav"
         prompt_wavs.append(_vocode(vocoder, p, path, cfg.vocoder_iters))
         prompt_texts.append(
             _transcribe_slices(asr, prompt_wavs[-1], len(prompt_wavs[-1]), cfg.asr_seconds)[0]
@@ -458,10 +467,8 @@ def evaluate_longform(
         for j, units in enumerate(gens):
             t0 = time.time()
             full = np.concatenate([prompts[j], units]).astype(np.int32)
-            wav_path = os.path.join(audio_dir, f"{name}_{j}.wav")
+            wav_path = audio_dir / f"{name}_{j}.wav" if cfg.save_audio else None
             wav = _vocode(vocoder, full, wav_path, cfg.vocoder_iters)
-            if not cfg.save_audio:
-                os.remove(wav_path)
             t1 = time.time()
             m = _slice_metrics(units, prompts[j], wav, prompt_wavs[j], slice_units)
             for k, v in m.items():
@@ -522,17 +529,14 @@ def evaluate_longform(
             for n, r in results.items()
         },
     }
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(_json_float(report), f, indent=1)
-    plot_paths = write_plots(report, os.path.join(out_dir, "plots"))
-    write_tensorboard(report, os.path.join(out_dir, "tensorboard"))
-    report_path = os.path.join(out_dir, "report.md")
-    with open(report_path, "w") as f:
-        f.write(
-            render_markdown(report, {k: os.path.relpath(p, out_dir) for k, p in plot_paths.items()})
-        )
+    write_text_atomic(out_dir / "eval.json", json.dumps(_json_float(report), indent=1))
+    plot_paths = write_plots(report, out_dir / "plots")
+    write_tensorboard(report, out_dir / "tensorboard")
+    report_path = out_dir / "report.md"
+    links = {k: f"plots/{as_path(p).name}" for k, p in plot_paths.items()}
+    write_text_atomic(report_path, render_markdown(report, links))
     logging.info("Long-form report: %s (%.0f s)", report_path, time.time() - t_start)
-    summary: dict[str, Any] = {"longform/report": report_path}
+    summary: dict[str, Any] = {"longform/report": os.fspath(report_path)}
     for n, r in results.items():
         for k, v in r["mean"].items():
             summary[f"longform/{n}/{k}"] = v
@@ -636,15 +640,18 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plots(report: dict[str, Any], plot_dir: str) -> dict[str, str]:
+def write_plots(report: dict[str, Any], plot_dir: PathLike) -> dict[str, str]:
     """One PNG per metric (every model on one plot, value over time); returns {metric: path}.
+
+    `plot_dir` may be a URL (`gs://...`): each PNG is rendered locally and copied there.
 
     `continuity_boundary` and `continuity_within` share one plot (`continuity.png`: solid =
     across the boundary, dotted = within the slice).
     """
     from matplotlib.figure import Figure  # no pyplot: Agg canvas, no global state
 
-    os.makedirs(plot_dir, exist_ok=True)
+    plot_dir = as_path(plot_dir)
+    plot_dir.mkdir(parents=True, exist_ok=True)
     slices, models = report["slices"], report["models"]
     minutes = slices[-1][1] > 300
     mids = np.asarray([(s + e) / 2 for s, e in slices]) / (60.0 if minutes else 1.0)
@@ -688,19 +695,20 @@ def write_plots(report: dict[str, Any], plot_dir: str) -> dict[str, str]:
         if ax.lines:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(plot_dir, f"{fname}.png")
-        fig.savefig(path)
+        path = os.fspath(plot_dir / f"{fname}.png")
+        with local_then_copy(path) as f:
+            fig.savefig(f, format="png")
         for k in keys:
             paths[k] = path
     return paths
 
 
-def write_tensorboard(report: dict[str, Any], tb_dir: str) -> None:
+def write_tensorboard(report: dict[str, Any], tb_dir: PathLike) -> None:
     """Scalars `longform/<metric>` per slice into `tb_dir/<model>/` (step = slice end, s)."""
     from clu import metric_writers
 
     for n, r in report["models"].items():
-        w = metric_writers.SummaryWriter(os.path.join(tb_dir, n))
+        w = metric_writers.SummaryWriter(os.fspath(as_path(tb_dir) / n))
         for i, (_, e) in enumerate(report["slices"]):
             scalars = {}
             for k, v in r["per_slice"].items():

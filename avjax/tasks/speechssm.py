@@ -412,9 +412,24 @@ class SpeechSSMTask(Task):
 
     # --- inference --------------------------------------------------------------------------
     def sample(self, model, params, step: int) -> dict[str, Any]:
-        """Continues held-out prompts for `config.sample.seconds`; writes WAV, PNG, units."""
+        """Continues held-out prompts for `config.sample.seconds`; writes WAV, PNG, units.
+
+        Each request gets its own folder, so one workdir holds many samplings of its
+        checkpoints: `<workdir>/samples/step_<N>/<seconds>s_t<temperature>_k<top_k>_seed<seed>
+        -<key8>/` (`_p<top_p>` when top-p is on), e.g. `samples/step_400/60s_t1.0_k0_seed0-
+        1a2b3c4d/sample_0.wav`, or `config.sample.out_dir` when set (a path or URL). `<key8>`
+        starts the sha256 of everything that defines the tokens
+        (`avjax.sample.resumable.job_spec`: checkpoint step, a digest of the parameters'
+        values, prompt, length, temperature, top-k/p, seed, batch, chunk_tokens; saved as
+        `job.json`). The same request again resumes its killed job (sampler state in
+        `<folder>/sampler_state`) or returns the finished one without decoding; a named
+        `out_dir` holding another request is refused, naming the fields that differ.
+        Writes `sample_<i>.{wav,png,npy}` (prompt + continuation) and `summary.json`.
+        """
         from avjax.data import plots
         from avjax.data import vocoder as vocoder_lib
+        from avjax.io import as_path, local_then_copy, write_text_atomic
+        from avjax.sample import resumable
 
         sc = self.config.sample
         self.prepare()
@@ -432,8 +447,49 @@ class SpeechSSMTask(Task):
                 )
             prompts.append(doc[:prompt_len])
         prompt = np.stack(prompts)
-        out_dir = os.path.join(self.workdir, "samples", f"step_{step}")
-        os.makedirs(out_dir, exist_ok=True)
+        t0 = time.time()
+        digest = resumable.params_digest(params)
+        digest_s = time.time() - t0
+        top_p = float(sc.get("top_p", 1.0))
+        spec = resumable.job_spec(
+            prompt,
+            num_tokens,
+            params_sha256=digest,
+            seed=int(sc.seed),
+            temperature=float(sc.temperature),
+            top_k=int(sc.top_k),
+            top_p=top_p,
+            chunk_tokens=int(sc.chunk_tokens),
+            extra={"checkpoint_step": int(step)},
+        )
+        key = resumable.job_key(spec)
+        named = str(sc.get("out_dir", "") or "")
+        if named:
+            out_dir = as_path(named)
+        else:
+            label = (
+                f"{float(sc.seconds):g}s_t{float(sc.temperature)}_k{int(sc.top_k)}"
+                + (f"_p{top_p}" if top_p < 1 else "")
+                + f"_seed{int(sc.seed)}"
+            )
+            out_dir = as_path(self.workdir) / "samples" / f"step_{step}" / f"{label}-{key[:8]}"
+        writer = jax.process_index() == 0
+        try:
+            resumable.claim_job(out_dir, spec, write=writer)
+        except resumable.ResumeMismatchError as e:
+            if not named:
+                raise
+            raise resumable.ResumeMismatchError(
+                f"config.sample.out_dir={named!r} was used for another request: {e}. Choose "
+                "another out_dir, or leave it empty for a folder per request under "
+                f"{as_path(self.workdir) / 'samples'}"
+            ) from None
+        summary_path = out_dir / "summary.json"
+        if summary_path.exists():
+            done = json.loads(summary_path.read_text())
+            if done.get("job_key") == key and all(as_path(f).exists() for f in done["files"]):
+                logging.info("This request was sampled before: %s", ", ".join(done["files"]))
+                return {**done, "reused": True}
         logging.info(
             "Sampling %d x %.0f s (%d tokens) after a %.1f s prompt into %s",
             len(prompts),
@@ -447,22 +503,23 @@ class SpeechSSMTask(Task):
         # Resumable: the sampler state is saved under out_dir/sampler_state; re-running the
         # same command after a kill continues there with the same tokens. The batch is split
         # over the mesh the params live on (progress bar with ETA inside).
-        from avjax.sample import resumable
-
         mesh = getattr(jax.tree.leaves(params)[0].sharding, "mesh", None)
         gen = resumable.generate_resumable(
             model,
             params,
             prompt,
             num_tokens,
-            os.path.join(out_dir, "sampler_state"),
+            out_dir / "sampler_state",
             seed=int(sc.seed),
             temperature=float(sc.temperature),
             top_k=int(sc.top_k),
+            top_p=top_p,
             chunk_tokens=int(sc.chunk_tokens),
             save_every_chunks=int(sc.get("save_every_chunks", 6)),
             mesh=mesh if isinstance(mesh, jax.sharding.Mesh) else None,
             rules=self.config.sharding_rules,
+            params_sha256=digest,
+            extra_meta={"checkpoint_step": int(step)},
         )
         for c in gen:
             chunks.append(c)
@@ -471,31 +528,55 @@ class SpeechSSMTask(Task):
         files = []
         for i in range(len(prompts)):
             units = np.concatenate([prompt[i], tokens[i]]).astype(np.int32)
-            base = os.path.join(out_dir, f"sample_{i}")
-            np.save(base + ".npy", units)
-            n = vocoder_lib.decode_units_to_wav(vocoder, units, base + ".wav")
+            base = out_dir / f"sample_{i}"
+            files.append(os.fspath(base.with_suffix(".wav")))
+            if not writer:
+                continue
+            with local_then_copy(base.with_suffix(".npy")) as f:
+                np.save(f, units)
+            with local_then_copy(base.with_suffix(".wav")) as f:
+                n = vocoder_lib.decode_units_to_wav(vocoder, units, f)
             mel, frame_rate = _overview_mel(vocoder, units)
-            plots.save_spectrogram_png(
-                mel,
-                base + ".png",
-                frame_rate=frame_rate,
-                title=f"SpeechSSM step {step}: {sc.prompt_seconds:g} s prompt + {sc.seconds:g} s",
-            )
-            files.append(base + ".wav")
-            logging.info("Wrote %s (%.1f s)", base + ".wav", n / vocoder.sample_rate)
+            with local_then_copy(base.with_suffix(".png")) as f:
+                plots.save_spectrogram_png(
+                    mel,
+                    f,
+                    frame_rate=frame_rate,
+                    title=(
+                        f"SpeechSSM step {step}: {sc.prompt_seconds:g} s prompt + "
+                        f"{sc.seconds:g} s (T={float(sc.temperature):g}, top-k={int(sc.top_k)})"
+                    ),
+                )
+            logging.info("Wrote %s (%.1f s)", files[-1], n / vocoder.sample_rate)
         summary = {
             "files": files,
+            "out_dir": os.fspath(out_dir),
+            "job_key": key,
+            "request": {
+                "checkpoint_step": int(step),
+                "seconds": float(sc.seconds),
+                "prompt_seconds": float(sc.prompt_seconds),
+                "temperature": float(sc.temperature),
+                "top_k": int(sc.top_k),
+                "top_p": top_p,
+                "seed": int(sc.seed),
+                "batch_size": len(prompts),
+                "chunk_tokens": int(sc.chunk_tokens),
+            },
             "tokens": int(tokens.shape[1]),
             "seconds": tokens.shape[1] / UNIT_RATE,
             "decode_ms_per_token": 1e3 * gen_s / max(tokens.shape[1], 1),
+            "params_digest_s": digest_s,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "distinct_units": int(len(np.unique(tokens))) if tokens.size else 0,
         }
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        if writer:
+            write_text_atomic(summary_path, json.dumps(summary, indent=2))
         return summary
 
     def evaluate(self, model, params, step, eval_loss) -> dict[str, Any]:
+        from avjax.io import as_path
+
         facts = self.prepare()
         out = {
             "unigram_entropy_nats": facts["unigram_entropy_nats"],
@@ -510,7 +591,7 @@ class SpeechSSMTask(Task):
                     [longform.ModelEntry(self.name, model, params)],
                     self._docs["heldout"],
                     self._prepared["vocoder"],
-                    os.path.join(self.workdir, "eval", f"step_{step}"),
+                    as_path(self.workdir) / "eval" / f"step_{step}",
                     longform.LongformConfig.from_config(self.config),
                     step=step,
                 )
