@@ -6,6 +6,10 @@ r"""avjax's single entry point: train, evaluate or sample any model from its con
 
 The config file names the task (`config.task`); everything else goes through the Task
 interface. Re-running a train command resumes from the workdir's newest checkpoint.
+
+Exit codes: 0 done; 143 (`loop.EXIT_PREEMPTED`) preempted: a SIGTERM reached a process, every
+process saved the checkpoint of the same step and stopped; rerun the same command (requeue)
+to resume. `--workdir` may be a URL (`gs://bucket/run`).
 """
 
 from __future__ import annotations
@@ -72,15 +76,27 @@ def run(config, workdir: str, mode: str, stop_after: int | None = None) -> dict:
     """Runs `mode` for `config` in `workdir`; returns a summary dict (also logged).
 
     `stop_after` (train): stop with a checkpoint after that many steps of this run, as a
-    preempted job would (the learning-rate schedule still spans `config.train.steps`).
+    preempted job would (the learning-rate schedule still spans `config.train.steps`), and
+    return. A real preemption raises `loop.Preempted` (a SystemExit with code 143) instead.
+    `--mode=sample|eval` on a workdir without a checkpoint fails before preparing anything.
     """
     import jax
 
+    from avjax.io import as_path
     from avjax.tasks import get_task
+    from avjax.train import checkpoint as ckpt_lib
     from avjax.train import loop
     from avjax.train.sharding import apply_preset, make_mesh
 
-    os.makedirs(workdir, exist_ok=True)
+    if mode == "eval" and int(config.train.eval_batches) <= 0:
+        raise ValueError(
+            "--mode=eval averages the held-out loss over config.train.eval_batches batches; "
+            f"it is {config.train.eval_batches}: set --config.train.eval_batches=1 or more"
+        )
+    if mode == "train":
+        as_path(workdir).mkdir(parents=True, exist_ok=True)
+    else:  # before building any corpus or units
+        ckpt_lib.require_checkpoint(workdir, mode)
     apply_preset(config)
     task = get_task(config, workdir)
     mesh = make_mesh(config.mesh)
@@ -88,9 +104,9 @@ def run(config, workdir: str, mode: str, stop_after: int | None = None) -> dict:
     if mode == "train":
         state = loop.train(task, config, workdir, mesh, stop_after=stop_after)
         return {"step": int(state.step)}
-    trainer, params, step = loop.restore_params(task, config, workdir, mesh)
+    trainer, params, step = loop.restore_params(task, config, workdir, mesh, mode)
     if mode == "eval":
-        n = int(config.train.eval_batches) or 1
+        n = int(config.train.eval_batches)
         cfg_batches = task.eval_batches(jax.process_index(), jax.process_count())[:n]
         eval_loss = loop.evaluate_loss(trainer, params, cfg_batches)
         summary = {"step": step, "eval_loss": eval_loss}

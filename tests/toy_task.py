@@ -86,7 +86,7 @@ class ToyTask(Task):
             self._docs[6:],
             c.data.seq_len,
             c.train.batch_size // process_count,
-            2,
+            int(c.train.eval_batches),
             process_index,
             process_count,
         )
@@ -155,6 +155,7 @@ def toy_config(**train) -> ml_collections.ConfigDict:
             checkpoint_every=4,
             keep_checkpoints=3,
             async_checkpoints=True,
+            reset_data_iterator=False,
         )
     )
     c.train.update(train)

@@ -3,17 +3,21 @@
     state = init or restore            # sharded over the mesh by logical axis rules
     for step in range(start, steps):
         state, metrics = train_step(state, next(batches))
-        log / eval / checkpoint; on SIGTERM: checkpoint and stop
+        log / eval / checkpoint (never a non-finite state)
+        on a preemption notice (SIGTERM to any process): all processes agree on a step,
+            checkpoint it and stop; the process exits with code 143 (`Preempted`)
 
 Re-running the same command resumes from the newest checkpoint: parameters, optimizer state,
-step and the grain iterator position are restored, so no step is repeated or lost.
+step and the grain iterator position are restored, so no step is repeated or lost. Config
+changes that would break that (batch size, window length, packing, accumulation, seed) are
+refused by field; `config.train.reset_data_iterator=True` keeps params and optimizer state
+and starts the data afresh (e.g. after a change in the number of processes).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -26,9 +30,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 
+from avjax.io import PathLike, as_path
 from avjax.tasks.base import Batch, Task
 from avjax.train import checkpoint as ckpt_lib
 from avjax.train import hardware
@@ -61,6 +68,7 @@ class Trainer:
     fresh_state: Any  # params -> TrainState at step 0 (fresh optimizer), sharded
     train_step: Any
     eval_step: Any
+    all_finite: Any  # state -> scalar bool (replicated): every float leaf is finite
 
 
 def _loss_and_grads(
@@ -189,59 +197,260 @@ def build_trainer(
         fresh_state=fresh_state,
         train_step=train_step,
         eval_step=eval_step,
+        all_finite=jax.jit(_all_finite, out_shardings=sharding_lib.replicated(mesh)),
     )
 
 
 def evaluate_loss(trainer: Trainer, params: Any, batches: list[Batch]) -> float:
-    """Mean held-out loss per target over `batches`."""
+    """Mean held-out loss per target over `batches`.
+
+    Raises:
+      ValueError: there is nothing to evaluate (no batches, or batches without targets):
+        never a made-up 0.0.
+    """
+    if not batches:
+        raise ValueError("no held-out batches to evaluate (config.train.eval_batches=0?)")
     total, weight = 0.0, 0.0
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(list(trainer.rules)):
         for b in batches:
             out = trainer.eval_step(params, sharding_lib.put_batch(b, trainer.mesh, trainer.rules))
             total += float(out["loss_sum"])
             weight += float(out["weight"])
-    return total / max(weight, 1.0)
+    if weight <= 0:
+        raise ValueError(f"the {len(batches)} held-out batches hold no targets (all masked)")
+    return total / weight
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
+
+
+class Preempted(SystemExit):
+    """`train` stopped at `step` on a preemption notice, after saving a checkpoint there.
+
+    A `SystemExit` with code `EXIT_PREEMPTED` (143): uncaught, the process exits non-zero, so
+    a requeue wrapper (SLURM `--requeue`, a queued-resource retry, a shell loop) reruns the
+    same command, which resumes from that checkpoint.
+    """
+
+    def __init__(self, step: int):
+        super().__init__(EXIT_PREEMPTED)
+        self.step = step
+
+
+class _PreemptionWatch:
+    """Says, identically on every process, whether to stop after a step for a preemption.
+
+    One process: a SIGTERM handler sets a flag, read after each step. Several processes: the
+    notice may reach one process only, and a process that stops alone leaves the others
+    hanging in the next step's collectives, so all must agree on the step. With
+    `jax.distributed` initialised, JAX's preemption sync manager (what orbax's
+    `CheckpointManager.reached_preemption` asks) catches SIGTERM in whichever process gets it
+    and agrees in the background on a step (the largest any process has reached, plus one) at
+    which `reached_preemption` turns true everywhere; it must be asked after every step, and
+    no Python handler may replace its own. With the preemption service turned off
+    (`jax_enable_preemption_service=False`) the local flags are all-gathered after each step.
+    """
 
     def __init__(self):
         self.requested = False
+        self.synced = jax.distributed.is_initialized() and bool(
+            jax.config.jax_enable_preemption_service
+        )
         self._previous = None
 
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside some test runners)
-            self._previous = None
+    def __enter__(self) -> _PreemptionWatch:
+        if not self.synced:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                self._previous = None
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame) -> None:
         logging.warning("SIGTERM received: will checkpoint after this step and stop.")
         self.requested = True
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
+    def should_stop(self, step: int, manager: ocp.CheckpointManager) -> bool:
+        """True on every process at the same `step` once any process got a SIGTERM."""
+        if self.synced:
+            return bool(manager.reached_preemption(step))
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Drops rows logged after `last_step` (a crash after logging, before the checkpoint)."""
-    if not os.path.exists(path):
-        return
-    rows = metrics_lib.read_jsonl(path)
-    kept = [r for r in rows if r["step"] <= last_step]
-    if len(kept) != len(rows):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
+
+def _all_finite(tree: Any) -> jax.Array:
+    """A scalar bool: every floating-point leaf of `tree` is finite."""
+    ok = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.array(True)
+
+
+def _init_or_restore(
+    trainer: Trainer,
+    manager: ocp.CheckpointManager,
+    data_iter: Any,
+    config: ml_collections.ConfigDict,
+) -> TrainState:
+    """The newest checkpoint's state (data iterator restored in place), else a fresh one.
+
+    Resuming refuses config changes that break exact resumption and names what differs in
+    the stored tree (see `checkpoint.check_config_drift`, `checkpoint.restore`);
+    `config.train.reset_data_iterator=True` restores params and optimizer state only.
+    """
+    tc = config.train
+    latest = manager.latest_step()
+    if latest is None:
+        state = trainer.init_fn(jax.random.key(int(config.seed)))
+        if tc.get("init_from"):
+            params = ckpt_lib.load_init_params(tc.init_from, state.params, tc.get("init_skip", ""))
+            state = trainer.fresh_state(params)
+        return state
+    where = f"{manager.directory}/{latest}"
+    reset = bool(tc.get("reset_data_iterator", False))
+    current = json.loads(config.to_json_best_effort())
+    ckpt_lib.check_config_drift(ckpt_lib.saved_config(manager, latest), current, reset, where)
+    logging.info("Resuming from checkpoint step %d in %s", latest, manager.directory)
+    if reset:
+        logging.warning(
+            "config.train.reset_data_iterator=True: parameters and optimizer state from %s; "
+            "the data pipeline starts afresh (the saved position is not used)",
+            where,
+        )
+    return ckpt_lib.restore(manager, latest, trainer.abstract_state, None if reset else data_iter)
+
+
+class _Run:
+    """One training run after init/restore: steps, logs, evals, checkpoints, preemption."""
+
+    def __init__(
+        self,
+        task: Task,
+        config: ml_collections.ConfigDict,
+        workdir: PathLike,
+        trainer: Trainer,
+        manager: ocp.CheckpointManager,
+        data_iter: Any,
+        watch: _PreemptionWatch,
+    ):
+        self.task, self.config, self.workdir, self.trainer = task, config, workdir, trainer
+        self.manager, self.data_iter, self.watch = manager, data_iter, watch
+        self.compat = task.compatibility()
+        self.stamped = manager.latest_step() is not None
+        self.config_dict = json.loads(config.to_json_best_effort())
+        self.writer = metrics_lib.create_writer(workdir)
+        self.report = periodic_actions.ReportProgress(
+            num_train_steps=int(config.train.steps), writer=self.writer
+        )
+        self.eval_batches = self._eval_batches()
+        self.flops_per_token = task.flops_per_token()
+        self.peak = hardware.peak_flops(jax.devices()[0].device_kind)  # None on CPU: no MFU
+        self.pending: list[dict[str, jax.Array]] = []
+        self.t_log, self.tokens_since = time.time(), 0
+
+    def _eval_batches(self) -> list[Batch]:
+        tc = self.config.train
+        if not tc.eval_every:
+            return []
+        if int(tc.get("eval_batches", 1)) <= 0:
+            logging.info("config.train.eval_batches=0: no held-out evaluation while training")
+            return []
+        batches = self.task.eval_batches(jax.process_index(), jax.process_count())
+        if not batches:
+            logging.warning("The task has no held-out batches: no evaluation while training")
+        return batches
+
+    def loop(self, state: TrainState, stop_after: int | None) -> tuple[TrainState, int | None]:
+        """Trains to `config.train.steps`; returns the state and the step it was preempted
+        at (None if it was not)."""
+        tc, trainer = self.config.train, self.trainer
+        step = start = int(state.step)
+        if start == 0:
+            n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+            self.writer.write_hparams({"num_params": n_params, **_flat(self.config.to_dict())})
+        with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(list(trainer.rules)):
+            while step < tc.steps:
+                state = self._step(state)
+                step += 1
+                self.report(step)
+                last = step == tc.steps
+                if step % tc.log_every == 0 or last:
+                    self._log(step)
+                if self.eval_batches and (step % tc.eval_every == 0 or last):
+                    self._eval(step, state)
+                preempted = self.watch.should_stop(step, self.manager) and not last
+                stop = preempted or (stop_after is not None and step - start >= stop_after)
+                if step % tc.checkpoint_every == 0 or last or stop:
+                    self._save(step, state)
+                if stop:
+                    logging.warning(
+                        "Stopping at step %d (checkpoint saved); rerun to resume.", step
+                    )
+                    return state, step if preempted else None
+        return state, None
+
+    def _step(self, state: TrainState) -> TrainState:
+        batch = next(self.data_iter)
+        self.tokens_since += self.task.tokens_per_batch(batch) * jax.process_count()
+        state, metrics = self.trainer.train_step(
+            state, sharding_lib.put_batch(batch, self.trainer.mesh, self.trainer.rules)
+        )
+        self.pending.append(metrics)
+        return state
+
+    def _log(self, step: int) -> None:
+        rows = jax.device_get(self.pending)
+        dt = max(time.time() - self.t_log, 1e-9)
+        scalars = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+        scalars["tokens_per_s"] = self.tokens_since / dt
+        scalars["steps_per_s"] = len(rows) / dt
+        if self.flops_per_token:
+            per_device = self.flops_per_token * self.tokens_since / dt / jax.device_count()
+            scalars["tflops_per_s_per_device"] = per_device / 1e12
+            if self.peak:
+                scalars["mfu"] = per_device / self.peak
+        if not np.isfinite(scalars["loss"]):
+            raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
+        self.writer.write_scalars(step, scalars)
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        self.pending.clear()
+        self.t_log, self.tokens_since = time.time(), 0
+
+    def _eval(self, step: int, state: TrainState) -> None:
+        eval_loss = evaluate_loss(self.trainer, state.params, self.eval_batches)
+        self.writer.write_scalars(step, {"eval_loss": eval_loss})
+        logging.info("step %d: eval_loss=%.4f", step, eval_loss)
+        self.t_log = time.time()
+
+    def _save(self, step: int, state: TrainState) -> None:
+        """Checkpoints a finite state (the first checkpoint writes the compatibility stamp)."""
+        losses = jax.device_get([m["loss"] for m in self.pending])
+        if not (np.all(np.isfinite(losses)) and bool(self.trainer.all_finite(state))):
+            raise FloatingPointError(
+                f"non-finite loss or train state at step {step}: not checkpointed; the newest "
+                f"checkpoint in {self.manager.directory} holds the last finite state"
+            )
+        if not self.stamped:
+            ckpt_lib.write_stamp(self.workdir, self.compat)
+            self.stamped = True
+        ckpt_lib.save(self.manager, step, state, self.data_iter, self.config_dict, force=True)
+
+    def close(self) -> None:
+        self.writer.flush()
 
 
 def train(
     task: Task,
     config: ml_collections.ConfigDict,
-    workdir: str,
+    workdir: PathLike,
     mesh: jax.sharding.Mesh,
     stop_after: int | None = None,
 ) -> TrainState:
@@ -249,111 +458,62 @@ def train(
 
     Args:
       stop_after: stop (with a checkpoint) after this many steps of *this* run, as if
-        preempted; used by tests of exact resumption.
+        preempted, and return; used by tests of exact resumption.
 
     Returns:
       The final train state.
+
+    Raises:
+      Preempted: after a preemption notice (SIGTERM to any process), once every process has
+        saved the checkpoint of the step they agreed on (exits the process with code 143).
+      FloatingPointError: the loss or the state became non-finite (nothing non-finite is
+        ever checkpointed).
     """
     tc = config.train
     ckpt_lib.check_compatible(workdir, task.compatibility())
-    facts = task.prepare()
-    logging.info("Data: %s", facts)
-    trainer = build_trainer(task, config, mesh)
-    pi, pc = jax.process_index(), jax.process_count()
-    train_ds = task.train_dataset(pi, pc)
-    data_iter = iter(train_ds)
-    manager = ckpt_lib.make_manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
-    latest = manager.latest_step()
-    if latest is not None:
-        logging.info("Resuming from checkpoint step %d in %s", latest, manager.directory)
-        state = ckpt_lib.restore(manager, latest, trainer.abstract_state, data_iter)
-        _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), latest)
-    else:
-        state = trainer.init_fn(jax.random.key(int(config.seed)))
-        if tc.get("init_from"):
-            params = ckpt_lib.load_init_params(tc.init_from, state.params, tc.get("init_skip", ""))
-            state = trainer.fresh_state(params)
-    start = int(state.step)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    logging.info(
-        "Model: %s parameters; starting at step %d of %d", f"{n_params:,}", start, tc.steps
-    )
-
-    writer = metrics_lib.create_writer(workdir)
-    if start == 0:
-        writer.write_hparams({"num_params": n_params, **_flat(config.to_dict())})
-    report = periodic_actions.ReportProgress(num_train_steps=int(tc.steps), writer=writer)
-    eval_batches = task.eval_batches(pi, pc) if tc.eval_every else []
-    config_dict = json.loads(config.to_json_best_effort())
-    flops_per_token = task.flops_per_token()
-    peak = hardware.peak_flops(jax.devices()[0].device_kind)  # None on CPU: no MFU logged
-
-    pending: list[tuple[int, dict[str, jax.Array], int]] = []
-    t_log, tokens_since = time.time(), 0
-    step = start
-    with _Preemption() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(list(trainer.rules)):
-        while step < tc.steps:
-            batch = next(data_iter)
-            tokens_since += task.tokens_per_batch(batch) * pc
-            state, metrics = trainer.train_step(
-                state, sharding_lib.put_batch(batch, mesh, trainer.rules)
+    with _PreemptionWatch() as watch:
+        logging.info("Data: %s", task.prepare())
+        trainer = build_trainer(task, config, mesh)
+        data_iter = iter(task.train_dataset(jax.process_index(), jax.process_count()))
+        manager = ckpt_lib.make_manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
+        try:
+            state = _init_or_restore(trainer, manager, data_iter, config)
+            metrics_lib.truncate_jsonl(as_path(workdir) / "metrics.jsonl", int(state.step))
+            n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+            logging.info(
+                "Model: %s parameters; starting at step %d of %d",
+                f"{n_params:,}",
+                int(state.step),
+                tc.steps,
             )
-            step += 1
-            report(step)
-            pending.append((step, metrics, 0))
-            last = step == tc.steps
-            if step % tc.log_every == 0 or last:
-                rows = jax.device_get([m for _, m, _ in pending])
-                dt = max(time.time() - t_log, 1e-9)
-                scalars = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
-                scalars["tokens_per_s"] = tokens_since / dt
-                scalars["steps_per_s"] = len(rows) / dt
-                if flops_per_token:
-                    per_device = flops_per_token * tokens_since / dt / jax.device_count()
-                    scalars["tflops_per_s_per_device"] = per_device / 1e12
-                    if peak:
-                        scalars["mfu"] = per_device / peak
-                if not np.isfinite(scalars["loss"]):
-                    raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
-                writer.write_scalars(step, scalars)
-                logging.info(
-                    "step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-                )
-                pending.clear()
-                t_log, tokens_since = time.time(), 0
-            if eval_batches and (step % tc.eval_every == 0 or last):
-                eval_loss = evaluate_loss(trainer, state.params, eval_batches)
-                writer.write_scalars(step, {"eval_loss": eval_loss})
-                logging.info("step %d: eval_loss=%.4f", step, eval_loss)
-                t_log = time.time()
-            stop = preempt.requested or (stop_after is not None and step - start >= stop_after)
-            if step % tc.checkpoint_every == 0 or last or stop:
-                ckpt_lib.save(manager, step, state, data_iter, config_dict, force=True)
-            if stop:
-                logging.warning("Stopping at step %d (checkpoint saved); rerun to resume.", step)
-                break
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+            run = _Run(task, config, workdir, trainer, manager, data_iter, watch)
+            state, preempted_at = run.loop(state, stop_after)
+            run.close()
+        finally:
+            manager.wait_until_finished()
+            manager.close()
+    if preempted_at is not None:
+        logging.warning("Preempted at step %d: exiting with code %d", preempted_at, EXIT_PREEMPTED)
+        raise Preempted(preempted_at)
     return state
 
 
 def restore_params(
-    task: Task, config: ml_collections.ConfigDict, workdir: str, mesh
+    task: Task, config: ml_collections.ConfigDict, workdir: PathLike, mesh, mode: str = "eval"
 ) -> tuple[Trainer, Any, int]:
-    """The newest checkpoint's params (for eval and sampling), with the trainer that fits them."""
+    """The newest checkpoint's params (for eval and sampling), with the trainer that fits them.
+
+    Fails at once, before any data preparation, when `workdir` has no checkpoint.
+    """
+    latest = ckpt_lib.require_checkpoint(workdir, mode)
     ckpt_lib.check_compatible(workdir, task.compatibility())
     task.prepare()
     trainer = build_trainer(task, config, mesh)
-    manager = ckpt_lib.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
-    latest = manager.latest_step()
-    if latest is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {manager.directory}: "
-            f"train first with --mode=train --workdir={workdir}"
-        )
-    state = ckpt_lib.restore(manager, latest, trainer.abstract_state)
-    manager.close()
+    manager = ckpt_lib.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
+    try:
+        state = ckpt_lib.restore(manager, latest, trainer.abstract_state)
+    finally:
+        manager.close()
     return trainer, state.params, latest
 
 
