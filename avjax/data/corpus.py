@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -193,80 +192,95 @@ def build_default_corpus(
     seed: int = 0,
     num_workers: int = 1,
     progress: bool = True,
+    **artifact_options: Any,
 ) -> list[Utterance]:
     """Builds (or loads from cache) the embedded espeak-ng story corpus under `root`.
 
     Args:
-      root: cache folder; created if needed, replaced if built with other parameters.
+      root: cache folder (a local path): a prepared artifact (`avjax.data.artifacts`) keyed
+        by the parameters below, replaced if built with others.
       minutes: total speech to synthesise (stories are added until at least this much).
       heldout_fraction: fraction of stories held out (at least one when there are >= 2).
       seed: selects the stories and the voice order.
       num_workers: synthesis processes (the result does not depend on it).
       progress: show a tqdm bar.
+      artifact_options: for `artifacts.prepare_artifact` (group: the build is deterministic,
+        so each filesystem's group leader builds its own copy; the others wait).
 
     Returns:
       All utterances, documents in order, train and held-out ("split") together.
     """
-    root = os.path.abspath(os.fspath(root))
+    from avjax.data import artifacts
+
+    root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     params = _stamp_params(minutes, heldout_fraction, seed)
-    stamp = _read_stamp(root)
-    if stamp is not None and stamp.get("params") == params:
-        return load_manifest(root)
-    if stamp is not None or (os.path.isdir(root) and os.listdir(root)):
-        logging.info("Corpus at %s has other parameters or is incomplete: rebuilding", root)
 
+    def adopt(path) -> dict[str, Any] | None:  # built before manifests: stamp.json
+        stamp = _read_stamp(os.fspath(path))
+        ok = stamp is not None and stamp.get("params") == params
+        return (
+            stamp.get("summary", {})
+            if ok and os.path.exists(os.path.join(path, MANIFEST))
+            else None
+        )
+
+    def build(tmp) -> dict[str, Any]:
+        return _synthesize_corpus(os.fspath(tmp), params, num_workers, progress)
+
+    artifacts.prepare_artifact(
+        root, params, build, what="the default corpus", adopt=adopt, **artifact_options
+    )
+    return load_manifest(root)
+
+
+def _synthesize_corpus(
+    tmp_root: str, params: dict[str, Any], num_workers: int, progress: bool
+) -> dict[str, Any]:
+    """Synthesises the stories of `params` into `tmp_root` (wavs, manifest, stamp)."""
     t0 = time.time()
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp_root = os.path.join(parent, f".{os.path.basename(root)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp_root)
+    seed, minutes = params["seed"], params["minutes"]
     target = int(minutes * 60 * audio_lib.SAMPLE_RATE)
-    try:
-        bar = _progress(progress, total=round(minutes * 60), desc="espeak corpus", unit="s")
-        docs: list[dict[str, Any]] = []
-        done = 0
-        for res in _story_results(seed, minutes, tmp_root, num_workers):
-            docs.append(res)
-            done += res["samples"]
-            if bar is not None:
-                bar.update(round(res["samples"] / audio_lib.SAMPLE_RATE))
-            if done >= target:
-                break
+    os.makedirs(os.path.join(tmp_root, "wavs"), exist_ok=True)
+    bar = _progress(progress, total=round(minutes * 60), desc="espeak corpus", unit="s")
+    docs: list[dict[str, Any]] = []
+    done = 0
+    for res in _story_results(seed, minutes, tmp_root, num_workers):
+        docs.append(res)
+        done += res["samples"]
         if bar is not None:
-            bar.close()
-        # Stories synthesised beyond the target by the pool are dropped from disk too.
-        keep = {d["doc_id"] for d in docs}
-        for name in os.listdir(os.path.join(tmp_root, "wavs")):
-            if name not in keep:
-                shutil.rmtree(os.path.join(tmp_root, "wavs", name))
-        heldout = _pick_heldout([d["doc_id"] for d in docs], heldout_fraction, seed)
-        utts = []
-        for d in docs:
-            for u in d["utts"]:
-                u["split"] = "heldout" if d["doc_id"] in heldout else "train"
-                utts.append(Utterance.from_json(u))
-        _write_manifest(tmp_root, utts)
-        summary = summarize(utts)
-        with open(os.path.join(tmp_root, STAMP), "w") as f:
-            json.dump({"params": params, "summary": summary}, f, indent=2)
-        _swap_into_place(tmp_root, root)
-    except BaseException:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-        raise
+            bar.update(round(res["samples"] / audio_lib.SAMPLE_RATE))
+        if done >= target:
+            break
+    if bar is not None:
+        bar.close()
+    # Stories synthesised beyond the target by the pool are dropped from disk too.
+    keep = {d["doc_id"] for d in docs}
+    for name in os.listdir(os.path.join(tmp_root, "wavs")):
+        if name not in keep:
+            shutil.rmtree(os.path.join(tmp_root, "wavs", name))
+    heldout = _pick_heldout([d["doc_id"] for d in docs], params["heldout_fraction"], seed)
+    utts = []
+    for d in docs:
+        for u in d["utts"]:
+            u["split"] = "heldout" if d["doc_id"] in heldout else "train"
+            utts.append(Utterance.from_json(u))
+    _write_manifest(tmp_root, utts)
+    summary = summarize(utts)
+    with open(os.path.join(tmp_root, STAMP), "w") as f:
+        json.dump({"params": params, "summary": summary}, f, indent=2)
     logging.info(
-        "Built default corpus %s in %.1f s: %.1f min, %d stories (%d held out), %d speakers",
-        root,
+        "Synthesised the default corpus in %.1f s: %.1f min, %d stories (%d held out), %d speakers",
         time.time() - t0,
         summary["minutes"],
         summary["docs"],
         summary["heldout_docs"],
         summary["speakers"],
     )
-    return load_manifest(root)
+    return summary
 
 
 def _progress(enabled: bool, **kw):
@@ -286,17 +300,6 @@ def _pick_heldout(doc_ids: Sequence[str], fraction: float, seed: int) -> set[str
     order = sorted(doc_ids)
     random.Random(f"avjax-heldout-{seed}").shuffle(order)
     return set(order[:k])
-
-
-def _swap_into_place(tmp_root: str, root: str) -> None:
-    """Renames the finished build onto `root`, removing an older build there."""
-    old = None
-    if os.path.lexists(root):
-        old = f"{root}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(root, old)
-    os.rename(tmp_root, root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_manifest(root: str, utts: Sequence[Utterance]) -> None:
@@ -343,6 +346,21 @@ def summarize(utts: Sequence[Utterance]) -> dict[str, Any]:
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
 
+def walk_files(root: str | os.PathLike) -> Iterator[str]:
+    """Every file under `root` in sorted order, following symlinked folders (each real folder
+    once: a link cycle is not followed twice). Paths are as seen through `root`."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(os.fspath(root), followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield os.path.join(dirpath, name)
+
+
 def scan_audio_dir(
     root: str | os.PathLike,
     *,
@@ -364,12 +382,11 @@ def scan_audio_dir(
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: audio directory not found")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.lower().endswith(AUDIO_EXTENSIONS) and not name.startswith("."):
-                files.append(os.path.join(dirpath, name))
+    files = [
+        path
+        for path in walk_files(root)
+        if path.lower().endswith(AUDIO_EXTENSIONS) and not os.path.basename(path).startswith(".")
+    ]
     if not files:
         raise FileNotFoundError(f"{root}: no {'/'.join(AUDIO_EXTENSIONS)} files found")
     bar = _progress(progress and len(files) > 20, total=len(files), desc="scan audio")

@@ -39,12 +39,14 @@ import operator
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
 
+from avjax import io as io_lib
 from avjax.data import tokenize
 
 STORE_VERSION = 1
@@ -163,15 +165,15 @@ def consolidate(
     if _manifest_key(path) == key:
         return ConsolidateStats(path, reused=True)
     for stale in glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".old-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
-    tmp = f"{path}.tmp-{os.getpid()}"
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (one builder: ours)
+    tmp = os.fspath(io_lib.unique_tmp(path))
     os.makedirs(tmp)
     t0 = time.time()
     try:
         stats = _write_store(tmp, tokens_dir, split, key, progress)
         stats.path = path
         if os.path.exists(path):
-            old = f"{path}.old-{os.getpid()}"
+            old = f"{path}.old-{uuid.uuid4().hex[:12]}"
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from avjax import io as io_lib
 from avjax.data import audio as audio_lib
 from avjax.data.units import UNIT_RATE, UnitTokenizer
 
@@ -152,10 +153,7 @@ def _check_manifest(out_dir: str, key: dict[str, Any]) -> None:
             )
         return
     os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(key, f, indent=2)
-    os.replace(tmp, path)
+    io_lib.write_text_atomic(path, json.dumps(key, indent=2))
 
 
 @dataclasses.dataclass
@@ -244,7 +242,8 @@ def tokenize_split(
         bar = tqdm(total=total, desc=f"tokenise {split}", unit="utt", mininterval=2.0)
     for s in todo:
         path = shard_path(out_dir, split, s, num_shards)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        _remove_leftovers(path)
+        tmp = os.fspath(io_lib.unique_tmp(path))
         ts = time.time()
         shard = TokenizeStats()
         writer = ArrayRecordWriter(tmp, "group_size:1")
@@ -276,9 +275,7 @@ def tokenize_split(
         writer.close()
         os.replace(tmp, path)
         done = dataclasses.asdict(shard) | {"wall_seconds": time.time() - ts}
-        with open(done_path(path) + ".tmp", "w") as f:
-            json.dump(done, f)
-        os.replace(done_path(path) + ".tmp", done_path(path))
+        io_lib.write_text_atomic(done_path(path), json.dumps(done))
         stats.shards_done += 1
         stats.examples += shard.examples
         stats.audio_seconds += shard.audio_seconds
@@ -292,6 +289,17 @@ def tokenize_split(
     if stats.shards_done:
         logging.info("Tokenised %s: %s", split, stats.summary())
     return stats
+
+
+def _remove_leftovers(path: str) -> None:
+    """Removes temporary files of `path` (and its marker) left by a killed writer: only this
+    process writes this shard, so any such file is stale."""
+    import glob
+
+    for p in (path, done_path(path)):
+        for stale in glob.glob(glob.escape(p) + ".tmp*"):
+            logging.info("Removing %s (left by a killed run)", stale)
+            os.remove(stale)
 
 
 def done_path(path: str) -> str:
@@ -371,6 +379,8 @@ def fit_units(
     features: str = "logmel",
     hubert_dir: str = "",
     hubert_layer: int = 6,
+    context: dict[str, Any] | None = None,
+    **artifact_options: Any,
 ) -> tuple[UnitTokenizer, Any]:
     """Fits the k-means tokenizer and the unit vocoder on up to `max_minutes` of audio.
 
@@ -378,14 +388,16 @@ def fit_units(
     "mfcc" or "hubert" (layer `hubert_layer` of the local HF checkpoint `hubert_dir`), see
     `avjax.data.features`; all give 25 Hz units, recorded in the tokenizer. HuBERT features
     are clustered unnormalised (`features.normalize_by_default`). The vocoder always maps
-    units to log-mel. Cached in `out_dir` (`tokenizer/`, `vocoder/`, `fit_info.json`); a
-    second call with the same settings loads. Returns `(UnitTokenizer, UnitVocoder)`.
+    units to log-mel. `out_dir` is a prepared artifact (`avjax.data.artifacts`: `tokenizer/`,
+    `vocoder/`, `fit_info.json`, `manifest.json`); a second call with the same settings
+    loads it. `context` and `artifact_options` (group, processes, read_only, frozen_by,
+    force) go to `artifacts.prepare_artifact`. Returns `(UnitTokenizer, UnitVocoder)`.
     """
+    from avjax.data import artifacts
     from avjax.data import features as features_lib
     from avjax.data import units as units_lib
     from avjax.data import vocoder as vocoder_lib
 
-    out_dir = os.fspath(out_dir)
     extractor = None  # log-mel: reuse the vocoder's mel below
     if features != "logmel":
         extractor = features_lib.get_extractor(
@@ -402,20 +414,43 @@ def fit_units(
     }
     if extractor is not None:  # (log-mel keys stay as before: existing caches still load)
         key["extractor"] = extractor.spec
-    info_path = os.path.join(out_dir, "fit_info.json")
-    if os.path.exists(info_path):
-        with open(info_path) as f:
-            if json.load(f).get("key") == key:
-                return (
-                    UnitTokenizer.load(os.path.join(out_dir, "tokenizer")),
-                    vocoder_lib.UnitVocoder.load(os.path.join(out_dir, "vocoder")),
-                )
-    t0 = time.time()
+
+    def adopt(path):  # fitted before manifests: fit_info.json with the same key
+        try:
+            info = json.loads((path / "fit_info.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return info if info.get("key") == key else None
+
+    def build(tmp) -> dict[str, Any]:
+        return _fit(sources, tmp, key, extractor, progress)
+
+    art = artifacts.prepare_artifact(
+        out_dir,
+        {"fit": key},
+        build,
+        what="the unit tokenizer and vocoder",
+        context=context,
+        adopt=adopt,
+        **artifact_options,
+    )
+    return (
+        UnitTokenizer.load(art.path / "tokenizer"),
+        vocoder_lib.UnitVocoder.load(art.path / "vocoder"),
+    )
+
+
+def _fit_examples(
+    sources: Sequence[Sequence[dict[str, Any]]], key: dict[str, Any], extractor: Any
+) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """(unit-length log-mels, features, samples taken) of up to `max_minutes` of audio."""
+    from avjax.data import units as units_lib
+
     index = [(k, i) for k, src in enumerate(sources) for i in range(len(src))]
     if not index:
         raise ValueError("fit_units: the sources hold no examples")
-    order = np.random.default_rng(seed).permutation(len(index))
-    budget = max_minutes * 60 * audio_lib.SAMPLE_RATE
+    order = np.random.default_rng(key["seed"]).permutation(len(index))
+    budget = key["max_minutes"] * 60 * audio_lib.SAMPLE_RATE
     mels, feats, taken = [], [], 0
     for j in order:
         k, i = index[j]
@@ -433,42 +468,53 @@ def fit_units(
         taken += len(wav)
         if taken >= budget:
             break
-    if sum(len(m) for m in mels) // units_lib.FRAMES_PER_UNIT < num_units:
+    if sum(len(m) for m in mels) // units_lib.FRAMES_PER_UNIT < key["num_units"]:
         raise ValueError(
             f"fit_units: {taken / audio_lib.SAMPLE_RATE:.1f} s of audio give fewer unit frames "
-            f"than num_units={num_units}"
+            f"than num_units={key['num_units']}"
         )
+    return mels, feats, taken
+
+
+def _fit(
+    sources: Sequence[Sequence[dict[str, Any]]],
+    out_dir: Any,
+    key: dict[str, Any],
+    extractor: Any,
+    progress: bool,
+) -> dict[str, Any]:
+    """Fits tokenizer + vocoder (see `fit_units`) into `out_dir`; returns the fit info."""
+    from avjax.data import features as features_lib
+    from avjax.data import vocoder as vocoder_lib
+
+    t0 = time.time()
+    mels, feats, taken = _fit_examples(sources, key, extractor)
     name = "logmel" if extractor is None else extractor.name
     tok = UnitTokenizer.fit(
         feats,
-        num_units=num_units,
-        seed=seed,
-        iters=kmeans_iters,
+        num_units=key["num_units"],
+        seed=key["seed"],
+        iters=key["kmeans_iters"],
         extractor=None if extractor is None else extractor.spec,
         normalize=features_lib.normalize_by_default(name),
     )
-    unit_lists = [tok.encode_features(f) for f in feats]
     voc = vocoder_lib.UnitVocoder.fit(
-        unit_lists,
+        [tok.encode_features(f) for f in feats],
         mels,
-        steps=vocoder_steps,
-        seed=seed,
+        steps=key["vocoder_steps"],
+        seed=key["seed"],
         num_units=tok.num_units,
         progress=progress,
     )
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer"))
-    voc.save(os.path.join(out_dir, "vocoder"))
-    with open(info_path, "w") as f:
-        json.dump(
-            {
-                "key": key,
-                "fit_seconds_of_audio": taken / audio_lib.SAMPLE_RATE,
-                "seconds": time.time() - t0,
-            },
-            f,
-            indent=2,
-        )
+    out_dir = io_lib.as_path(out_dir)
+    tok.save(out_dir / "tokenizer")
+    voc.save(out_dir / "vocoder")
+    info = {
+        "key": key,
+        "fit_seconds_of_audio": taken / audio_lib.SAMPLE_RATE,
+        "seconds": time.time() - t0,
+    }
+    io_lib.write_text_atomic(out_dir / "fit_info.json", json.dumps(info, indent=2))
     logging.info(
         "Fitted %d %s units + vocoder on %.1f min of audio in %.1f s",
         tok.num_units,
@@ -476,7 +522,7 @@ def fit_units(
         taken / audio_lib.SAMPLE_RATE / 60,
         time.time() - t0,
     )
-    return tok, voc
+    return info
 
 
 def hours(tokens: int) -> float:

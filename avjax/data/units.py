@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from avjax import io as io_lib
 from avjax.data.audio import SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -351,12 +353,12 @@ class UnitTokenizer:
         return m.reshape(self.num_units, FRAMES_PER_UNIT, -1)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Writes `tokenizer.npz` + `tokenizer.json` into `directory`."""
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, ".tokenizer.tmp.npz")
-        np.savez(tmp, centroids=self.centroids, mean=self.mean, std=self.std)
-        os.replace(tmp, os.path.join(directory, "tokenizer.npz"))
+        """Writes `tokenizer.npz` + `tokenizer.json` into `directory` (local or remote; each
+        file through a unique temporary name and a rename)."""
+        directory = io_lib.as_path(directory)
+        buf = io.BytesIO()
+        np.savez(buf, centroids=self.centroids, mean=self.mean, std=self.std)
+        io_lib.write_bytes_atomic(directory / "tokenizer.npz", buf.getvalue())
         meta = {
             "version": TOKENIZER_VERSION,
             "num_units": self.num_units,
@@ -364,22 +366,18 @@ class UnitTokenizer:
             "features": feature_config(),
             "extractor": self.extractor,
         }
-        tmp = os.path.join(directory, ".tokenizer.tmp.json")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp, os.path.join(directory, "tokenizer.json"))
+        io_lib.write_text_atomic(directory / "tokenizer.json", json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> UnitTokenizer:
-        """Reads a tokenizer saved by `save`; errors name the file and the mismatch."""
-        directory = os.fspath(directory)
-        meta_path = os.path.join(directory, "tokenizer.json")
-        npz_path = os.path.join(directory, "tokenizer.npz")
+        """Reads a tokenizer saved by `save` (local or remote); errors name the file and the
+        mismatch."""
+        directory = io_lib.as_path(directory)
+        meta_path, npz_path = directory / "tokenizer.json", directory / "tokenizer.npz"
         for p in (meta_path, npz_path):
-            if not os.path.exists(p):
+            if not p.exists():
                 raise FileNotFoundError(f"{p}: unit tokenizer file not found")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(meta_path.read_text())
         if meta.get("version") != TOKENIZER_VERSION or meta.get("features") != feature_config():
             raise ValueError(
                 f"{meta_path}: tokenizer made with version {meta.get('version')} / features "
@@ -389,8 +387,8 @@ class UnitTokenizer:
         # Files from before the extractor was recorded are log-mel tokenizers.
         from avjax.data import features as features_lib
 
-        extractor = features_lib.check_spec(meta.get("extractor") or logmel_spec(), meta_path)
-        with np.load(npz_path) as z:
+        extractor = features_lib.check_spec(meta.get("extractor") or logmel_spec(), str(meta_path))
+        with np.load(io.BytesIO(npz_path.read_bytes())) as z:
             tok = cls(z["centroids"], z["mean"], z["std"], extractor)
         if tok.num_units != meta["num_units"] or tok.feature_dim != meta["feature_dim"]:
             raise ValueError(
@@ -418,6 +416,21 @@ def _corpus_fingerprint(utts: Sequence[Utterance]) -> str:
     return h.hexdigest()[:16]
 
 
+def units_key(
+    utts: Sequence[Utterance], *, num_units: int, seed: int, kmeans_iters: int, vocoder_steps: int
+) -> dict[str, Any]:
+    """What the units of a corpus depend on (also the key of `units_info.json`)."""
+    return {
+        "version": UNITS_CACHE_VERSION,
+        "corpus": _corpus_fingerprint(utts),
+        "num_units": int(num_units),
+        "seed": int(seed),
+        "kmeans_iters": int(kmeans_iters),
+        "vocoder_steps": int(vocoder_steps),
+        "features": feature_config(),
+    }
+
+
 def prepare_units(
     corpus: str | os.PathLike | Sequence[Utterance],
     out_dir: str | os.PathLike,
@@ -427,59 +440,96 @@ def prepare_units(
     kmeans_iters: int = 30,
     vocoder_steps: int = 300,
     progress: bool = True,
+    context: dict[str, Any] | None = None,
+    **artifact_options: Any,
 ) -> tuple[UnitTokenizer, UnitVocoder, dict[str, np.ndarray]]:
     """Fits the unit tokenizer (train split) and the unit vocoder once; tokenises every file.
 
     Args:
       corpus: a corpus root (with `manifest.jsonl`) or a list of `Utterance`s.
-      out_dir: cache folder: `tokenizer/`, `vocoder/`, `units.npz` ({utterance id: int32
-        `[units]`}), `units_info.json` (fingerprint, sizes, unigram entropy, timings).
-      num_units, seed, kmeans_iters, vocoder_steps: fit settings (part of the cache key).
+      out_dir: the artifact folder (`avjax.data.artifacts`; local or remote): `tokenizer/`,
+        `vocoder/`, `units.npz` ({utterance id: int32 `[units]`}), `units_info.json`
+        (sizes, unigram entropy, timings), `manifest.json`.
+      num_units, seed, kmeans_iters, vocoder_steps: fit settings (part of the key).
+      context: shown when the units differ, not part of the key (e.g. the config fields that
+        chose the corpus, whose fingerprint is in the key).
+      artifact_options: passed on to `artifacts.prepare_artifact` (group, processes,
+        read_only, frozen_by, force).
 
     Returns:
       (tokenizer, vocoder, {utterance id: int32 `[num_samples // 640]` units}). A second call
       with the same corpus and settings loads everything from `out_dir`.
     """
-    from avjax.data import audio as audio_lib
+    from avjax.data import artifacts
     from avjax.data import corpus as corpus_lib
-    from avjax.data import vocoder as vocoder_lib
 
     utts = (
         corpus_lib.load_manifest(corpus) if isinstance(corpus, str | os.PathLike) else list(corpus)
     )
-    out_dir = os.fspath(out_dir)
-    key = {
-        "version": UNITS_CACHE_VERSION,
-        "corpus": _corpus_fingerprint(utts),
-        "num_units": int(num_units),
-        "seed": int(seed),
-        "kmeans_iters": int(kmeans_iters),
-        "vocoder_steps": int(vocoder_steps),
-        "features": feature_config(),
-    }
-    info_path = os.path.join(out_dir, "units_info.json")
-    if os.path.exists(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
-        if info.get("key") == key:
-            tok = UnitTokenizer.load(os.path.join(out_dir, "tokenizer"))
-            voc = vocoder_lib.UnitVocoder.load(os.path.join(out_dir, "vocoder"))
-            with np.load(os.path.join(out_dir, "units.npz")) as z:
-                units = {k: z[k] for k in z.files}
-            logging.info(
-                "Loaded %d units, %d files from %s (train unigram entropy %.3f nats)",
-                tok.num_units,
-                len(units),
-                out_dir,
-                info["unigram_entropy_nats"],
-            )
-            return tok, voc, units
-        logging.info("Units in %s were made with other settings or data: refitting", out_dir)
-
-    t0 = time.time()
-    train = [u for u in utts if u.split == "train"]
-    if not train:
+    if not any(u.split == "train" for u in utts):
         raise ValueError("prepare_units: the corpus has no train-split utterances")
+    key = units_key(
+        utts,
+        num_units=num_units,
+        seed=seed,
+        kmeans_iters=kmeans_iters,
+        vocoder_steps=vocoder_steps,
+    )
+
+    def adopt(path):  # units made before manifests: units_info.json with the same key
+        try:
+            info = json.loads((path / "units_info.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return info if info.get("key") == key and (path / "units.npz").exists() else None
+
+    art = artifacts.prepare_artifact(
+        out_dir,
+        {"units": key},
+        functools.partial(
+            _fit_units,
+            utts,
+            num_units=num_units,
+            seed=seed,
+            kmeans_iters=kmeans_iters,
+            vocoder_steps=vocoder_steps,
+            progress=progress,
+            key=key,
+        ),
+        what="the unit tokenizer and vocoder",
+        adopt=adopt,
+        context=context,
+        **artifact_options,
+    )
+    tok, voc, units = load_units(art.path)
+    logging.info(
+        "Units: %d, %d files from %s (train unigram entropy %.3f nats)",
+        tok.num_units,
+        len(units),
+        art.path,
+        art.info.get("unigram_entropy_nats", float("nan")),
+    )
+    return tok, voc, units
+
+
+def load_units(
+    out_dir: str | os.PathLike,
+) -> tuple[UnitTokenizer, UnitVocoder, dict[str, np.ndarray]]:
+    """(tokenizer, vocoder, {utterance id: int32 units}) of a `prepare_units` folder."""
+    from avjax.data import vocoder as vocoder_lib
+
+    out_dir = io_lib.as_path(out_dir)
+    tok = UnitTokenizer.load(out_dir / "tokenizer")
+    voc = vocoder_lib.UnitVocoder.load(out_dir / "vocoder")
+    with np.load(io.BytesIO((out_dir / "units.npz").read_bytes())) as z:
+        units = {k: z[k] for k in z.files}
+    return tok, voc, units
+
+
+def _unit_mels(utts: Sequence[Utterance], progress: bool) -> dict[str, np.ndarray]:
+    """{utterance id: log-mel `[4 * units, n_mels]`} of every file."""
+    from avjax.data import audio as audio_lib
+
     bar = None
     if progress:
         from tqdm import tqdm
@@ -488,12 +538,32 @@ def prepare_units(
     mels: dict[str, np.ndarray] = {}
     for u in utts:
         wav = audio_lib.load_audio(u.audio_path)
-        n = num_units_for(len(wav))
-        mels[u.id] = unit_mel(log_mel(wav), n)
+        mels[u.id] = unit_mel(log_mel(wav), num_units_for(len(wav)))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    return mels
+
+
+def _fit_units(
+    utts: Sequence[Utterance],
+    out_dir: os.PathLike,
+    *,
+    num_units: int,
+    seed: int,
+    kmeans_iters: int,
+    vocoder_steps: int,
+    progress: bool,
+    key: dict[str, Any],
+) -> dict[str, Any]:
+    """Fits tokenizer + vocoder on the train split, tokenises every file, saves into `out_dir`;
+    returns the info also written to `units_info.json`."""
+    from avjax.data import vocoder as vocoder_lib
+
+    t0 = time.time()
+    train = [u for u in utts if u.split == "train"]
+    mels = _unit_mels(utts, progress)
     t_feat = time.time() - t0
 
     t1 = time.time()
@@ -523,12 +593,12 @@ def prepare_units(
 
     train_units = np.concatenate([units[u.id] for u in train])
     entropy = unigram_entropy(train_units, tok.num_units)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer"))
-    voc.save(os.path.join(out_dir, "vocoder"))
-    tmp = os.path.join(out_dir, ".units.tmp.npz")
-    np.savez(tmp, **units)
-    os.replace(tmp, os.path.join(out_dir, "units.npz"))
+    out_dir = io_lib.as_path(out_dir)
+    tok.save(out_dir / "tokenizer")
+    voc.save(out_dir / "vocoder")
+    buf = io.BytesIO()
+    np.savez(buf, **units)
+    io_lib.write_bytes_atomic(out_dir / "units.npz", buf.getvalue())
     info = {
         "key": key,
         "num_units": tok.num_units,
@@ -543,8 +613,7 @@ def prepare_units(
         },
         "vocoder_final_l1": voc.final_loss,
     }
-    with open(info_path, "w") as f:
-        json.dump(info, f, indent=2)
+    io_lib.write_text_atomic(out_dir / "units_info.json", json.dumps(info, indent=2))
     logging.info(
         "Units: %d (%d used), %d train tokens, unigram entropy %.3f nats; features %.1f s, "
         "k-means %.1f s, vocoder %.1f s",
@@ -556,4 +625,4 @@ def prepare_units(
         t_kmeans,
         t_voc,
     )
-    return tok, voc, units
+    return info

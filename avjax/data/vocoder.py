@@ -19,6 +19,7 @@ windows. Our offline stand-in keeps the windowing and swaps the models:
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +33,7 @@ import optax
 from absl import logging
 from flax import serialization, traverse_util
 
+from avjax import io as io_lib
 from avjax.data import audio as audio_lib
 from avjax.data import units as units_lib
 
@@ -246,16 +248,16 @@ class UnitVocoder:
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
-        """Writes `vocoder.npz` (parameters, mel stats) and `vocoder.json` into `directory`."""
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
+        """Writes `vocoder.npz` (parameters, mel stats) and `vocoder.json` into `directory`
+        (local or remote; each file through a unique temporary name and a rename)."""
+        directory = io_lib.as_path(directory)
         flat = traverse_util.flatten_dict(serialization.to_state_dict(self.params), sep="/")
         arrays = {f"params/{k}": np.asarray(v) for k, v in flat.items()}
         arrays["mel_mean"] = self.mel_mean
         arrays["mel_std"] = self.mel_std
-        tmp = os.path.join(directory, ".vocoder.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, os.path.join(directory, "vocoder.npz"))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        io_lib.write_bytes_atomic(directory / "vocoder.npz", buf.getvalue())
         meta = {
             "version": VOCODER_VERSION,
             "num_units": self.num_units,
@@ -265,20 +267,18 @@ class UnitVocoder:
             "final_loss": self.final_loss,
             "features": units_lib.feature_config(),
         }
-        with open(os.path.join(directory, "vocoder.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        io_lib.write_text_atomic(directory / "vocoder.json", json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> UnitVocoder:
-        """Reads a vocoder saved by `save`; errors name the file and the mismatch."""
-        directory = os.fspath(directory)
-        meta_path = os.path.join(directory, "vocoder.json")
-        npz_path = os.path.join(directory, "vocoder.npz")
+        """Reads a vocoder saved by `save` (local or remote); errors name the file and the
+        mismatch."""
+        directory = io_lib.as_path(directory)
+        meta_path, npz_path = directory / "vocoder.json", directory / "vocoder.npz"
         for p in (meta_path, npz_path):
-            if not os.path.exists(p):
+            if not p.exists():
                 raise FileNotFoundError(f"{p}: unit vocoder file not found")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(meta_path.read_text())
         if meta.get("version") != VOCODER_VERSION or meta.get("features") != (
             units_lib.feature_config()
         ):
@@ -286,7 +286,7 @@ class UnitVocoder:
                 f"{meta_path}: vocoder version {meta.get('version')} / features "
                 f"{meta.get('features')}, expected {VOCODER_VERSION} / {units_lib.feature_config()}"
             )
-        with np.load(npz_path) as z:
+        with np.load(io.BytesIO(npz_path.read_bytes())) as z:
             flat = {
                 k[len("params/") :]: jnp.asarray(z[k]) for k in z.files if k.startswith("params/")
             }

@@ -55,16 +55,20 @@ def builder_class(name: str) -> type[SpeechCorpusBuilder]:
 
 
 def manual_dir_fingerprint(manual_dir: str | os.PathLike) -> str:
-    """A hash of the corpus files under `manual_dir` (relative paths, sizes, mtimes)."""
+    """A hash of the corpus files under `manual_dir` (relative paths, sizes, mtimes).
+
+    Symlinked folders and files count by what they point to (the files TFDS would read), so
+    a file added through a link changes the fingerprint.
+    """
+    from avjax.data.corpus import walk_files
+
     root = os.path.abspath(os.fspath(manual_dir))
     h = hashlib.sha256(root.encode())
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.endswith((".flac", ".wav", ".txt", ".json")):
-                st = os.stat(os.path.join(dirpath, name))
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
-                h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for path in walk_files(root):
+        if path.endswith((".flac", ".wav", ".txt", ".json")):
+            st = os.stat(path)  # (follows links)
+            rel = os.path.relpath(path, root)
+            h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:12]
 
 
