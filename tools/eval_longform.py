@@ -38,6 +38,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Trained workdir (e.g. SpeechSSM
 _BASE_WORKDIR = flags.DEFINE_string("baseline_workdir", None, "Second trained workdir.")
 _NAME = flags.DEFINE_string("name", "", "Display name of --workdir ('' = its task name).")
 _BASE_NAME = flags.DEFINE_string("baseline_name", "", "Display name of --baseline_workdir.")
+for _flag in ("name", "baseline_name"):  # a name is also a file name: audio/<name>_<i>.wav
+    flags.register_validator(
+        _flag,
+        lambda v: v in ("", None) or (v not in (".", "..") and not set(v) & set("/\\\x00")),
+        message=f"--{_flag} must be a plain name (no '/', '\\', NUL, or '.'/'..' alone)",
+    )
 _OUT = flags.DEFINE_string("out", None, "Output folder for the report.")
 _SECONDS = flags.DEFINE_float("seconds", None, "Continuation length (default: config.sample).")
 _PROMPT = flags.DEFINE_float("prompt_seconds", None, "Prompt length (default: config.sample).")

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from avjax.convert.common import index_shards
 from avjax.nn.hubert import HubertConfig, HubertEncoder, param_shapes
 
 # State-dict entries that hold no encoder weights: the SpecAugment mask embedding and the heads
@@ -216,8 +217,7 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     if os.path.exists(st) or os.path.exists(st_index):
         files = [st]
         if not os.path.exists(st):
-            with open(st_index) as f:
-                files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+            files = index_shards(path, st_index)
         out: dict[str, Any] = {}
         for file in files:
             out.update(_read_safetensors(file))

@@ -38,7 +38,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from avjax.convert.common import load_params_dir, save_params_dir
+from avjax.convert.common import index_shards, load_params_dir, save_params_dir
 from avjax.models.mamba import MambaLM
 
 _MODEL_FIELDS = (
@@ -218,10 +218,7 @@ def read_hf_state_dict(path: str) -> dict[str, np.ndarray]:
         if os.path.exists(single):
             files = [single]
         else:
-            with open(index) as f:
-                files = [
-                    os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))
-                ]
+            files = index_shards(path, index)
         out: dict[str, np.ndarray] = {}
         for name in files:
             if not os.path.exists(name):
