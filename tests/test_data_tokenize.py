@@ -121,14 +121,18 @@ def test_cli_tokenises_a_built_corpus_and_reports_throughput(corpus, tmp_path):
     assert store.doc_ids == ["84-1"] and store.num_tokens == 2 * 12
 
 
-def test_fit_units_on_mfcc_features_tokenises_with_them(corpus, tmp_path):
+def test_fit_units_on_mfcc_features_tokenises_with_them(corpus, tmp_path, monkeypatch):
     from avjax.data import features
 
     _, _, source, _ = corpus
+    builds = []  # every real fit (the cache must not refit)
+    real_fit = tokenize._fit
+    monkeypatch.setattr(tokenize, "_fit", lambda *a, **k: builds.append(1) or real_fit(*a, **k))
     fit = dict(num_units=6, kmeans_iters=3, vocoder_steps=0, max_minutes=1.0, progress=False)
     tok, voc = tokenize.fit_units([source], tmp_path / "fit", features="mfcc", **fit)
     assert tok.features == "mfcc" and tok.feature_dim == 156 and voc.num_units == 6
     again, _ = tokenize.fit_units([source], tmp_path / "fit", features="mfcc", **fit)  # cached
+    assert len(builds) == 1
     np.testing.assert_array_equal(again.centroids, tok.centroids)
     assert again.extractor == tok.extractor
     tokenize.tokenize_split(source, again, tmp_path / "u", "train", num_shards=2, progress=False)
@@ -138,4 +142,5 @@ def test_fit_units_on_mfcc_features_tokenises_with_them(corpus, tmp_path):
         np.testing.assert_array_equal(r["units"], tok.encode_features(mfcc(wav)))
         assert len(r["units"]) == 12
     logmel, _ = tokenize.fit_units([source], tmp_path / "fit", **fit)  # another key: refitted
+    assert len(builds) == 2
     assert logmel.features == "logmel" and logmel.feature_dim == 320
