@@ -2,6 +2,9 @@
 
 * a `--mode=sample` job killed with SIGKILL after its first sampler checkpoint, re-run with
   the same command, writes the same units and WAV as an uninterrupted job;
+* sampling again in the used workdir with another length or temperature starts its own job
+  folder; the same request again returns the finished job; a named `sample.out_dir` holding
+  another request is refused, naming the field;
 * `--mode=eval` writes report.md, plots/*.png, eval.json and TensorBoard events that agree
   with each other (with or without the `eval` extra: SC-L is checked only when present).
 """
@@ -66,14 +69,24 @@ def _saved_steps(state_dir) -> list[int]:
     return sorted(int(n) for n in os.listdir(state_dir) if n.isdigit())
 
 
+def _job_folder(w, seconds: float, temperature: float = 1.0):
+    """The one automatic job folder of a request (`samples/step_N/<label>-<key8>`)."""
+    found = sorted(
+        (w / "samples" / f"step_{STEPS}").glob(f"{seconds:g}s_t{temperature}_k0_seed0-*")
+    )
+    assert len(found) == 1, found
+    assert re.fullmatch(r".*-[0-9a-f]{8}", found[0].name), found[0].name
+    return found[0]
+
+
 def test_killed_sampling_job_resumes_exactly(trained):
     cache, w = trained
     args = [CONFIG, f"--workdir={w}", "--mode=sample", *_cli_args(cache, **SAMPLE)]
-    out = w / "samples" / f"step_{STEPS}"
     total = int(SAMPLE["sample.seconds"] * 25)
 
     r = run_main(*args)
     assert r.returncode == 0, r.stderr[-3000:]
+    out = _job_folder(w, SAMPLE["sample.seconds"])
     straight = np.load(out / "sample_0.npy")
     straight_wav = (out / "sample_0.wav").read_bytes()
     assert straight.shape == (25 + total,)
@@ -110,6 +123,57 @@ def test_killed_sampling_job_resumes_exactly(trained):
     assert (out / "sample_0.wav").read_bytes() == straight_wav
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens"] == total
+
+
+def test_sampling_again_in_a_used_workdir(trained):
+    """The README's order: sample, sample longer, sample at another temperature, same again."""
+    cache, w = trained
+    short = {"sample.seconds": 2.0, "sample.prompt_seconds": 1.0}
+
+    def sample(**overrides):
+        args = [CONFIG, f"--workdir={w}", "--mode=sample", *_cli_args(cache, **overrides)]
+        return run_main(*args)
+
+    r = sample(**short)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = _job_folder(w, 2.0)
+    units_a = np.load(a / "sample_0.npy")
+    assert units_a.shape == (25 + 50,)
+    job = json.loads((a / "job.json").read_text())
+    assert job["num_tokens"] == 50 and job["checkpoint_step"] == STEPS
+    summary = json.loads((a / "summary.json").read_text())
+    assert summary["files"] == [str(a / "sample_0.wav")] and summary["request"]["seconds"] == 2
+
+    # Longer, in the same workdir: its own folder. The same seed draws token i with the same
+    # key, so the 4 s continuation starts with the 2 s one.
+    r = sample(**{**short, "sample.seconds": 4.0})
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = _job_folder(w, 4.0)
+    units_b = np.load(b / "sample_0.npy")
+    assert units_b.shape == (25 + 100,)
+    np.testing.assert_array_equal(units_b[: len(units_a)], units_a)
+
+    # Another temperature: another folder, other tokens.
+    r = sample(**{**short, "sample.temperature": 0.8})
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = _job_folder(w, 2.0, 0.8)
+    assert c != a and not np.array_equal(np.load(c / "sample_0.npy"), units_a)
+
+    # The same request again, with its folder named: the finished job, nothing rewritten.
+    stamp = {p.name: p.stat().st_mtime_ns for p in a.iterdir()}
+    r = sample(**short, **{"sample.out_dir": a})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sampled before" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in a.iterdir()} == stamp
+    np.testing.assert_array_equal(np.load(a / "sample_0.npy"), units_a)
+
+    # That named folder with another request: refused, naming what differs.
+    r = sample(**{**short, "sample.seconds": 4.0, "sample.out_dir": a})
+    assert r.returncode != 0
+    assert "ResumeMismatchError" in r.stderr and "config.sample.out_dir" in r.stderr
+    assert "num_tokens: saved 50, requested 100" in r.stderr
+    assert "temperature" not in r.stderr.split("ResumeMismatchError")[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in a.iterdir()} == stamp
 
 
 def _tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
