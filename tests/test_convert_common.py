@@ -101,7 +101,8 @@ def test_weight_map_entries_cannot_escape_the_model_folder(tmp_path, entry, reas
 
 
 def test_weight_map_inside_the_folder_is_read(tmp_path):
-    safetensors = pytest.importorskip("safetensors.numpy")
+    import safetensors.numpy as safetensors
+
     (tmp_path / "sub").mkdir()
     safetensors.save_file({"a": np.ones((2,), np.float32)}, str(tmp_path / "m-1.safetensors"))
     safetensors.save_file({"b": np.zeros((3,), np.float32)}, str(tmp_path / "sub/m-2.safetensors"))

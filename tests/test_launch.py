@@ -212,3 +212,101 @@ def test_slurm_refuses_values_that_would_break_sbatch_lines():
     assert bad.returncode == 2 and "PARTITION" in bad.stderr
     bad = _run("slurm_gpu.sh", "--dry-run", WORKDIR="/w", NODES="2 --x")
     assert bad.returncode == 2 and "NODES" in bad.stderr
+
+
+# --- the test set-up and CI's own checks ------------------------------------------------------
+
+
+def test_tests_run_on_8_cpu_devices():
+    import jax
+
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    assert jax.default_backend() == "cpu" and jax.device_count() == 8
+
+
+def _pytest(args: list[str], env: dict[str, str], cwd: str = REPO, pre: str = ""):
+    code = f"import sys, pytest\n{pre}\nsys.exit(pytest.main({args!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_conftest_forces_8_cpu_devices_whatever_platform_is_asked_for():
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cuda",  # e.g. exported on a GPU machine
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    node = "tests/test_launch.py::test_tests_run_on_8_cpu_devices"
+    r = _pytest(["-q", "-p", "no:cacheprovider", node], env)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_conftest_stops_the_session_when_8_devices_are_missing():
+    # JAX started with 2 devices before conftest ran: an error, not skipped 8-device tests.
+    pre = "import jax; jax.config.update('jax_num_cpu_devices', 2); jax.devices()"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    node = "tests/test_launch.py::test_tests_run_on_8_cpu_devices"
+    r = _pytest(["-q", "-p", "no:cacheprovider", node], env, pre=pre)
+    assert r.returncode not in (0, 5), r.stdout[-3000:]
+    assert "tests need 8 CPU devices" in r.stdout + r.stderr
+
+
+_GUARDED_FILES = (
+    "test_convert_mamba",
+    "test_nn_griffin",
+    "test_nn_mamba",
+    "test_hubert",
+    "test_train_sharding",
+    "test_multihost",
+)
+
+
+def _fake_repo(tmp_path, skipped: str | None, extra_test: str = "") -> str:
+    """A repository with .ci/, a README test command (pytest) and one test per guarded file;
+    `skipped` names the file whose test skips (a missing reference package)."""
+    import shutil
+
+    root = tmp_path / "repo"
+    (root / ".ci").mkdir(parents=True)
+    for f in ("run", "check_skips.py"):
+        shutil.copy(os.path.join(REPO, ".ci", f), root / ".ci" / f)
+    cmd = f"{shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider tests"
+    (root / "README.md").write_text(f"# x\n<!-- test-command -->\n```bash\n{cmd}\n```\n")
+    (root / "tests").mkdir()
+    for name in _GUARDED_FILES:
+        head = "import pytest\n"
+        if name == skipped:
+            head += "pytest.importorskip('a_reference_that_is_not_installed')\n"
+        (root / "tests" / f"{name}.py").write_text(head + "def test_it():\n    pass\n")
+    (root / "tests" / "test_other.py").write_text("import pytest\n" + extra_test)
+    return str(root)
+
+
+@pytest.mark.parametrize("skipped", [None, "test_hubert", "test_convert_mamba"])
+def test_ci_run_fails_when_a_parity_or_sharding_test_is_skipped(tmp_path, skipped):
+    root = _fake_repo(tmp_path, skipped, "def test_fine():\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    r = subprocess.run(
+        ["bash", ".ci/run"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    if skipped is None:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "every parity and 8-device test ran" in r.stdout
+    else:
+        assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+        assert f"skipped: tests.{skipped}" in r.stderr
+        assert "no test ran from tests/test_" in r.stderr
+
+
+def test_ci_run_fails_when_an_8_device_test_is_skipped_anywhere(tmp_path):
+    root = _fake_repo(
+        tmp_path,
+        None,
+        "@pytest.mark.skipif(True, reason='needs 8 host devices')\ndef test_mesh():\n    pass\n",
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    r = subprocess.run(
+        ["bash", ".ci/run"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 1 and "tests.test_other.test_mesh" in r.stderr, r.stderr[-3000:]
