@@ -6,8 +6,10 @@ r"""Convert a HuggingFace `MambaForCausalLM` directory into avjax's `MambaLM` la
 `--hf_dir` is a local directory as written by `save_pretrained` (config.json +
 model.safetensors, sharded safetensors, or pytorch_model.bin); nothing is downloaded. Writes
 `OUT/params` (orbax `StandardCheckpointer`) and `OUT/model.json` (the MambaLM fields; read both
-back with `avjax.convert.mamba.load_converted`). `--check` also runs transformers' PyTorch model
-(CPU) and ours on random tokens and prints the max absolute logit difference.
+back with `avjax.convert.mamba.load_converted`); they are written to a temporary folder next to
+OUT and moved into place when complete, so an existing OUT is replaced only by a whole new one.
+`--check` also runs transformers' PyTorch model (CPU) and ours on random tokens and prints the
+max absolute logit difference.
 """
 
 from __future__ import annotations

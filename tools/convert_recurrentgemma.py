@@ -7,9 +7,10 @@ r"""Convert a RecurrentGemma (Griffin) checkpoint into avjax's Griffin layout.
 `--rg_ckpt` is the orbax checkpoint as published (e.g. the Kaggle `2b` folder); nothing is
 downloaded. The architecture is read off the parameters (`GriffinConfig.from_flax_params_or_
 variables`; `--preset`, or `--window` and `--logits_soft_cap`, supply what the parameters
-cannot tell). Writes `OUT/params`
-(orbax) and `OUT/model.json`; `--check` runs both models on random tokens and prints the max
-absolute logit difference. Train from the result with `--config.train.init_from=OUT`.
+cannot tell). Writes `OUT/params` (orbax) and `OUT/model.json`, next to OUT first and moved into
+place when complete (an existing OUT is replaced only by a whole new one); `--check` runs both
+models on random tokens and prints the max absolute logit difference. Train from the result with
+`--config.train.init_from=OUT`.
 """
 
 from __future__ import annotations
