@@ -23,6 +23,7 @@ GUARDED = (
     "test_hubert",
     "test_train_sharding",  # 8 host devices
     "test_multihost",  # 2 processes x 4 devices
+    "test_gcs_workdir",  # gs:// end to end against the local GCS emulator
 )
 
 

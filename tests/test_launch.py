@@ -260,6 +260,7 @@ _GUARDED_FILES = (
     "test_hubert",
     "test_train_sharding",
     "test_multihost",
+    "test_gcs_workdir",
 )
 
 
