@@ -7,10 +7,13 @@ shards, global batches from `jax.make_array_from_process_local_data`, orbax chec
 written by every process, metrics by process 0), then restores the newest checkpoint and
 gathers its params to process 0, which writes them to an .npz.
 
-  python tests/multihost_worker.py WORKDIR STOP_AFTER MESH_JSON OUT_NPZ
+  python tests/multihost_worker.py WORKDIR STOP_AFTER MESH_JSON OUT_NPZ [PROCESS:BATCH]
 
 The job is 8 steps long; STOP_AFTER > 0 stops it (with a checkpoint) after that many steps
-of this run, as a preemption would.
+of this run, as a preemption would. PROCESS:BATCH sends a real SIGTERM to that one process
+when it draws that training batch (batches slowed to 0.3 s so the notice can spread): every
+process then stops at one agreed step with a checkpoint, writes the step to
+`OUT_NPZ.stopped<process>` and exits with code 143.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from toy_task import toy_config  # noqa: E402
+from toy_task import HookedToyTask, toy_config  # noqa: E402
 
 from avjax import main as avjax_main  # noqa: E402
 from avjax.tasks import REGISTRY, get_task  # noqa: E402
@@ -38,11 +41,20 @@ from avjax.train.sharding import make_mesh  # noqa: E402
 
 def main() -> None:
     workdir, stop_after, mesh_json, out = sys.argv[1:5]
-    REGISTRY["toy"] = "toy_task:ToyTask"
+    REGISTRY["toy"] = "toy_task:HookedToyTask"
+    if len(sys.argv) > 5:
+        process, batch = (int(x) for x in sys.argv[5].split(":"))
+        HookedToyTask.sigterm_process, HookedToyTask.sigterm_at = process, batch
+        HookedToyTask.batch_sleep = 0.3
     avjax_main._maybe_initialize_distributed()  # noqa: SLF001
     cfg = toy_config(steps=8, checkpoint_every=4, eval_every=4)
     cfg.mesh.update({"sequence": 1, "preset": "", "dcn_data": 1, **json.loads(mesh_json)})
-    avjax_main.run(cfg, workdir, "train", stop_after=int(stop_after) or None)
+    try:
+        avjax_main.run(cfg, workdir, "train", stop_after=int(stop_after) or None)
+    except loop.Preempted as e:
+        with open(f"{out}.stopped{jax.process_index()}", "w") as f:
+            f.write(str(e.step))
+        raise
     task = get_task(cfg, workdir)
     _, params, step = loop.restore_params(task, cfg, workdir, make_mesh(cfg.mesh))
     flat = {

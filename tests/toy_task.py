@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,6 +114,33 @@ class ToyTask(Task):
         logits, _ = model.apply({"params": params}, **self.model_inputs(batch))
         xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         return jnp.sum(xent * batch["mask"]), {"weight": jnp.sum(batch["mask"])}
+
+
+class HookedToyTask(ToyTask):
+    """The toy task with a hook on each training batch this process draws (1-based count):
+    `sigterm_at` sends SIGTERM to this process (if `sigterm_process` is None or this one),
+    `nan_from` makes every later batch's mask NaN (so loss and state turn NaN),
+    `batch_sleep` slows every batch (seconds), so a preemption notice has time to spread."""
+
+    sigterm_at: int | None = None
+    sigterm_process: int | None = None
+    nan_from: int | None = None
+    batch_sleep: float = 0.0
+
+    def train_dataset(self, process_index, process_count):
+        count = [0]
+
+        def hook(batch):
+            count[0] += 1
+            time.sleep(self.batch_sleep)
+            mine = self.sigterm_process in (None, process_index)
+            if count[0] == self.sigterm_at and mine:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if self.nan_from is not None and count[0] >= self.nan_from:
+                batch = dict(batch, mask=np.full_like(batch["mask"], np.nan))
+            return batch
+
+        return super().train_dataset(process_index, process_count).map(hook)
 
 
 class GriffinToyTask(ToyTask):

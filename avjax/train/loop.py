@@ -382,12 +382,12 @@ class _Run:
                 step += 1
                 self.report(step)
                 last = step == tc.steps
-                if step % tc.log_every == 0 or last:
+                preempted = self.watch.should_stop(step, self.manager) and not last
+                stop = preempted or (stop_after is not None and step - start >= stop_after)
+                if step % tc.log_every == 0 or last or stop:
                     self._log(step)
                 if self.eval_batches and (step % tc.eval_every == 0 or last):
                     self._eval(step, state)
-                preempted = self.watch.should_stop(step, self.manager) and not last
-                stop = preempted or (stop_after is not None and step - start >= stop_after)
                 if step % tc.checkpoint_every == 0 or last or stop:
                     self._save(step, state)
                 if stop:
