@@ -33,3 +33,16 @@ def test_missing_config_file_is_named(tmp_path):
     r = _run("--config=configs/nope.py", f"--workdir={tmp_path / 'w'}")
     assert r.returncode != 0
     assert "configs/nope.py" in r.stderr
+
+
+def test_sample_without_a_checkpoint_fails_before_building_anything(tmp_path):
+    workdir, cache = tmp_path / "w", tmp_path / "cache"
+    r = _run(
+        "--config=configs/speechssm.py",
+        f"--workdir={workdir}",
+        "--mode=sample",
+        env={"AVJAX_CACHE": str(cache)},
+    )
+    assert r.returncode != 0
+    assert "FileNotFoundError" in r.stderr and f"--mode=train --workdir={workdir}" in r.stderr
+    assert not workdir.exists() and not cache.exists()

@@ -33,3 +33,20 @@ def test_sigterm_checkpoints_exits_143_and_the_rerun_matches_a_straight_run(tmp_
     a, b = jax.device_get(straight.params), jax.device_get(resumed.params)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_without_the_preemption_service_processes_all_gather_their_flags(monkeypatch):
+    """The fallback when `jax_enable_preemption_service` is off: any process's flag stops all."""
+    watch = loop._PreemptionWatch()  # noqa: SLF001
+    assert not watch.synced  # jax.distributed is not initialised here
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    gathered = []
+
+    def allgather(flag):
+        gathered.append(int(flag))
+        return np.array([int(flag), 1 if len(gathered) > 1 else 0])  # the other process
+
+    monkeypatch.setattr(loop.multihost_utils, "process_allgather", allgather)
+    assert not watch.should_stop(1, None)
+    assert watch.should_stop(2, None)  # the other process got the SIGTERM
+    assert gathered == [0, 0]
