@@ -63,7 +63,8 @@ def make_manager(
     saves that a killed process never finished; read-only ones touch nothing.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(int(keep), 1),
+        max_to_keep=None if read_only else max(int(keep), 1),
+        save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=async_save and not read_only,
         create=not read_only,
         read_only=read_only,
@@ -76,13 +77,10 @@ def make_manager(
 
 def latest_step(workdir: PathLike) -> int | None:
     """The newest finished checkpoint's step in `workdir`, or None; writes nothing."""
-    if not checkpoint_dir(workdir).exists():
+    folder = checkpoint_dir(workdir)
+    if not folder.exists():
         return None
-    manager = make_manager(workdir, 1, read_only=True)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    return max(ocp.path.step.checkpoint_steps(folder), default=None)  # finalized ones only
 
 
 def require_checkpoint(workdir: PathLike, mode: str) -> int:
