@@ -90,3 +90,61 @@ def test_local_then_copy_publishes_whole_files_with_their_suffix(tmp_path):
         raise RuntimeError("killed")
     np.testing.assert_array_equal(np.load(out), np.arange(3))  # the old file stays
     assert sorted(p.name for p in out.parent.iterdir()) == ["units.npy"]
+
+
+_BUCKET_SCRIPT = r"""
+import io, json
+import numpy as np
+from etils import epath
+from avjax.io import local_then_copy
+from avjax.sample import resumable
+
+job = "gs://bkt/run/samples/step_4/2s_t1.0_k0_seed0-0123abcd"
+spec = resumable.job_spec(np.ones((1, 5), np.int32), 50, params_sha256="p")
+assert not resumable.claim_job(job, spec)
+assert resumable.claim_job(job, spec)
+try:
+    resumable.claim_job(job, {**spec, "seed": 1})
+    raise SystemExit("another request was accepted")
+except resumable.ResumeMismatchError as e:
+    assert "seed: saved 0, requested 1" in str(e), e
+units = np.arange(75, dtype=np.int32)
+with local_then_copy(job + "/sample_0.npy") as f:
+    np.save(f, units)
+saved = np.load(io.BytesIO(epath.Path(job + "/sample_0.npy").read_bytes()))
+np.testing.assert_array_equal(saved, units)
+print(json.dumps(sorted(str(p) for p in epath.Path(job).iterdir())))
+"""
+
+
+def test_job_files_in_a_bucket(tmp_path):
+    """Against a local GCS emulator: job.json claimed and checked, outputs copied to `gs://`,
+    nothing written under the current directory. (Sampler state in a bucket, through the
+    CLI: tests/test_gcs_workdir.py.)"""
+    import os
+    import subprocess
+    import sys
+
+    from gcs_emulator import available, gcs_emulator
+    from test_main_cli import REPO
+
+    if not available():
+        pytest.skip("needs the test extra (GCS emulator)")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with gcs_emulator("bkt") as env:
+        e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **env)
+        r = subprocess.run(
+            [sys.executable, "-c", _BUCKET_SCRIPT],
+            cwd=cwd,
+            env=e,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert r.returncode == 0, r.stderr[-4000:]
+    names = json.loads(r.stdout.strip().splitlines()[-1])
+    job = "gs://bkt/run/samples/step_4/2s_t1.0_k0_seed0-0123abcd"
+    assert f"{job}/job.json" in names and f"{job}/sample_0.npy" in names, names
+    assert not [n for n in names if ".tmp" in n], names
+    assert list(cwd.iterdir()) == []
