@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.hubert_layer = 6  # features="hubert": transformer layer (6 = GSLM's for base)
     c.data.kmeans_iters = 30
     c.data.vocoder_steps = 300  # units->mel decoder training steps (fitted with the units)
+    # Units are frozen once the workdir has a checkpoint (a change that would refit them is an
+    # error naming the fields); True refits them in a workdir without checkpoints only.
+    c.data.refit_units = False
     c.data.seq_len = 512  # tokens per training window (20.5 s at 25 Hz; the paper: 6000)
 
     # Model: Griffin backbone (RecurrentGemma layout), tiny.

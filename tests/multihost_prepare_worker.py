@@ -22,8 +22,6 @@ from absl import logging  # noqa: E402
 jax.config.update("jax_num_cpu_devices", int(os.environ.get("WORKER_DEVICES", "4")))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_speechssm import _config  # noqa: E402
-
 from avjax import main as avjax_main  # noqa: E402
 
 
@@ -31,6 +29,8 @@ def main() -> None:
     workdir, cache, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     logging.set_verbosity(logging.INFO)
     avjax_main._maybe_initialize_distributed()  # noqa: SLF001
+    from test_speechssm import _config  # (after: it asks jax for devices)
+
     pi = jax.process_index()
     cfg = _config(cache.format(process=pi), **overrides)
     out = f"{workdir}.p{pi}.json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -17,55 +16,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
-from avjax.data import lm_windows
+from avjax.data import lm_windows, pipeline
 from avjax.data.units import UNIT_RATE
+from avjax.io import as_path, write_text_atomic
 from avjax.models import speechssm as speechssm_lib
 from avjax.tasks.base import Batch, Metrics, Task
 
 
-def cache_root(data_cfg: Any) -> str:
-    """Where corpora are cached: `config.data.cache_dir`, $AVJAX_CACHE or ~/.cache/avjax."""
-    return (
+def cache_root(data_cfg: Any) -> epath.Path:
+    """Where corpora are cached: `config.data.cache_dir`, $AVJAX_CACHE or ~/.cache/avjax.
+
+    A local folder (it may be node-local on a pod: each host then builds its own copy)."""
+    return as_path(
         data_cfg.cache_dir or os.environ.get("AVJAX_CACHE") or os.path.expanduser("~/.cache/avjax")
     )
 
 
-CORPUS_NAMES = ("default", "dir", "librispeech", "librilight", "librispeech_long")
-
-
-def _wait_for(ready: Any, what: str, timeout_s: float = 6 * 3600) -> None:
-    """Blocks (polling) until `ready()`: other processes wait for process 0's builds."""
-    t0 = time.time()
-    while not ready():
-        if time.time() - t0 > timeout_s:
-            raise TimeoutError(f"waited {timeout_s:.0f} s for process 0 to build {what}")
-        time.sleep(2.0)
-
-
-def _choose_splits(
-    available: list[str], train_splits: str, eval_split: str
-) -> tuple[list[str], str]:
-    """(train splits, eval split or "") from config strings; "" picks automatically.
-
-    Automatic: train = the `train*` splits (all but the eval split when there are none);
-    eval = `dev_clean` if present, else the first `dev*` / `test*` split; "" when nothing
-    is left (then whole train documents are held out by `data.heldout_fraction`).
-    """
-    wanted = [s for s in train_splits.split(",") if s]
-    for s in [*wanted, *([eval_split] if eval_split else [])]:
-        if s not in available:
-            raise ValueError(f"split {s!r} not in this corpus: it has {sorted(available)}")
-    if not eval_split:
-        candidates = ["dev_clean"] + [s for s in available if s.startswith(("dev", "test"))]
-        eval_split = next((s for s in candidates if s in available and s not in wanted), "")
-    if not wanted:
-        wanted = [s for s in available if s.startswith("train")] or [
-            s for s in available if s != eval_split
-        ]
-    if not wanted:
-        wanted, eval_split = [eval_split], ""
-    return wanted, eval_split
+CORPUS_NAMES = pipeline.CORPUS_NAMES
+_choose_splits = pipeline.choose_splits  # (moved to avjax.data.pipeline)
 
 
 def _overview_mel(
@@ -99,57 +69,36 @@ class SpeechSSMTask(Task):
         self._prepared: dict[str, Any] | None = None
 
     # --- data -------------------------------------------------------------------------------
-    def prepare(self) -> dict[str, Any]:
-        """Builds the corpus and the unit tokenizer/decoder once; loads them afterwards."""
+    def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
+        """Builds the corpus and the unit tokenizer/decoder once; loads them afterwards.
+
+        `read_only` (default: the task's `read_only` attribute, False unless set): sampling
+        and evaluation never write to the workdir; units or token stores that are not there
+        (or were made from other settings) are errors naming the path. Once the workdir has
+        a checkpoint its units are frozen (`avjax.data.pipeline`). All processes call this
+        together (process 0 builds the workdir's artifacts, the others wait).
+        """
         if self._prepared is not None:
             return self._prepared["facts"]
-        from avjax.data import corpus as corpus_lib
-        from avjax.data import units as units_lib
-
         dc = self.config.data
-        if dc.name not in CORPUS_NAMES:
-            raise ValueError(
-                f"config.data.name={dc.name!r}: expected one of {', '.join(CORPUS_NAMES)} "
-                "('default' = embedded corpus, 'dir' = your audio folder in data.manual_dir, "
-                "the others = that corpus in its own layout in data.manual_dir)"
-            )
-        if dc.name not in ("default", "dir"):
-            return self._prepare_tfds()
-        if str(dc.get("features", "logmel")) != "logmel":
-            raise ValueError(
-                f"config.data.features={dc.features!r} is for the real corpora (librispeech, "
-                f"librilight, librispeech_long); data.name={dc.name!r} uses log-mel units"
-            )
-        if dc.name == "default":
-            root = os.path.join(cache_root(dc), f"default_corpus_{dc.minutes:g}min")
-            utts = corpus_lib.build_default_corpus(
-                root, minutes=float(dc.minutes), heldout_fraction=float(dc.heldout_fraction)
-            )
-        else:
-            if not dc.manual_dir:
-                raise ValueError("config.data.name='dir' needs --config.data.manual_dir=DIR")
-            utts = corpus_lib.scan_audio_dir(
-                dc.manual_dir, heldout_fraction=float(dc.heldout_fraction)
-            )
-        tokenizer, vocoder, units = units_lib.prepare_units(
-            utts,
-            os.path.join(self.workdir, "units"),
-            num_units=int(dc.num_units),
+        if read_only is None:
+            read_only = bool(getattr(self, "read_only", False))
+        ctx = pipeline.Context(
+            as_path(self.workdir),
+            cache_root(dc),
             seed=int(self.config.seed),
-            kmeans_iters=int(dc.kmeans_iters),
-            vocoder_steps=int(dc.vocoder_steps),
+            read_only=read_only,
+            refit_units=bool(dc.get("refit_units", False)),
         )
-        docs: dict[str, dict[str, list]] = {"train": {}, "heldout": {}}
-        for u in utts:  # utterances are listed in document order
-            docs[u.split].setdefault(u.doc_id, []).append(units[u.id])
-        self._docs = {
-            split: [np.concatenate(parts).astype(np.int32) for parts in d.values()]
-            for split, d in docs.items()
-        }
-        return self._finish_prepare(tokenizer, vocoder, {})
+        prepared = pipeline.prepare_speech(dc, ctx)
+        self._docs = prepared.docs
+        return self._finish_prepare(prepared.tokenizer, prepared.vocoder, prepared.extra, ctx)
 
-    def _finish_prepare(self, tokenizer: Any, vocoder: Any, extra: dict[str, Any]) -> dict:
-        """Facts about `self._docs` (logged, written to data_facts.json); caches the result."""
+    def _finish_prepare(
+        self, tokenizer: Any, vocoder: Any, extra: dict[str, Any], ctx: pipeline.Context
+    ) -> dict:
+        """Facts about `self._docs` (logged, written to data_facts.json unless read-only);
+        caches the result."""
         if not self._docs["heldout"]:
             raise ValueError(
                 "the corpus has no held-out documents: raise config.data.heldout_fraction"
@@ -185,159 +134,9 @@ class SpeechSSMTask(Task):
             **extra,
         }
         self._prepared = {"facts": facts, "tokenizer": tokenizer, "vocoder": vocoder}
-        if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, "data_facts.json"), "w") as f:
-                json.dump(facts, f, indent=2)
+        if jax.process_index() == 0 and not ctx.read_only:
+            write_text_atomic(ctx.workdir / "data_facts.json", json.dumps(facts, indent=2))
         return facts
-
-    def _prepare_tfds(self) -> dict[str, Any]:
-        """A real corpus: TFDS build from manual_dir, unit fit, tokenising; all cached.
-
-        The TFDS dataset goes to `<cache>/tfds/<name>-<fingerprint of manual_dir>`; the
-        tokenizer and vocoder (fitted on up to `data.fit_minutes` of train audio) to
-        `workdir/units/`; the unit sequences to `workdir/units/tokens-<tokenizer>/<split>/`
-        (ArrayRecord shards, resumable, each process writes its share), then consolidated once
-        by process 0 into a memory-mapped `TokenStore` per split (`avjax.data.token_store`):
-        training reads windows from the map, so a 60k-hour corpus never sits in RAM.
-        Documents are the corpus' chapters / files (utterances joined when
-        `data.join_documents`). Units come from `data.features` (logmel | mfcc | hubert with
-        `data.hubert_dir`, `data.hubert_layer`), always at 25 Hz.
-        """
-        from avjax.data import corpus as corpus_lib
-        from avjax.data import tfds as corpora
-        from avjax.data import token_store, tokenize
-
-        dc = self.config.data
-        pi, pc = jax.process_index(), jax.process_count()
-        if not dc.manual_dir:
-            raise corpora.LayoutError(
-                dc.name,
-                "",
-                f"config.data.name={dc.name!r} needs --config.data.manual_dir=DIR",
-                corpora.builder_class(dc.name).LAYOUT,
-            )
-        manual_dir = os.path.abspath(os.path.expanduser(dc.manual_dir))
-        if not os.path.isdir(manual_dir):
-            cls = corpora.builder_class(dc.name)
-            raise corpora.LayoutError(
-                cls.CORPUS, manual_dir, "the folder does not exist", cls.LAYOUT
-            )
-        tag = corpora.manual_dir_fingerprint(manual_dir) + ("-skipbad" if dc.skip_bad else "")
-        data_dir = os.path.join(cache_root(dc), "tfds", f"{dc.name}-{tag}")
-        build = functools.partial(
-            corpora.build,
-            dc.name,
-            manual_dir,
-            data_dir,
-            skip_bad=bool(dc.skip_bad),
-            config=dc.builder_config or None,
-        )
-        if pi == 0:
-            builder = build()
-            skipped_path = os.path.join(data_dir, "skipped.json")
-            if builder.skipped or not os.path.exists(skipped_path):
-                with open(skipped_path, "w") as f:
-                    json.dump(builder.skipped, f, indent=2)
-        _wait_for(lambda: os.path.exists(os.path.join(data_dir, "skipped.json")), data_dir)
-        builder = build()
-        with open(os.path.join(data_dir, "skipped.json")) as f:
-            skipped = json.load(f)
-        num_skipped = sum(len(v) for v in skipped.values())
-        if num_skipped:
-            logging.warning(
-                "%s: %d bad files were skipped (data.skip_bad=True), e.g. %s",
-                dc.name,
-                num_skipped,
-                next(v[0] for v in skipped.values() if v),
-            )
-        train_splits, eval_split = _choose_splits(
-            list(builder.info.splits), dc.train_splits, dc.eval_split
-        )
-        sources = {n: builder.as_data_source(split=n) for n in train_splits}
-        if eval_split:
-            sources[eval_split] = builder.as_data_source(split=eval_split)
-        source_id = f"{builder.info.full_name}@{data_dir}"
-        units_dir = os.path.join(self.workdir, "units")
-        fit = functools.partial(
-            tokenize.fit_units,
-            [sources[n] for n in train_splits],
-            units_dir,
-            num_units=int(dc.num_units),
-            seed=int(self.config.seed),
-            kmeans_iters=int(dc.kmeans_iters),
-            vocoder_steps=int(dc.vocoder_steps),
-            max_minutes=float(dc.fit_minutes),
-            source_id=source_id + ":" + ",".join(train_splits),
-            features=str(dc.get("features", "logmel")),
-            hubert_dir=str(dc.get("hubert_dir", "")),
-            hubert_layer=int(dc.get("hubert_layer", 6)),
-        )
-        if pi == 0:
-            fit()
-        _wait_for(lambda: os.path.exists(os.path.join(units_dir, "fit_info.json")), units_dir)
-        tokenizer, vocoder = fit(progress=False)
-        tokens_dir = os.path.join(units_dir, f"tokens-{tokenize.tokenizer_fingerprint(tokenizer)}")
-        stats = {}
-        for split, source in sources.items():
-            st = tokenize.tokenize_split(
-                source,
-                tokenizer,
-                tokens_dir,
-                split,
-                num_shards=int(dc.num_shards),
-                process_index=pi,
-                process_count=pc,
-                source_id=f"{source_id}:{split}",
-            )
-            stats[split] = st
-        for split in sources:
-            tokenize.wait_for_split(tokens_dir, split)
-        join, num_units = bool(dc.join_documents), tokenizer.num_units
-        stores, consolidate_s = {}, 0.0
-        for split in sources:
-            if pi == 0:
-                consolidate_s += token_store.consolidate(
-                    tokens_dir, split, num_units=num_units, join_documents=join, progress=True
-                ).seconds
-            _wait_for(
-                functools.partial(token_store.is_current, tokens_dir, split, num_units, join),
-                token_store.store_path(tokens_dir, split, join),
-            )
-            stores[split] = token_store.TokenStore.open(
-                token_store.store_path(tokens_dir, split, join)
-            )
-        train = token_store.TokenStore.concat([stores[n] for n in train_splits])
-        if eval_split:
-            heldout = stores[eval_split]
-        else:
-            ids = train.doc_ids
-            held = corpus_lib._pick_heldout(  # noqa: SLF001
-                ids, float(dc.heldout_fraction), int(self.config.seed)
-            )
-            heldout = train.subset([i for i, d in enumerate(ids) if d in held])
-            train = train.subset([i for i, d in enumerate(ids) if d not in held])
-        # Training windows read uint16 views of the map; held-out documents (prompts,
-        # evaluation) come as int32 copies, one document at a time.
-        self._docs = {"train": train, "heldout": heldout.with_dtype(np.int32)}
-        done = [s for s in stats.values() if s.shards_done]
-        extra = {
-            "corpus": dc.name,
-            "tfds_dir": builder.data_dir,
-            "train_splits": train_splits,
-            "eval_split": eval_split or f"heldout_fraction={dc.heldout_fraction:g} of train",
-            "skipped_bad_files": num_skipped,
-            "tokens_dir": tokens_dir,
-            "token_stores": {n: stores[n].paths[0] for n in stores},
-        }
-        if consolidate_s:
-            extra["consolidate_seconds"] = consolidate_s
-        if done:
-            audio = sum(s.audio_seconds for s in done)
-            cpu = sum(s.cpu_seconds for s in done)
-            wall = sum(s.wall_seconds for s in done)
-            extra["tokenize_hours_per_cpu_minute"] = audio / 3600 / max(cpu / 60, 1e-9)
-            extra["tokenize_hours_per_minute"] = audio / 3600 / max(wall / 60, 1e-9)
-        return self._finish_prepare(tokenizer, vocoder, extra)
 
     def _global_batch(self) -> int:
         return int(self.config.train.batch_size)
