@@ -125,6 +125,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
+    # Resume params + optimizer state but start the data pipeline afresh (e.g. after a change
+    # in the number of processes, whose iterator positions cannot be carried over).
+    c.train.reset_data_iterator = False
     # Start from converted weights (tools/convert_recurrentgemma.py --out=DIR), as the paper
     # starts from RecurrentGemma-2B; init_skip (regex over param paths) keeps some fresh,
     # e.g. "^embedding$" for the unit vocabulary.
