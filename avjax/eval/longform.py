@@ -705,10 +705,10 @@ def write_plots(report: dict[str, Any], plot_dir: PathLike) -> dict[str, str]:
 
 def write_tensorboard(report: dict[str, Any], tb_dir: PathLike) -> None:
     """Scalars `longform/<metric>` per slice into `tb_dir/<model>/` (step = slice end, s)."""
-    from clu import metric_writers
+    from avjax.train.metrics import summary_writer
 
     for n, r in report["models"].items():
-        w = metric_writers.SummaryWriter(os.fspath(as_path(tb_dir) / n))
+        w = summary_writer(as_path(tb_dir) / n)
         for i, (_, e) in enumerate(report["slices"]):
             scalars = {}
             for k, v in r["per_slice"].items():
