@@ -64,8 +64,15 @@ def test_train_resume_sample_in_a_bucket(tmp_path):
         assert r.returncode == 0, r.stderr[-4000:]
         assert "Resuming from checkpoint step 2" in r.stderr
 
-        r = _main(cwd, env, *common, "--config.train.steps=4", "--mode=sample",
-                  "--config.sample.seconds=2", "--config.sample.prompt_seconds=1")
+        r = _main(
+            cwd,
+            env,
+            *common,
+            "--config.train.steps=4",
+            "--mode=sample",
+            "--config.sample.seconds=2",
+            "--config.sample.prompt_seconds=1",
+        )
         assert r.returncode == 0, r.stderr[-4000:]
         names = _objects(env)
 
