@@ -126,3 +126,34 @@ def test_worker_processes_give_the_same_corpus(tmp_path):
     # espeak-ng's pitch flutter carries state between calls: lengths agree to a few samples.
     assert all(abs(x.num_samples - y.num_samples) < 200 for x, y in zip(a, b, strict=True))
     assert len(os.listdir(tmp_path / "b" / "wavs")) == len({u.doc_id for u in b})
+
+
+def test_leftovers_of_a_killed_build_are_removed_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    killed = tmp_path / "c.tmp-0123456789ab"  # SIGKILLed while synthesising
+    (killed / "wavs").mkdir(parents=True)
+    (killed / ".owner.json").write_text(
+        json.dumps({"host": __import__("socket").gethostname(), "pid": int(dead.stdout)})
+    )
+    older = tmp_path / ".c.tmp-1234abcd"  # the naming of earlier versions, days old
+    older.mkdir()
+    os.utime(older, (1e9, 1e9))
+    corpus.build_default_corpus(tmp_path / "c", minutes=0.3, progress=False)
+    assert os.listdir(tmp_path) == ["c"]
+    assert (tmp_path / "c" / "manifest.json").exists()  # published with its artifact manifest
+
+
+def test_scan_audio_dir_follows_symlinked_folders(tmp_path):
+    real = tmp_path / "elsewhere" / "spk2"
+    real.mkdir(parents=True)
+    sf.write(str(real / "b.wav"), np.full(16000, 0.1, np.float32), 16000)
+    (tmp_path / "audio" / "spk1").mkdir(parents=True)
+    sf.write(str(tmp_path / "audio" / "spk1" / "a.wav"), np.full(16000, 0.1, np.float32), 16000)
+    os.symlink(real, tmp_path / "audio" / "spk2")
+    utts = corpus.scan_audio_dir(tmp_path / "audio", heldout_fraction=0.0, progress=False)
+    assert [u.id for u in utts] == ["spk1/a", "spk2/b"] and utts[1].speaker == "spk2"

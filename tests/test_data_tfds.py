@@ -135,3 +135,21 @@ def test_missing_manual_dir_and_wrong_layout_say_what_is_expected(tmp_path):
         corpora.build("librispeech_long", tmp_path / "flat", tmp_path / "tfds")
     with pytest.raises(ValueError, match="librispeech_long"):
         corpora.builder_class("libri")
+
+
+def test_fingerprint_follows_symlinked_folders(tmp_path):
+    """A corpus folder that is (or holds) a link: files added through it change the
+    fingerprint, so a new TFDS build is made rather than a stale one reused."""
+    real = tmp_path / "real" / "LibriSpeech"
+    (real / "train-clean-100" / "19").mkdir(parents=True)
+    (real / "train-clean-100" / "19" / "a.flac").write_bytes(b"x")
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    os.symlink(real, holder / "LibriSpeech")  # manual_dir holds a linked corpus folder
+    os.symlink(tmp_path / "real", tmp_path / "link")  # manual_dir is itself a link
+    before = [corpora.manual_dir_fingerprint(p) for p in (holder, tmp_path / "link")]
+    (holder / "LibriSpeech" / "train-clean-100" / "19" / "b.flac").write_bytes(b"yy")
+    after = [corpora.manual_dir_fingerprint(p) for p in (holder, tmp_path / "link")]
+    assert before[0] != after[0] and before[1] != after[1]
+    os.symlink(real, real / "train-clean-100" / "loop")  # a cycle is walked once
+    assert corpora.manual_dir_fingerprint(holder)

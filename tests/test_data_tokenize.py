@@ -75,6 +75,23 @@ def test_resume_after_deleting_a_marker_gives_the_same_output(corpus, tmp_path):
     assert [(d, s, len(u)) for d, s, u in docs] == [("19-198", "19", 36), ("103-1240", "103", 36)]
 
 
+def test_leftovers_of_a_killed_shard_writer_are_removed(corpus, tmp_path):
+    _, _, source, tok = corpus
+    out = tmp_path / "u"
+    shard = tokenize.shard_path(str(out), "train", 0, 2)
+    os.makedirs(os.path.dirname(shard))
+    for stale in (shard + ".tmp-12345", tokenize.done_path(shard) + ".tmp"):
+        open(stale, "w").close()  # a writer SIGKILLed mid-shard (old and new temp names)
+    tokenize.tokenize_split(source, tok, out, "train", num_shards=2, progress=False)
+    assert sorted(os.listdir(out / "train")) == [
+        "tokenize.json",
+        "units-00000-of-00002.array_record",
+        "units-00000-of-00002.done",
+        "units-00001-of-00002.array_record",
+        "units-00001-of-00002.done",
+    ]
+
+
 def test_processes_split_the_shards(corpus, tmp_path):
     root, _, source, tok = corpus
     out = str(tmp_path / "units")

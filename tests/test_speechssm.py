@@ -221,3 +221,34 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(cache_dir, tmp_path):
     logged = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
     assert logged == list(range(1, stopped + 3))
     assert json.load(open(os.path.join(w, "data_facts.json")))["num_units"] == 32
+
+
+def test_units_are_frozen_under_a_checkpoint_and_read_only_prepare_never_writes(
+    cache_dir, tmp_path
+):
+    from avjax.data import artifacts
+
+    w = str(tmp_path / "w")
+    cfg = _config(cache_dir, **{"train.steps": 1, "train.eval_every": 0})
+    # Read-only (sample/eval) on a workdir without units: names the path, writes nothing.
+    with pytest.raises(artifacts.ArtifactMissingError, match=f"{w}/units"):
+        get_task(cfg, w).prepare(read_only=True)
+    assert not os.path.exists(os.path.join(w, "units"))
+    loop.train(get_task(cfg, w), cfg, w, _one_device())
+    manifest = os.path.join(w, "units", "manifest.json")
+    before = open(manifest).read()
+    # Data that would refit the units (more stories held out) under the checkpoint: refused,
+    # naming the field, in training and in read-only runs alike; nothing rewritten.
+    other = _config(cache_dir, **{"train.steps": 2, "data.heldout_fraction": 0.6})
+    for read_only in (False, True):
+        with pytest.raises(artifacts.ArtifactMismatchError, match="heldout_fraction: 0.1 -> 0.6"):
+            get_task(other, w).prepare(read_only=read_only)
+    refit = _config(cache_dir, **{"data.refit_units": True})
+    with pytest.raises(artifacts.ArtifactMismatchError, match="new --workdir"):
+        get_task(refit, w).prepare()
+    assert open(manifest).read() == before
+    facts = os.path.join(w, "data_facts.json")
+    os.utime(facts, (1, 1))
+    task = get_task(cfg, w)
+    task.read_only = True  # as main.py sets it for --mode=sample|eval
+    assert task.prepare()["num_units"] == 32 and os.stat(facts).st_mtime == 1

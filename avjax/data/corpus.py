@@ -97,6 +97,11 @@ def _stamp_params(minutes: float, heldout_fraction: float, seed: int) -> dict[st
     }
 
 
+def default_corpus_key(minutes: float, heldout_fraction: float, seed: int = 0) -> dict[str, Any]:
+    """What defines a default corpus (its stories, voices and splits): its cache key."""
+    return _stamp_params(minutes, heldout_fraction, seed)
+
+
 def _read_stamp(root: str) -> dict[str, Any] | None:
     try:
         with open(os.path.join(root, STAMP)) as f:

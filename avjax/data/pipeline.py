@@ -15,7 +15,10 @@ artifact (`avjax.data.artifacts`):
 
 Multi-process jobs: the workdir must be one filesystem shared by every process (checked up
 front, `artifacts.require_shared`). The cache may be node-local: each host's group builds its
-own copy (the default corpus and TFDS builds are deterministic); a shared cache is built once.
+own copy; a shared cache is built once. The builds are deterministic up to a few samples
+of espeak-ng output per utterance: the units key the default corpus by its parameters, and
+every process reads the units that process 0 fitted (`units.npz`), so all train on the same
+sequences.
 
 Units never change under a checkpoint: once `<workdir>/checkpoints/<step>` exists, a units
 artifact that this run's config or data would make differently is an error naming the fields
@@ -158,10 +161,12 @@ def prepare_local(dc: Any, ctx: Context) -> Prepared:
             group=ctx.group(ctx.cache),
         )
         chosen_by = {k: dc[k] for k in ("name", "minutes", "heldout_fraction")}
+        corpus_key = corpus_lib.default_corpus_key(float(dc.minutes), float(dc.heldout_fraction))
     else:
         utts = corpus_lib.scan_audio_dir(dc.manual_dir, heldout_fraction=float(dc.heldout_fraction))
         chosen_by = {k: dc[k] for k in ("name", "manual_dir", "heldout_fraction")}
         chosen_by["files"] = len(utts)
+        corpus_key = None  # (a hash of the files' names, splits and lengths)
     tokenizer, vocoder, units = units_lib.prepare_units(
         utts,
         ctx.workdir / "units",
@@ -169,6 +174,7 @@ def prepare_local(dc: Any, ctx: Context) -> Prepared:
         seed=ctx.seed,
         kmeans_iters=int(dc.kmeans_iters),
         vocoder_steps=int(dc.vocoder_steps),
+        corpus_key=corpus_key,
         context={"data": chosen_by},
         **units_options,
     )

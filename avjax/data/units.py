@@ -440,6 +440,7 @@ def prepare_units(
     kmeans_iters: int = 30,
     vocoder_steps: int = 300,
     progress: bool = True,
+    corpus_key: Any = None,
     context: dict[str, Any] | None = None,
     **artifact_options: Any,
 ) -> tuple[UnitTokenizer, UnitVocoder, dict[str, np.ndarray]]:
@@ -451,6 +452,10 @@ def prepare_units(
         `vocoder/`, `units.npz` ({utterance id: int32 `[units]`}), `units_info.json`
         (sizes, unigram entropy, timings), `manifest.json`.
       num_units, seed, kmeans_iters, vocoder_steps: fit settings (part of the key).
+      corpus_key: what identifies the corpus in the key (default: a hash of its utterance
+        ids, splits and lengths). The default corpus passes its parameters: espeak-ng
+        output may differ by a few samples between builds (hosts, cache rebuilds), which
+        must not make the units of a checkpoint look different.
       context: shown when the units differ, not part of the key (e.g. the config fields that
         chose the corpus, whose fingerprint is in the key).
       artifact_options: passed on to `artifacts.prepare_artifact` (group, processes,
@@ -485,7 +490,7 @@ def prepare_units(
 
     art = artifacts.prepare_artifact(
         out_dir,
-        {"units": key},
+        {"units": key if corpus_key is None else {**key, "corpus": corpus_key}},
         functools.partial(
             _fit_units,
             utts,
