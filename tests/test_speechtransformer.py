@@ -84,7 +84,8 @@ def test_train_then_sample_through_main(cache_dir, tmp_path):
     cfg_long = _config(cache_dir, **{"mesh.data": 8, "sample.seconds": 6.0})
     summary = run(cfg_long, w, "sample")
     assert summary["tokens"] == 150
-    out = os.path.join(w, "samples", "step_3")
+    out = summary["out_dir"]  # samples/step_3/<seconds>s_t<T>_k<K>_seed<S>-<key8>
+    assert os.path.dirname(out) == os.path.join(w, "samples", "step_3")
     units = np.load(os.path.join(out, "sample_0.npy"))
     assert units.shape == (25 + 150,) and units.min() >= 0 and units.max() < 32
     assert len(np.unique(units[25:])) > 3
