@@ -7,13 +7,16 @@ Clients are pointed at it by environment variables: `STORAGE_EMULATOR_HOST` for 
 (etils.epath's fsspec back end; `EPATH_USE_TF=false`, since TensorFlow's GCS file system
 cannot be pointed at an emulator) and `TENSORSTORE_GCS_HTTP_URL` for orbax's tensorstore.
 The emulator runs in its own process, in memory; nothing leaves this machine.
+
+One gap of the emulator is filled here: its media downloads lack the `x-goog-generation`
+header that real GCS sends and tensorstore's OCDBT (orbax's format) needs for conditional
+writes, so `_serve` adds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -54,10 +57,7 @@ def gcs_emulator(bucket: str = "bkt", timeout_s: float = 60.0) -> Iterator[dict[
     """Starts the emulator with `bucket`; yields the client environment; stops it."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable))
-    cmd = [exe] if exe else [sys.executable, "-m", "gcp_storage_emulator"]
-    cmd += ["start", "--host=127.0.0.1", f"--port={port}", "--in-memory", "-q"]
-    cmd += [f"--default-bucket={bucket}"]
+    cmd = [sys.executable, os.path.abspath(__file__), str(port), bucket]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + timeout_s
@@ -76,3 +76,29 @@ def gcs_emulator(bucket: str = "bkt", timeout_s: float = 60.0) -> Iterator[dict[
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _serve(port: int, bucket: str) -> None:
+    """Runs the emulator in this process (until killed), downloads carrying generations."""
+    from gcp_storage_emulator.handlers import objects
+
+    plain_download = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        plain_download(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # not found: the plain handler has answered 404
+            return
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+    objects.download = download  # before `server` builds its routing table from it
+    from gcp_storage_emulator.server import create_server
+
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.run()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), sys.argv[2])

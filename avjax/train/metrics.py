@@ -37,7 +37,7 @@ class JsonlWriter(metric_writers.MetricWriter):
         self._remote = is_remote(self._path)
         self._rows: list[str] = []
         self._f = None
-        if self._remote:
+        if self._remote and self._path.exists():
             self._rows = [json.dumps(r) + "\n" for r in read_jsonl(self._path)]
         else:
             self._f = self._path.open("a")
