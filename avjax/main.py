@@ -99,6 +99,7 @@ def run(config, workdir: str, mode: str, stop_after: int | None = None) -> dict:
         ckpt_lib.require_checkpoint(workdir, mode)
     apply_preset(config)
     task = get_task(config, workdir)
+    task.read_only = mode != "train"  # sample/eval never build or refit what a checkpoint uses
     mesh = make_mesh(config.mesh)
     logging.info("Devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
     if mode == "train":

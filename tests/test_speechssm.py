@@ -125,7 +125,8 @@ def test_sample_writes_audio_png_and_units(cache_dir, tmp_path):
     w = str(tmp_path / "w")
     run(cfg, w, "train")
     summary = run(cfg, w, "sample")
-    out = os.path.join(w, "samples", "step_3")
+    out = summary["out_dir"]  # samples/step_3/<seconds>s_t<T>_k<K>_seed<S>-<key8>
+    assert os.path.dirname(out) == os.path.join(w, "samples", "step_3")
     units = np.load(os.path.join(out, "sample_0.npy"))
     assert units.shape == (25 + 100,)  # 1 s prompt + 4 s at 25 Hz
     assert summary["tokens"] == 100
@@ -252,3 +253,6 @@ def test_units_are_frozen_under_a_checkpoint_and_read_only_prepare_never_writes(
     task = get_task(cfg, w)
     task.read_only = True  # as main.py sets it for --mode=sample|eval
     assert task.prepare()["num_units"] == 32 and os.stat(facts).st_mtime == 1
+    # The entry point marks sample runs read-only: sampling rewrites nothing it depends on.
+    assert run(cfg, w, "sample")["tokens"] == 100
+    assert os.stat(facts).st_mtime == 1 and open(manifest).read() == before

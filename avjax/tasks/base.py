@@ -27,6 +27,7 @@ class Task(abc.ABC):
     Attributes:
       config: the full experiment config.
       workdir: the experiment directory (checkpoints, tokenizers, samples, logs).
+      read_only: True in sample/eval modes: data preparation must not write.
     """
 
     name: str = "task"
@@ -34,6 +35,9 @@ class Task(abc.ABC):
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
         self.workdir = workdir
+        # Set by main.run for --mode=sample|eval: prepare() loads what a checkpoint was
+        # trained on and never builds, refits or rewrites it.
+        self.read_only = False
 
     # --- data -------------------------------------------------------------------------------
     @abc.abstractmethod
