@@ -1,24 +1,72 @@
-"""SpeechTransformer task: SpeechSSM's units, data, loss and sampling with a Transformer LM."""
+"""SpeechTransformer task: SpeechSSM's data, loss and sampling with a Transformer LM.
+
+A composition, as `avjax.tasks.speechssm`: the same data module
+(`avjax.data.speech_lm.SpeechLMData`) and the same loss / sampling / evaluation functions
+(`avjax.tasks.speech_lm`), with the decoder of `avjax.models.speechtransformer`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import flax.linen as nn
+import grain
+import jax
 
+from avjax.data.speech_lm import SpeechLMData
 from avjax.data.units import UNIT_RATE
 from avjax.models import speechtransformer as speechtransformer_lib
-from avjax.tasks.speechssm import SpeechSSMTask
+from avjax.tasks import speech_lm
+from avjax.tasks.base import Batch, Metrics, Task
 
 # Keys of config.model that size the decoding cache only; they never change the parameters.
 DECODE_ONLY_KEYS = ("max_len", "decode_block")
 
 
-class SpeechTransformerTask(SpeechSSMTask):
-    """The Transformer baseline of SpeechSSM (same units, data, loss and sampler)."""
+class SpeechTransformerTask(Task):
+    """The Transformer baseline of SpeechSSM (same units, data, loss and sampler).
+
+    Attributes:
+      data: the data module (prepared on first use; `read_only` is its flag).
+    """
 
     name = "speechtransformer"
 
+    def __init__(self, config, workdir):
+        self.data = SpeechLMData.from_config(config, workdir)
+        super().__init__(config, workdir)
+
+    @property
+    def read_only(self) -> bool:
+        """Sample/eval: data preparation never writes (the data module's flag)."""
+        return self.data.read_only
+
+    @read_only.setter
+    def read_only(self, value: bool) -> None:
+        self.data.read_only = bool(value)
+
+    # --- data -------------------------------------------------------------------------------
+    def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
+        return self.data.prepare(read_only)
+
+    def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
+        return self.data.train_dataset(process_index, process_count)
+
+    def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
+        return self.data.eval_batches(process_index, process_count)
+
+    def dummy_batch(self) -> Batch:
+        return self.data.dummy_batch()
+
+    @property
+    def _docs(self) -> dict[str, Any]:  # (older name of `data.docs`)
+        return self.data.docs
+
+    @property
+    def _prepared(self) -> dict[str, Any]:  # (older name: facts, tokenizer, vocoder, docs)
+        return self.data._prepared  # noqa: SLF001
+
+    # --- model ------------------------------------------------------------------------------
     def cache_len(self) -> int:
         """KV-cache length: `config.model.max_len`, or (0) enough for `config.sample`'s prompt
         and continuation, rounded up to whole `decode_block`s (at least one training window)."""
@@ -35,14 +83,34 @@ class SpeechTransformerTask(SpeechSSMTask):
             self.config.model, int(self.config.data.num_units), self.cache_len()
         )
 
+    def model_inputs(self, batch: Batch) -> dict[str, Any]:
+        return {"tokens": batch["inputs"], "segment_pos": batch["segment_pos"]}
+
+    def loss(self, model, params, batch, rng) -> tuple[jax.Array, Metrics]:
+        logits, _ = model.apply({"params": params}, **self.model_inputs(batch))
+        return speech_lm.next_token_loss(logits, batch["targets"], batch["mask"])
+
     def flops_per_token(self) -> float:
         return speechtransformer_lib.flops_per_token(
             self.config.model, int(self.config.data.num_units), int(self.config.data.seq_len)
         )
 
     def compatibility(self) -> dict[str, Any]:
-        facts = super().compatibility()
-        facts["model"] = {
-            k: v for k, v in self.config.model.to_dict().items() if k not in DECODE_ONLY_KEYS
+        model = self.config.model.to_dict()
+        return {
+            "task": self.name,
+            "model": {k: v for k, v in model.items() if k not in DECODE_ONLY_KEYS},
+            **self.data.compatibility(),
+            "seed": int(self.config.seed),
         }
-        return facts
+
+    # --- inference --------------------------------------------------------------------------
+    def sample(self, model, params, step: int) -> dict[str, Any]:
+        return speech_lm.sample_continuations(
+            model, params, step, self.data, self.config, self.workdir, "SpeechTransformer"
+        )
+
+    def evaluate(self, model, params, step, eval_loss) -> dict[str, Any]:
+        return speech_lm.evaluate_lm(
+            self.name, model, params, step, eval_loss, self.data, self.config, self.workdir
+        )
