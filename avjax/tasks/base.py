@@ -8,6 +8,7 @@ numpy arrays whose leading axis is this process's share of the global batch.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -21,6 +22,38 @@ Batch = Mapping[str, np.ndarray]
 Metrics = dict[str, jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class LossContext:
+    """What one loss evaluation may use besides params and batch (built by the train loop).
+
+    Attributes:
+      train: True in a train step (dropout on, batch statistics computed from the batch and
+        updated); False in eval and sampling (stored statistics, no dropout).
+      rng: the step's key (a function of seed, step, micro-batch and part only).
+      rngs: one key per stream the task declares in `Task.rng_streams` (`dropout`, `noise`).
+      model_state: the model's non-param collections, e.g. `{"batch_stats": ...}`.
+      part: the named part being updated (`Task.parts`), None for a single model and in eval.
+    """
+
+    train: bool
+    rng: jax.Array
+    rngs: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+    model_state: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    part: str | None = None
+
+    def apply(self, model: nn.Module, params: Any, *args, **kwargs) -> tuple[Any, dict]:
+        """`model.apply` with these collections and RNG streams; returns `(output,
+        new_model_state)`. In training every non-param collection is mutable (and returned
+        updated); in eval they are read only and returned unchanged."""
+        variables = {"params": params, **self.model_state}
+        mutable = list(self.model_state) if self.train else False
+        out = model.apply(variables, *args, rngs=dict(self.rngs), mutable=mutable, **kwargs)
+        if not mutable:
+            return out, dict(self.model_state)
+        out, updated = out
+        return out, {**self.model_state, **updated}
+
+
 class Task(abc.ABC):
     """One model family: build data and model, define the loss, run inference.
 
@@ -28,9 +61,16 @@ class Task(abc.ABC):
       config: the full experiment config.
       workdir: the experiment directory (checkpoints, tokenizers, samples, logs).
       read_only: True in sample/eval modes: data preparation must not write.
+      rng_streams: names of the RNG streams the model uses (`LossContext.rngs`), e.g.
+        `("dropout", "noise")`; each is derived per step from (seed, step, name).
+      parts: named models trained in alternation, each with its own optimizer state (a GAN:
+        `("generator", "discriminator")`), stepped in this order every step; they are the
+        top-level keys of the param tree. Empty: one model, one optimizer.
     """
 
     name: str = "task"
+    rng_streams: tuple[str, ...] = ()
+    parts: tuple[str, ...] = ()
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
@@ -62,14 +102,19 @@ class Task(abc.ABC):
         """The linen module described by `config.model`."""
 
     def init_variables(self, model: nn.Module, rng: jax.Array, batch: Batch) -> Any:
-        """Initial variables (params boxed with logical axis names)."""
+        """Initial variables (params boxed with logical axis names, and any other collection,
+        e.g. `batch_stats`, which the loop keeps as `TrainState.model_state`)."""
+        if self.rng_streams:
+            rng = {
+                "params": rng,
+                **{n: jax.random.fold_in(rng, i + 1) for i, n in enumerate(self.rng_streams)},
+            }
         return model.init(rng, **self.model_inputs(batch))
 
     @abc.abstractmethod
     def model_inputs(self, batch: Batch) -> dict[str, Any]:
         """Keyword arguments of `model.apply` taken from a batch."""
 
-    @abc.abstractmethod
     def loss(
         self, model: nn.Module, params: Any, batch: Batch, rng: jax.Array
     ) -> tuple[jax.Array, Metrics]:
@@ -77,7 +122,22 @@ class Task(abc.ABC):
 
         Summed (not averaged) so gradient accumulation and data parallelism weigh every
         target equally. Other metrics are sums too and are divided by the weight for logging.
+        A task whose model needs a train flag, mutable collections, named RNG streams or parts
+        overrides `apply_loss` instead.
         """
+        raise NotImplementedError(f"task {self.name!r} defines neither loss nor apply_loss")
+
+    def apply_loss(
+        self, model: nn.Module, params: Any, batch: Batch, ctx: LossContext
+    ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
+        """`(loss_sum, metrics, new_model_state)` as `loss`, given a `LossContext`.
+
+        With `parts`, it is called once per part with `ctx.part` set (gradients are taken
+        with respect to `params[ctx.part]` only) and with `ctx.part=None` in eval. The
+        default calls `loss(model, params, batch, ctx.rng)` and keeps the model state.
+        """
+        loss_sum, metrics = self.loss(model, params, batch, ctx.rng)
+        return loss_sum, metrics, dict(ctx.model_state)
 
     def tokens_per_batch(self, batch: Batch) -> int:
         """Tokens in a batch, for tokens/s."""

@@ -17,6 +17,7 @@ All paths are `etils.epath` paths (`avjax.io.as_path`): a `gs://` workdir stays 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Any
@@ -250,6 +251,16 @@ def state_differences(manager: ocp.CheckpointManager, step: int, abstract_state:
     return out
 
 
+def stored_tree(state: Any) -> Any:
+    """What is checkpointed of a train state: a dataclass becomes a dict of its fields without
+    the empty optional ones (`None`, `{}`), so checkpoints of runs without model state or EMA
+    keep the `step/params/opt_state` layout of earlier versions."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return {k: v for k, v in fields.items() if not (v is None or (isinstance(v, dict) and not v))}
+
+
 def saved_process_count(manager: ocp.CheckpointManager, step: int) -> int | None:
     """How many processes wrote checkpoint `step`'s data iterator state (None if unknown)."""
     folder = manager.directory / str(step) / "data"
@@ -272,7 +283,7 @@ def save(
     saved = manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave(stored_tree(state)),
             data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config_dict),
         ),
@@ -296,12 +307,13 @@ def restore(
         or shape differ, or a data iterator state written by another number of processes.
     """
     where = f"{manager.directory}/{step}"
-    diffs = state_differences(manager, step, abstract_state)
+    stored = stored_tree(abstract_state)
+    diffs = state_differences(manager, step, stored)
     if diffs:
         raise CheckpointMismatchError(
             f"checkpoint {where} does not fit this run's train state:\n  " + "\n  ".join(diffs)
         )
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": ocp.args.StandardRestore(stored)}
     if data_iter is not None:
         saved_n = saved_process_count(manager, step)
         if saved_n is not None and saved_n != jax.process_count():
@@ -316,6 +328,8 @@ def restore(
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointMismatchError(f"checkpoint {where} could not be restored: {e}") from e
+    if dataclasses.is_dataclass(abstract_state):
+        return dataclasses.replace(abstract_state, **restored.state)
     return restored.state
 
 

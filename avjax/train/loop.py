@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,22 +34,16 @@ from absl import logging
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
+from avjax.eval import evaluators as evaluators_lib
 from avjax.io import PathLike, as_path
-from avjax.tasks.base import Batch, Task
+from avjax.tasks.base import Batch, LossContext, Task
 from avjax.train import checkpoint as ckpt_lib
 from avjax.train import hardware
 from avjax.train import metrics as metrics_lib
 from avjax.train import sharding as sharding_lib
-from avjax.train.optim import build_optimizer, learning_rate_schedule
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training (a pytree)."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
+from avjax.train import state as state_lib
+from avjax.train.optim import build_optimizer, learning_rate_schedule, part_config
+from avjax.train.state import TrainState
 
 
 @dataclass
@@ -59,26 +52,43 @@ class Trainer:
 
     task: Task
     model: nn.Module
-    tx: optax.GradientTransformation
+    tx: optax.GradientTransformation  # with named parts: its `init` builds {part: state}
     mesh: jax.sharding.Mesh
     rules: tuple
     state_shardings: Any
     abstract_state: Any
     init_fn: Any
-    fresh_state: Any  # params -> TrainState at step 0 (fresh optimizer), sharded
+    fresh_state: Any  # (params, model_state) -> TrainState at step 0 (fresh optimizer), sharded
     train_step: Any
-    eval_step: Any
+    eval_step: Any  # (params, model_state, batch) -> {"loss_sum", "weight"}
     all_finite: Any  # state -> scalar bool (replicated): every float leaf is finite
+    txs: dict[str | None, optax.GradientTransformation] | None = None  # per part (None: one)
+    eval_with_ema: bool = False
 
 
 def _loss_and_grads(
-    task: Task, model: nn.Module, params: Any, batch: Batch, rng: jax.Array, accum: int
+    task: Task,
+    model: nn.Module,
+    params: Any,
+    model_state: Any,
+    part: str | None,
+    batch: Batch,
+    rng: jax.Array,
+    accum: int,
 ):
-    """Summed loss, summed metrics and summed gradients, over `accum` micro-batches."""
-    grad_fn = jax.value_and_grad(lambda p, b, r: task.loss(model, p, b, r), has_aux=True)
+    """Summed loss, summed metrics, summed gradients (with respect to `params[part]`, or all
+    params) over `accum` micro-batches, and the model state after the last one."""
+
+    def loss_fn(p, ms, b, r):
+        ctx = LossContext(True, r, state_lib.stream_keys(r, task.rng_streams), ms, part)
+        loss, metrics, new_ms = task.apply_loss(model, state_lib.set_part(params, part, p), b, ctx)
+        return loss, (metrics, new_ms)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    sub = state_lib.get_part(params, part)
     if accum == 1:
-        (loss, metrics), grads = grad_fn(params, batch, rng)
-        return loss, metrics, grads
+        (loss, (metrics, model_state)), grads = grad_fn(sub, model_state, batch, rng)
+        return loss, metrics, grads, model_state
 
     def split(x):
         if x.shape[0] % accum:
@@ -88,47 +98,89 @@ def _loss_and_grads(
     micro = jax.tree.map(split, batch)
 
     def body(carry, xs):
+        sums, ms = carry
         mb, i = xs
-        (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+        (loss, (metrics, ms)), grads = grad_fn(sub, ms, mb, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, sums, (loss, metrics, grads)), ms), None
 
-    zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng))
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda: grad_fn(sub, model_state, first, rng))
     zeros = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1])
+        lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1][0], shapes[1])
     )
-    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-    return loss, metrics, grads
+    ((loss, metrics, grads), model_state), _ = jax.lax.scan(
+        body, (zeros, model_state), (micro, jnp.arange(accum))
+    )
+    return loss, metrics, grads, model_state
 
 
 def train_step_fn(
     task: Task,
     model: nn.Module,
-    tx: optax.GradientTransformation,
+    txs: dict[str | None, optax.GradientTransformation],
     schedule: optax.Schedule,
     seed: int,
     accum: int,
+    ema_decay: float,
     state: TrainState,
     batch: Batch,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch; returns the new state and mean metrics."""
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    loss_sum, metric_sums, grad_sums = _loss_and_grads(task, model, state.params, batch, rng, accum)
-    weight = jnp.maximum(metric_sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grad_sums)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {k: v / weight for k, v in metric_sums.items() if k != "weight"}
-    metrics["loss"] = loss_sum / weight
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    """One optimizer step per part (in `task.parts` order; one step for a single model) on a
+    global batch; returns the new state and mean metrics (`<part>/<name>` for parts)."""
+    key = state_lib.step_key(seed, state.step)
+    params, opt_state, model_state = state.params, state.opt_state, state.model_state
+    metrics: dict[str, jax.Array] = {"loss": jnp.zeros((), jnp.float32)}
+    for part in task.parts or (None,):
+        rng = state_lib.part_key(key, part)
+        loss_sum, sums, grad_sums, model_state = _loss_and_grads(
+            task, model, params, model_state, part, batch, rng, accum
+        )
+        weight = jnp.maximum(sums["weight"], 1.0)
+        grads = jax.tree.map(lambda g, w=weight: g / w, grad_sums)
+        sub = state_lib.get_part(params, part)
+        updates, part_opt = txs[part].update(grads, state_lib.get_part(opt_state, part), sub)
+        params = state_lib.set_part(params, part, optax.apply_updates(sub, updates))
+        opt_state = state_lib.set_part(opt_state, part, part_opt)
+        part_metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
+        part_metrics["loss"] = loss_sum / weight
+        part_metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["loss"] += part_metrics["loss"]
+        prefix = "" if part is None else f"{part}/"
+        metrics.update({prefix + k: v for k, v in part_metrics.items() if prefix or k != "loss"})
     metrics["param_norm"] = optax.tree.norm(params)
     metrics["lr"] = schedule(state.step)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    ema = state.ema_params
+    if ema_decay > 0:
+        ema = state_lib.ema_update(ema, params, ema_decay)
+    new = TrainState(state.step + 1, params, opt_state, model_state, ema)
+    return new, metrics
 
 
-def eval_step_fn(task: Task, model: nn.Module, params: Any, batch: Batch) -> dict[str, jax.Array]:
-    """Summed loss and weight on one held-out batch."""
-    loss_sum, metrics = task.loss(model, params, batch, jax.random.key(0))
+def eval_step_fn(
+    task: Task, model: nn.Module, params: Any, model_state: Any, batch: Batch
+) -> dict[str, jax.Array]:
+    """Summed loss and weight on one held-out batch (`train=False`, stored statistics)."""
+    rng = jax.random.key(0)
+    ctx = LossContext(False, rng, state_lib.stream_keys(rng, task.rng_streams), model_state)
+    loss_sum, metrics, _ = task.apply_loss(model, params, batch, ctx)
     return {"loss_sum": loss_sum, "weight": metrics["weight"]}
+
+
+def _optimizers(task: Task, tc: ml_collections.ConfigDict):
+    """`(tx, txs)`: one optimizer per part (key None for a single model) and a transform
+    whose `init` builds the whole optimizer state (`{part: state}` for parts)."""
+    if not task.parts:
+        tx = build_optimizer(tc)
+        return tx, {None: tx}
+    txs = {p: build_optimizer(part_config(tc, p), prefix=f"{p}/") for p in task.parts}
+
+    def init(params):
+        return {p: txs[p].init(params[p]) for p in task.parts}
+
+    def update(*_):
+        raise TypeError("a task with parts is updated part by part (train_step_fn)")
+
+    return optax.GradientTransformation(init, update), txs
 
 
 def build_trainer(
@@ -136,9 +188,10 @@ def build_trainer(
 ) -> Trainer:
     """Builds the model, optimizer, sharded init and the jitted train/eval steps."""
     rules = sharding_lib.rules_from_config(config.sharding_rules)
+    tc = config.train
     model = task.build_model()
-    tx = build_optimizer(config.train)
-    schedule = learning_rate_schedule(config.train)
+    tx, txs = _optimizers(task, tc)
+    ema_decay = float(tc.get("ema_decay", 0.0) or 0.0)
     dummy = task.dummy_batch()
     dp = sharding_lib.data_parallel_size(mesh, rules)
     gb = next(iter(dummy.values())).shape[0]
@@ -148,10 +201,14 @@ def build_trainer(
             f"(config.mesh={config.mesh.to_dict()})"
         )
 
+    def new_state(params: Any, model_state: Any) -> TrainState:
+        ema = jax.tree.map(jnp.copy, params) if ema_decay > 0 else None
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), model_state, ema)
+
     def init(rng: jax.Array) -> TrainState:
-        variables = task.init_variables(model, rng, dummy)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        variables = dict(task.init_variables(model, rng, dummy))
+        params = variables.pop("params")
+        return new_state(params, variables)
 
     rng = jax.random.key(int(config.seed))
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
@@ -163,16 +220,20 @@ def build_trainer(
         state_shardings,
     )
     init_fn = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_shardings)
-    fresh_state = jax.jit(
-        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-        out_shardings=state_shardings,
-    )
+    fresh_state = jax.jit(new_state, out_shardings=state_shardings)
 
     batch_shardings = {
         k: sharding_lib.batch_sharding(mesh, rules, v.ndim) for k, v in dummy.items()
     }
     step = functools.partial(
-        train_step_fn, task, model, tx, schedule, int(config.seed), int(config.train.grad_accum)
+        train_step_fn,
+        task,
+        model,
+        txs,
+        learning_rate_schedule(tc),
+        int(config.seed),
+        int(tc.grad_accum),
+        ema_decay,
     )
     train_step = jax.jit(
         step,
@@ -182,7 +243,7 @@ def build_trainer(
     )
     eval_step = jax.jit(
         functools.partial(eval_step_fn, task, model),
-        in_shardings=(state_shardings.params, batch_shardings),
+        in_shardings=(state_shardings.params, state_shardings.model_state, batch_shardings),
         out_shardings=sharding_lib.replicated(mesh),
     )
     return Trainer(
@@ -198,11 +259,21 @@ def build_trainer(
         train_step=train_step,
         eval_step=eval_step,
         all_finite=jax.jit(_all_finite, out_shardings=sharding_lib.replicated(mesh)),
+        txs=txs,
+        eval_with_ema=bool(tc.get("eval_with_ema", False)) and ema_decay > 0,
     )
 
 
-def evaluate_loss(trainer: Trainer, params: Any, batches: list[Batch]) -> float:
-    """Mean held-out loss per target over `batches`.
+def inference_params(trainer: Trainer, state: TrainState) -> Any:
+    """The params eval and sampling use: the EMA copy with `config.train.eval_with_ema`."""
+    return state.ema_params if trainer.eval_with_ema else state.params
+
+
+def evaluate_loss(
+    trainer: Trainer, params: Any, batches: list[Batch], model_state: Any = None
+) -> float:
+    """Mean held-out loss per target over `batches` (`model_state`: the stored non-param
+    collections, e.g. batch statistics; None: the freshly initialised ones, or none).
 
     Raises:
       ValueError: there is nothing to evaluate (no batches, or batches without targets):
@@ -210,15 +281,26 @@ def evaluate_loss(trainer: Trainer, params: Any, batches: list[Batch]) -> float:
     """
     if not batches:
         raise ValueError("no held-out batches to evaluate (config.train.eval_batches=0?)")
+    if model_state is None:
+        model_state = _initial_model_state(trainer)
     total, weight = 0.0, 0.0
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(list(trainer.rules)):
         for b in batches:
-            out = trainer.eval_step(params, sharding_lib.put_batch(b, trainer.mesh, trainer.rules))
+            batch = sharding_lib.put_batch(b, trainer.mesh, trainer.rules)
+            out = trainer.eval_step(params, model_state, batch)
             total += float(out["loss_sum"])
             weight += float(out["weight"])
     if weight <= 0:
         raise ValueError(f"the {len(batches)} held-out batches hold no targets (all masked)")
     return total / weight
+
+
+def _initial_model_state(trainer: Trainer) -> Any:
+    """The model state of a fresh init (`{}` for models without non-param collections)."""
+    if not jax.tree.leaves(trainer.abstract_state.model_state):
+        return trainer.abstract_state.model_state
+    with jax.set_mesh(trainer.mesh):
+        return trainer.init_fn(jax.random.key(0)).model_state
 
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
@@ -312,7 +394,7 @@ def _init_or_restore(
         state = trainer.init_fn(jax.random.key(int(config.seed)))
         if tc.get("init_from"):
             params = ckpt_lib.load_init_params(tc.init_from, state.params, tc.get("init_skip", ""))
-            state = trainer.fresh_state(params)
+            state = trainer.fresh_state(params, state.model_state)
         return state
     where = f"{manager.directory}/{latest}"
     reset = bool(tc.get("reset_data_iterator", False))
@@ -350,6 +432,7 @@ class _Run:
         self.report = periodic_actions.ReportProgress(
             num_train_steps=int(config.train.steps), writer=self.writer
         )
+        self.evaluators = evaluators_lib.from_config(config)  # config.evals
         self.eval_batches = self._eval_batches()
         self.flops_per_token = task.flops_per_token()
         self.peak = hardware.peak_flops(jax.devices()[0].device_kind)  # None on CPU: no MFU
@@ -358,7 +441,7 @@ class _Run:
 
     def _eval_batches(self) -> list[Batch]:
         tc = self.config.train
-        if not tc.eval_every:
+        if not any(e.every for e in self.evaluators if e.type == "loss"):
             return []
         if int(tc.get("eval_batches", 1)) <= 0:
             logging.info("config.train.eval_batches=0: no held-out evaluation while training")
@@ -386,8 +469,7 @@ class _Run:
                 stop = preempted or (stop_after is not None and step - start >= stop_after)
                 if step % tc.log_every == 0 or last or stop:
                     self._log(step)
-                if self.eval_batches and (step % tc.eval_every == 0 or last):
-                    self._eval(step, state)
+                self._eval(step, state, last)
                 if step % tc.checkpoint_every == 0 or last or stop:
                     self._save(step, state)
                 if stop:
@@ -424,10 +506,26 @@ class _Run:
         self.pending.clear()
         self.t_log, self.tokens_since = time.time(), 0
 
-    def _eval(self, step: int, state: TrainState) -> None:
-        eval_loss = evaluate_loss(self.trainer, state.params, self.eval_batches)
-        self.writer.write_scalars(step, {"eval_loss": eval_loss})
-        logging.info("step %d: eval_loss=%.4f", step, eval_loss)
+    def _eval(self, step: int, state: TrainState, last: bool) -> None:
+        """Runs the evaluators of `config.evals` due at `step` (`avjax.eval.evaluators`);
+        their scalars go to the run's writer (the default held-out loss: `eval_loss`)."""
+        if not any(e.due(step, last) for e in self.evaluators):
+            return
+        batches, model_state = self.eval_batches, state.model_state
+
+        def heldout_loss(params: Any) -> float:
+            return evaluate_loss(self.trainer, params, batches, model_state)
+
+        ctx = evaluators_lib.EvalContext(
+            self.task,
+            self.trainer.model,
+            inference_params(self.trainer, state),
+            step,
+            self.workdir,
+            "train",
+            heldout_loss if batches else None,
+        )
+        evaluators_lib.run(self.evaluators, ctx, self.writer, last=last)
         self.t_log = time.time()
 
     def _save(self, step: int, state: TrainState) -> None:
@@ -498,10 +596,10 @@ def train(
     return state
 
 
-def restore_params(
+def restore_state(
     task: Task, config: ml_collections.ConfigDict, workdir: PathLike, mesh, mode: str = "eval"
-) -> tuple[Trainer, Any, int]:
-    """The newest checkpoint's params (for eval and sampling), with the trainer that fits them.
+) -> tuple[Trainer, TrainState, int]:
+    """The newest checkpoint's whole train state, with the trainer that fits it.
 
     Fails at once, before any data preparation, when `workdir` has no checkpoint.
     """
@@ -514,7 +612,20 @@ def restore_params(
         state = ckpt_lib.restore(manager, latest, trainer.abstract_state)
     finally:
         manager.close()
-    return trainer, state.params, latest
+    return trainer, state, latest
+
+
+def restore_params(
+    task: Task, config: ml_collections.ConfigDict, workdir: PathLike, mesh, mode: str = "eval"
+) -> tuple[Trainer, Any, int]:
+    """The newest checkpoint's params for eval and sampling (the EMA copy with
+    `config.train.eval_with_ema`), with the trainer that fits them. Models with non-param
+    collections (batch statistics) need `restore_state(...)[1].model_state` as well.
+
+    Fails at once, before any data preparation, when `workdir` has no checkpoint.
+    """
+    trainer, state, latest = restore_state(task, config, workdir, mesh, mode)
+    return trainer, inference_params(trainer, state), latest
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,19 @@
-"""Optimizer: AdamW with linear warm-up, cosine decay and global-norm clipping."""
+"""Optimizer: AdamW with linear warm-up, cosine decay and global-norm clipping.
+
+Parameter groups (`config.train.param_groups`, a list of dicts, first match wins) give
+parameters selected by a regular expression over their path ("encoder/dense/kernel") their
+own rule: `{"regex": "^encoder/", "optimizer": "frozen"}` (no update and no optimizer state)
+or `{"regex": "lora_", "lr_mult": 0.5, "weight_decay": 0.0}` (AdamW with its own learning
+rate multiplier and decay). Unmatched parameters use the config's AdamW.
+
+Named parts (`Task.parts`) may override optimizer fields in `config.train.parts.<name>`
+(e.g. `{"discriminator": {"lr": 4e-4, "b1": 0.5}}`).
+"""
 
 from __future__ import annotations
 
+import copy
+import re
 from typing import Any
 
 import jax
@@ -39,19 +51,101 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decay, params)
 
 
-def build_optimizer(train_cfg: Any) -> optax.GradientTransformation:
-    """`optax.adamw` with the config's schedule, preceded by global-norm clipping."""
+def _adamw(train_cfg: Any, lr_mult: float = 1.0, weight_decay: float | None = None):
+    schedule = learning_rate_schedule(train_cfg)
+    return optax.adamw(
+        learning_rate=schedule if lr_mult == 1.0 else (lambda s: lr_mult * schedule(s)),
+        b1=float(train_cfg.b1),
+        b2=float(train_cfg.b2),
+        eps=1e-8,
+        weight_decay=float(train_cfg.weight_decay if weight_decay is None else weight_decay),
+        mask=_decay_mask,
+    )
+
+
+_GROUP_KEYS = {"regex", "optimizer", "lr_mult", "weight_decay"}
+FROZEN = "frozen"
+
+
+def param_groups(train_cfg: Any) -> list[dict[str, Any]]:
+    """`config.train.param_groups` as checked dicts (errors name the group and the key)."""
+    groups = [dict(g) for g in (train_cfg.get("param_groups") or ())]
+    for i, g in enumerate(groups):
+        where = f"config.train.param_groups[{i}]"
+        if set(g) - _GROUP_KEYS or "regex" not in g:
+            raise ValueError(
+                f"{where}={g}: needs 'regex', may have {sorted(_GROUP_KEYS - {'regex'})}"
+            )
+        if g.get("optimizer", "adamw") not in ("adamw", FROZEN):
+            raise ValueError(f"{where}: optimizer {g['optimizer']!r} is not 'adamw' or 'frozen'")
+        re.compile(g["regex"])
+    return groups
+
+
+def path_name(path: tuple) -> str:
+    """ "blocks_0/mlp/kernel" for a tree path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def group_labels(params: Any, groups: list[dict[str, Any]], prefix: str = "") -> Any:
+    """Per leaf: the index (as a string) of the first group whose regex matches the leaf's
+    path (`prefix` + path), or "default"."""
+
+    def label(path: tuple, _) -> str:
+        name = prefix + path_name(path)
+        for i, g in enumerate(groups):
+            if re.search(g["regex"], name):
+                return str(i)
+        return "default"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _zero_frozen(frozen: Any) -> optax.GradientTransformation:
+    """Stateless: zeroes the gradients of frozen leaves (so clipping ignores them)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(
+            lambda u, f: jnp.zeros_like(u) if f else u, updates, frozen(updates)
+        ), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def part_config(train_cfg: Any, part: str | None) -> Any:
+    """The train config of one named part: `config.train` with `train.parts.<part>` applied."""
+    overrides = (train_cfg.get("parts") or {}).get(part) if part else None
+    if not overrides:
+        return train_cfg
+    cfg = copy.deepcopy(train_cfg)
+    unknown = set(dict(overrides)) - set(train_cfg)
+    if unknown:
+        raise ValueError(f"config.train.parts.{part}: unknown train fields {sorted(unknown)}")
+    cfg.update(dict(overrides))
+    return cfg
+
+
+def build_optimizer(train_cfg: Any, prefix: str = "") -> optax.GradientTransformation:
+    """`optax.adamw` with the config's schedule, preceded by global-norm clipping; with
+    `train.param_groups`, an `optax.multi_transform` over the groups (`prefix` is prepended
+    to parameter paths when matching, e.g. "discriminator/" for a named part)."""
+    groups = param_groups(train_cfg)
     chain = []
+    if groups:
+        labels = lambda p: group_labels(p, groups, prefix)  # noqa: E731
+        frozen_ids = {str(i) for i, g in enumerate(groups) if g.get("optimizer") == FROZEN}
+        chain.append(_zero_frozen(lambda u: jax.tree.map(lambda x: x in frozen_ids, labels(u))))
     if train_cfg.clip_norm and float(train_cfg.clip_norm) > 0:
         chain.append(optax.clip_by_global_norm(float(train_cfg.clip_norm)))
-    chain.append(
-        optax.adamw(
-            learning_rate=learning_rate_schedule(train_cfg),
-            b1=float(train_cfg.b1),
-            b2=float(train_cfg.b2),
-            eps=1e-8,
-            weight_decay=float(train_cfg.weight_decay),
-            mask=_decay_mask,
-        )
-    )
+    if not groups:
+        chain.append(_adamw(train_cfg))
+        return optax.chain(*chain)
+    txs = {"default": _adamw(train_cfg)}
+    for i, g in enumerate(groups):
+        if g.get("optimizer") == FROZEN:
+            txs[str(i)] = optax.set_to_zero()
+        else:
+            txs[str(i)] = _adamw(train_cfg, float(g.get("lr_mult", 1.0)), g.get("weight_decay"))
+    chain.append(optax.multi_transform(txs, labels))
     return optax.chain(*chain)
