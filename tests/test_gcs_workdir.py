@@ -1,14 +1,18 @@
 """A `gs://` workdir end to end against a local GCS emulator (127.0.0.1), as on a TPU VM.
 
-Through `python -m avjax.main` with the working directory an empty folder: train 2 steps
-(a checkpoint in the bucket), rerun to 4 steps (it resumes from the bucket's checkpoint, as a
-preempted job's rerun does), sample. Everything the run writes — checkpoints, stamp, metrics.jsonl, TensorBoard events,
-units, samples — is in the bucket; nothing is written under the current directory.
+Through `python -m avjax.main` with the working directory an empty folder: train until the
+first logged step, SIGTERM (the job checkpoints into the bucket and exits 143, as preempted),
+rerun (it resumes from the bucket's checkpoint), sample. Everything the runs write —
+checkpoints, stamp, metrics.jsonl, TensorBoard events, units, samples — is in the bucket;
+nothing is written under the current directory.
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 from gcs_emulator import available, gcs_emulator
@@ -49,26 +53,58 @@ def _objects(env) -> list[str]:
     return [n.split("/", 1)[1] for n in r.stdout.split()]
 
 
-def test_train_resume_sample_in_a_bucket(tmp_path):
+def _has_loss_row(env) -> bool:
+    """Whether `run/metrics.jsonl` in the bucket holds a training row yet (plain HTTP)."""
+    url = f"{env['STORAGE_EMULATOR_HOST']}/download/storage/v1/b/bkt/o/run%2Fmetrics.jsonl"
+    try:
+        with urllib.request.urlopen(url + "?alt=media", timeout=5) as r:
+            return b'"loss"' in r.read()
+    except OSError:
+        return False
+
+
+def _preempted_training(cwd, env, *args) -> int:
+    """Starts training, SIGTERMs it once it has logged a step; returns the exit code."""
+    e = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **env)
+    e.pop("XLA_FLAGS", None)
+    e["PYTHONPATH"] = REPO
+    cmd = [sys.executable, "-m", "avjax.main", CONFIG, f"--workdir={WORKDIR}", *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not _has_loss_row(env):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err.decode()[-4000:]
+    return proc.returncode
+
+
+def test_train_preempt_resume_sample_in_a_bucket(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     cache = tmp_path / "cache"  # the corpus cache may be node-local
-    common = _cli_args(cache, **{"train.eval_every": 0, "train.checkpoint_every": 100})
+    common = _cli_args(
+        cache, **{"train.eval_every": 0, "train.checkpoint_every": 1000, "train.log_every": 1}
+    )
     with gcs_emulator("bkt") as env:
-        r = _main(cwd, env, *common, "--config.train.steps=2")
-        assert r.returncode == 0, r.stderr[-4000:]
+        _preempted_training(cwd, env, *common, "--config.train.steps=400")
         names = _objects(env)
-        assert any(n.startswith("run/checkpoints/2/") for n in names), names
+        stopped = sorted(
+            int(n.split("/")[2])
+            for n in names
+            if n.split("/")[:2] == ["run", "checkpoints"] and n.split("/")[2].isdigit()
+        )
+        assert stopped, names  # the SIGTERM checkpoint, in the bucket
+        step = stopped[-1]
 
-        r = _main(cwd, env, *common, "--config.train.steps=4")
+        r = _main(cwd, env, *common, f"--config.train.steps={step + 2}")
         assert r.returncode == 0, r.stderr[-4000:]
-        assert "Resuming from checkpoint step 2" in r.stderr
+        assert f"Resuming from checkpoint step {step}" in r.stderr
 
         r = _main(
             cwd,
             env,
             *common,
-            "--config.train.steps=4",
             "--mode=sample",
             "--config.sample.seconds=2",
             "--config.sample.prompt_seconds=1",
@@ -76,7 +112,7 @@ def test_train_resume_sample_in_a_bucket(tmp_path):
         assert r.returncode == 0, r.stderr[-4000:]
         names = _objects(env)
 
-    assert any(n.startswith("run/checkpoints/4/") for n in names), names
+    assert any(n.startswith(f"run/checkpoints/{step + 2}/") for n in names), names
     for expected in ("run/metrics.jsonl", "run/checkpoints/compatibility.json"):
         assert expected in names, names
     assert any("events.out.tfevents" in n for n in names), names
