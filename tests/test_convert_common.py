@@ -134,3 +134,17 @@ def test_eval_longform_names_cannot_escape_the_audio_folder(tmp_path, flag):
     assert res.returncode != 0
     assert f"--{flag}=../../evil" in res.stderr and "plain name" in res.stderr
     assert not out.exists()
+
+
+def test_leftovers_of_a_killed_conversion_are_removed_unless_they_hold_the_only_copy(tmp_path):
+    out = tmp_path / "model"
+    (tmp_path / "model.tmp-deadbeef0001" / "params").mkdir(parents=True)  # killed mid-write
+    common.save_params_dir(str(out), {"width": 1}, _params(1.0))
+    assert _siblings(out) == ["model"]
+    # Killed after moving the old output aside: the aside copy is the only one, so it stays
+    # while the new conversion is written (and goes once an output exists again).
+    os.rename(out, tmp_path / "model.tmp-deadbeef0002")
+    common.save_params_dir(str(out), {"width": 2}, _params(2.0))
+    assert _siblings(out) == ["model", "model.tmp-deadbeef0002"]
+    common.save_params_dir(str(out), {"width": 3}, _params(3.0))
+    assert _siblings(out) == ["model"]

@@ -20,6 +20,7 @@ import os
 import pathlib
 from typing import Any
 
+from absl import logging
 from etils import epath
 
 from avjax.io import PathLike, as_path, unique_tmp
@@ -107,6 +108,22 @@ def _swap_into_place(new: epath.Path, out: epath.Path) -> None:
     old.rmtree()
 
 
+def _remove_stale_tmps(out: epath.Path) -> None:
+    """Removes `out.tmp-*` folders left by conversions killed mid-write.
+
+    A complete one (with `model.json`) is removed only while `out` itself exists: a kill
+    between moving the old output aside and moving the new one in leaves the only complete
+    copy in such a folder, which is then kept (and named).
+    """
+    stale = sorted(out.parent.glob(f"{out.name}.tmp-*")) if out.parent.exists() else []
+    for p in stale:
+        if (p / "model.json").exists() and not out.exists():
+            logging.warning("%s is missing; kept %s (an earlier complete conversion)", out, p)
+            continue
+        logging.info("Removing %s (left by a killed conversion)", p)
+        p.rmtree()
+
+
 def save_params_dir(out_dir: PathLike, fields: dict[str, Any], params: Any) -> None:
     """Writes `out_dir/params` (orbax) and then `out_dir/model.json` (`fields`), atomically.
 
@@ -121,18 +138,21 @@ def save_params_dir(out_dir: PathLike, fields: dict[str, Any], params: Any) -> N
     out = as_path(out_dir)
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmps(out)
     tmp = unique_tmp(out)
+    ckpt = ocp.StandardCheckpointer()
     try:
         tmp.mkdir()
-        ckpt = ocp.StandardCheckpointer()
         ckpt.save(tmp / "params", params)
         ckpt.wait_until_finished()
-        ckpt.close()
         (tmp / "model.json").write_text(json.dumps(fields, indent=2))  # last: marks it complete
         _swap_into_place(tmp, out)
     finally:
-        if tmp.exists():
-            tmp.rmtree()
+        try:  # a failed save may still be writing in the background: let it end first
+            ckpt.close()
+        finally:
+            if tmp.exists():
+                tmp.rmtree()
 
 
 def load_params_dir(out_dir: PathLike, tool: str) -> tuple[dict[str, Any], Any]:
