@@ -23,8 +23,9 @@ values per layer):
   python -m avjax.main --config=configs/speechtransformer.py \
       --workdir=workdir/speechtransformer --mode=sample
 
-writes workdir/speechtransformer/samples/step_<N>/sample_0.wav, .png, .npy (measured: 60 s,
-1,500 units in 4 s of decoding, 2.6 ms per unit, 142 distinct units).
+writes workdir/speechtransformer/samples/step_<N>/60s_t1.0_k0_seed0-<key8>/sample_0.wav,
+.png, .npy (measured: 60 s, 1,500 units in 4 s of decoding, 2.6 ms per unit, 142 distinct
+units).
 
 Decode speed and memory against SpeechSSM: `python tools/bench/longform.py`.
 """
