@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
 from avjax.nn.norms import RMSNorm
 from avjax.nn.scan import DEFAULT_IMPL
 from avjax.nn.ssm import MambaCache, SelectiveSSM, init_mamba_cache
@@ -62,7 +63,7 @@ class MambaBlock(nn.Module):
         )(h, segment_pos, cache, want_cache)
         res_dtype = jnp.float32 if self.residual_in_fp32 else self.dtype
         x = x.astype(res_dtype) + h.astype(res_dtype)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+        return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_cache
 
 
 class MambaLM(nn.Module):
@@ -126,12 +127,14 @@ class MambaLM(nn.Module):
             raise ValueError(f"cache has {len(cache)} layers, model has {self.num_layers}")
         embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("vocab", "embed")),
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=0.02), (axes.VOCAB, axes.EMBED)
+            ),
             (self.vocab_size, self.d_model),
             jnp.float32,
         )
         x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         want_cache = return_cache or cache is not None
         new_caches = []
         for i in range(self.num_layers):
@@ -156,13 +159,14 @@ class MambaLM(nn.Module):
             head = self.param(
                 "lm_head",
                 nn.with_logical_partitioning(
-                    nn.initializers.variance_scaling(1.0, "fan_in", "normal"), ("embed", "vocab")
+                    nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
+                    (axes.EMBED, axes.VOCAB),
                 ),
                 (self.d_model, self.vocab_size),
                 jnp.float32,
             )
             logits = jnp.einsum("btd,dv->btv", x, head)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
         return logits, (tuple(new_caches) if want_cache else None)
 
     def step(

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
 from avjax.nn.layers import dense, segment_ids
 
 NEG_INF = -2.3819763e38  # a large finite negative: masked rows never produce NaNs
@@ -73,9 +74,13 @@ def project_qkv(
     """
     b, t, _ = x.shape
     width = num_heads * head_dim
-    q = dense(width, ("embed", "heads"), use_bias=False, dtype=dtype, name="q")(x)
-    k = dense(num_kv_heads * head_dim, ("embed", "kv"), use_bias=False, dtype=dtype, name="k")(x)
-    v = dense(num_kv_heads * head_dim, ("embed", "kv"), use_bias=False, dtype=dtype, name="v")(x)
+    q = dense(width, (axes.EMBED, axes.HEADS), use_bias=False, dtype=dtype, name="q")(x)
+    k = dense(
+        num_kv_heads * head_dim, (axes.EMBED, axes.KV), use_bias=False, dtype=dtype, name="k"
+    )(x)
+    v = dense(
+        num_kv_heads * head_dim, (axes.EMBED, axes.KV), use_bias=False, dtype=dtype, name="v"
+    )(x)
     q = apply_rope(q.reshape(b, t, num_heads, head_dim), segment_pos)
     k = apply_rope(k.reshape(b, t, num_kv_heads, head_dim), segment_pos)
     return q, k, v.reshape(b, t, num_kv_heads, head_dim)
@@ -85,8 +90,10 @@ def project_out(out: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
     """The output projection (dense submodule "out", with bias) of the heads `out [batch,
     time, heads, head_dim]` -> `[batch, time, heads * head_dim]`; inside `nn.compact`."""
     b, t, h, d = out.shape
-    out = nn.with_logical_constraint(out.reshape(b, t, h * d), ("batch", "length", "heads"))
-    return dense(h * d, ("heads", "embed"), dtype=dtype, name="out")(out)
+    out = nn.with_logical_constraint(
+        out.reshape(b, t, h * d), (axes.BATCH, axes.LENGTH, axes.HEADS)
+    )
+    return dense(h * d, (axes.HEADS, axes.EMBED), dtype=dtype, name="out")(out)
 
 
 def sequence_mask(segment_pos: jax.Array, window: int | None = None) -> jax.Array:

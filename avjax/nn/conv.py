@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
 from avjax.nn.layers import segment_ids
 
 
@@ -40,14 +41,14 @@ class Conv1D(nn.Module):
         w = self.param(
             "w",
             nn.with_logical_partitioning(
-                nn.initializers.variance_scaling(0.01, "fan_in", "normal"), ("conv", "rnn")
+                nn.initializers.variance_scaling(0.01, "fan_in", "normal"), (axes.CONV, axes.RNN)
             ),
             (self.temporal_width, dim),
             jnp.float32,
         )
         b = self.param(
             "b",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("rnn",)),
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.RNN,)),
             (dim,),
             jnp.float32,
         )

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
 from avjax.nn.attention import AttentionCache, LocalAttention, init_attention_cache
 from avjax.nn.layers import dense
 from avjax.nn.norms import RMSNorm
@@ -64,14 +65,14 @@ class MLPBlock(nn.Module):
             "ffw_up_w",
             nn.with_logical_partitioning(
                 nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2),
-                (None, "embed", "mlp"),
+                (None, axes.EMBED, axes.MLP),
             ),
             (2, self.width, self.mlp_width),
             jnp.float32,
         )
         b = self.param(
             "ffw_up_b",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "mlp")),
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, axes.MLP)),
             (2, self.mlp_width),
             jnp.float32,
         )
@@ -81,8 +82,8 @@ class MLPBlock(nn.Module):
             + b.astype(dtype)[:, None, None]
         )
         h = jax.nn.gelu(up[0]) * up[1]
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        return dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="ffw_down")(h)
+        h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.MLP))
+        return dense(self.width, (axes.MLP, axes.EMBED), dtype=self.dtype, name="ffw_down")(h)
 
 
 class ResidualBlock(nn.Module):
@@ -128,7 +129,7 @@ class ResidualBlock(nn.Module):
         h, new_cache = self.temporal(self.temporal_pre_norm(x), segment_pos, cache, return_cache)
         x = x + h
         x = x + self.mlp(self.channel_pre_norm(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+        return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_cache
 
 
 def _residual_block_class(remat: str) -> type[ResidualBlock]:
@@ -267,7 +268,7 @@ class GriffinLM(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, 0),
             length=self.num_layers // p,
-            metadata_params={nn.PARTITION_NAME: "layers"},
+            metadata_params={nn.PARTITION_NAME: axes.LAYERS},
         )
         return scanned(self.types[:p], self._block_kwargs(), self.remat, want_cache, name="layers")(
             x, segment_pos, cache
@@ -285,7 +286,7 @@ class GriffinLM(nn.Module):
         embedding = self.param(
             "embedding",
             nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=1.0 / math.sqrt(self.width)), ("vocab", "embed")
+                nn.initializers.normal(stddev=1.0 / math.sqrt(self.width)), (axes.VOCAB, axes.EMBED)
             ),
             (self.vocab_size, self.width),
             jnp.float32,
@@ -293,14 +294,14 @@ class GriffinLM(nn.Module):
         x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
         if self.embed_scale:  # the constant is rounded to bfloat16, as in RecurrentGemma
             x = x * jnp.sqrt(jnp.float32(self.width)).astype(jnp.bfloat16).astype(self.dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         want_cache = return_cache or cache is not None
         x, new_caches = self._layers(x, segment_pos, cache, want_cache)
         x = RMSNorm(dtype=self.dtype, name="final_norm")(x)
         logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), embedding)
         if self.logit_softcap:
             logits = jnp.tanh(logits / self.logit_softcap) * self.logit_softcap
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
         return logits, new_caches
 
     def init_cache(self, batch_size: int) -> tuple[BlockCache, ...]:

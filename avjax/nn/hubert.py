@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
 from avjax.nn.layers import dense
 
 NEG_INF = -2.3819763e38
@@ -151,7 +152,7 @@ ACTIVATIONS = {
 }
 
 
-def _layer_norm(eps: float, axis_name: str = "embed", name: str | None = None) -> nn.LayerNorm:
+def _layer_norm(eps: float, axis_name: str = axes.EMBED, name: str | None = None) -> nn.LayerNorm:
     """LayerNorm (float32 statistics, two-pass variance) with logically named scale/bias."""
     return nn.LayerNorm(
         epsilon=eps,
@@ -201,9 +202,9 @@ class ConvLayer(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.he_normal(), ("conv", None, "embed")
+                nn.initializers.he_normal(), (axes.CONV, None, axes.EMBED)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.EMBED,)),
             name="conv",
         )
         y = conv(x)
@@ -227,13 +228,13 @@ class ChannelNorm(nn.Module):
         c = y.shape[-1]
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.EMBED,)),
             (c,),
             jnp.float32,
         )
         bias = self.param(
             "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.EMBED,)),
             (c,),
             jnp.float32,
         )
@@ -309,9 +310,9 @@ class PositionalConvEmbedding(nn.Module):
             feature_group_count=cfg.num_conv_pos_embedding_groups,
             dtype=self.dtype,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.he_normal(), ("conv", None, "embed")
+                nn.initializers.he_normal(), (axes.CONV, None, axes.EMBED)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.EMBED,)),
             name="conv",
         )(x)
         return ACTIVATIONS[cfg.feat_extract_activation](y[:, :t])
@@ -332,7 +333,7 @@ class Attention(nn.Module):
         d = cfg.hidden_size // h
 
         def proj(name: str) -> jax.Array:
-            y = dense(cfg.hidden_size, ("embed", "heads"), dtype=self.dtype, name=name)(x)
+            y = dense(cfg.hidden_size, (axes.EMBED, axes.HEADS), dtype=self.dtype, name=name)(x)
             return y.reshape(b, t, h, d)
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
@@ -341,8 +342,10 @@ class Attention(nn.Module):
             logits = jnp.where(mask[:, None, None, :], logits, NEG_INF)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, cfg.hidden_size)
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads"))
-        return dense(cfg.hidden_size, ("heads", "embed"), dtype=self.dtype, name="out_proj")(out)
+        out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS))
+        return dense(cfg.hidden_size, (axes.HEADS, axes.EMBED), dtype=self.dtype, name="out_proj")(
+            out
+        )
 
 
 class FeedForward(nn.Module):
@@ -355,11 +358,16 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         y = dense(
-            cfg.intermediate_size, ("embed", "mlp"), dtype=self.dtype, name="intermediate_dense"
+            cfg.intermediate_size,
+            (axes.EMBED, axes.MLP),
+            dtype=self.dtype,
+            name="intermediate_dense",
         )(x)
         y = ACTIVATIONS[cfg.hidden_act](y)
-        y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
-        return dense(cfg.hidden_size, ("mlp", "embed"), dtype=self.dtype, name="output_dense")(y)
+        y = nn.with_logical_constraint(y, (axes.BATCH, axes.LENGTH, axes.MLP))
+        return dense(
+            cfg.hidden_size, (axes.MLP, axes.EMBED), dtype=self.dtype, name="output_dense"
+        )(y)
 
 
 class EncoderLayer(nn.Module):
@@ -423,12 +431,12 @@ class HubertEncoder(nn.Module):
         mask = _valid_mask(frame_lengths, t)
         if cfg.feat_proj_layer_norm:
             x = _layer_norm(cfg.layer_norm_eps, name="feature_projection_layer_norm")(x)
-        x = dense(cfg.hidden_size, (None, "embed"), dtype=self.dtype, name="feature_projection")(
+        x = dense(cfg.hidden_size, (None, axes.EMBED), dtype=self.dtype, name="feature_projection")(
             x.astype(dtype)
         )
         if mask is not None:
             x = jnp.where(mask[..., None], x, 0.0)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         x = x + PositionalConvEmbedding(cfg, self.dtype, name="pos_conv_embed")(x)
         final_ln = _layer_norm(cfg.layer_norm_eps, name="encoder_layer_norm")
         if not cfg.do_stable_layer_norm:
@@ -439,7 +447,7 @@ class HubertEncoder(nn.Module):
         hidden: list[jax.Array] = [x]
         for i in range(n):
             x = EncoderLayer(cfg, self.dtype, name=f"layers_{i}")(x, mask)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+            x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
             hidden.append(x)
         if cfg.do_stable_layer_norm and n == cfg.num_hidden_layers:
             x = final_ln(x).astype(dtype)

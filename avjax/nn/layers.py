@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
+
 
 def dense(
     features: int,
@@ -50,14 +52,14 @@ class BlockDiagonalLinear(nn.Module):
             "w",
             nn.with_logical_partitioning(
                 nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2),
-                ("heads", None, None),
+                (axes.HEADS, None, None),
             ),
             (self.num_blocks, size, size),
             jnp.float32,
         )
         b = self.param(
             "b",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", None)),
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.HEADS, None)),
             (self.num_blocks, size),
             jnp.float32,
         )

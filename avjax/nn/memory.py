@@ -44,7 +44,7 @@ SyncTalkFace writes its storage loss against the embedded lip feature
 that target. Neither paper uses a contrastive loss on the memory (see memory.md), so none is
 defined here.
 
-Parameters are float32 with logical axis names `("slots", "embed")`, so slots shard over a
+Parameters are float32 with logical axis names `(slots, embed)`, so slots shard over a
 mesh axis mapped to `slots`; addressing logits, softmax and losses are float32.
 """
 
@@ -56,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avjax.nn import layers
+from avjax.nn import axes, layers
 
 _EPS = 1e-12  # as torch.nn.functional.normalize
 
@@ -205,7 +205,7 @@ def reconstruction_loss(
 
 def _slots(module: nn.Module, name: str, num_slots: int, dim: int, std: float) -> jax.Array:
     """A `[slots, dim]` float32 memory parameter, init N(0, std), logical axes (slots, embed)."""
-    init = nn.with_logical_partitioning(nn.initializers.normal(std), ("slots", "embed"))
+    init = nn.with_logical_partitioning(nn.initializers.normal(std), (axes.SLOTS, axes.EMBED))
     return module.param(name, init, (num_slots, dim), jnp.float32)
 
 
@@ -216,9 +216,9 @@ def _read_any(addressing: jax.Array, values: jax.Array, num_heads: int) -> jax.A
 def _constrain(logits: jax.Array) -> jax.Array:
     """Shards `[batch, time, (heads,) slots]` logits: batch and slots by the logical rules."""
     if logits.ndim == 3:
-        return nn.with_logical_constraint(logits, ("batch", "length", "slots"))
+        return nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.SLOTS))
     if logits.ndim == 4:
-        return nn.with_logical_constraint(logits, ("batch", "length", None, "slots"))
+        return nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, None, axes.SLOTS))
     return logits
 
 
@@ -339,7 +339,10 @@ class AssociativeBridge(nn.Module):
         if not self.embed_queries:
             return x
         # PyTorch nn.Linear's default init variance, 1 / (3 fan_in).
-        return layers.dense(features, ("embed", None), scale=1 / 3, dtype=self.dtype, name=name)(x)
+        proj = layers.dense(
+            features, (axes.EMBED, None), scale=1 / 3, dtype=self.dtype, name=name
+        )
+        return proj(x)
 
     @nn.compact
     def __call__(self, source: jax.Array, target: jax.Array | None = None) -> BridgeOutput:

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
+
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis with a learned scale.
@@ -25,7 +27,7 @@ class RMSNorm(nn.Module):
         init = nn.initializers.zeros_init() if self.scale_offset else nn.initializers.ones_init()
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(init, ("embed",)),
+            nn.with_logical_partitioning(init, (axes.EMBED,)),
             (x.shape[-1],),
             jnp.float32,
         )

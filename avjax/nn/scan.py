@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
+
 IMPLS = ("sequential", "associative", "chunked")
 DEFAULT_IMPL = "auto"
 
@@ -87,7 +89,7 @@ def _length_mesh_axis(time: int) -> str | None:
     import flax.linen as nn
 
     rules = dict(nn.get_logical_axis_rules() or ())
-    axis = rules.get("length")
+    axis = rules.get(axes.LENGTH)
     mesh = jax.sharding.get_abstract_mesh()
     if not isinstance(axis, str) or mesh.empty or axis not in mesh.axis_names:
         return None

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
 from avjax.nn.conv import Conv1D, Conv1DCache
 from avjax.nn.layers import BlockDiagonalLinear, dense
 from avjax.nn.scan import DEFAULT_IMPL, linear_scan
@@ -75,7 +76,7 @@ class RGLRU(nn.Module):
         """Returns `(y [batch, time, width], h_last [batch, width] float32)`."""
         a_param = self.param(
             "a_param",
-            nn.with_logical_partitioning(a_param_init(), ("rnn",)),
+            nn.with_logical_partitioning(a_param_init(), (axes.RNN,)),
             (self.width,),
             jnp.float32,
         )
@@ -129,10 +130,10 @@ class RecurrentBlock(nn.Module):
         cache: RecurrentBlockCache | None = None,
         return_cache: bool = False,
     ) -> tuple[jax.Array, RecurrentBlockCache | None]:
-        y = dense(self.lru_width, ("embed", "rnn"), dtype=self.dtype, name="linear_y")(x)
+        y = dense(self.lru_width, (axes.EMBED, axes.RNN), dtype=self.dtype, name="linear_y")(x)
         y = jax.nn.gelu(y)
-        h = dense(self.lru_width, ("embed", "rnn"), dtype=self.dtype, name="linear_x")(x)
-        h = nn.with_logical_constraint(h, ("batch", "length", "rnn"))
+        h = dense(self.lru_width, (axes.EMBED, axes.RNN), dtype=self.dtype, name="linear_x")(x)
+        h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.RNN))
         conv_cache = None if cache is None else Conv1DCache(cache.conv1d_state)
         h, new_conv = Conv1D(self.conv1d_width, self.dtype, name="conv_1d")(
             h, segment_pos, conv_cache, return_cache or cache is not None
@@ -140,7 +141,7 @@ class RecurrentBlock(nn.Module):
         h, h_last = RGLRU(
             self.lru_width, self.num_heads, self.scan_impl, self.dtype, name="rg_lru"
         )(h, segment_pos, None if cache is None else cache.rg_lru_state)
-        out = dense(self.width, ("rnn", "embed"), dtype=self.dtype, name="linear_out")(h * y)
+        out = dense(self.width, (axes.RNN, axes.EMBED), dtype=self.dtype, name="linear_out")(h * y)
         if cache is None and not return_cache:
             return out, None
         return out, RecurrentBlockCache(h_last, new_conv.inputs)
@@ -302,7 +303,7 @@ class SelectiveSSM(nn.Module):
                 nn.initializers.variance_scaling(
                     1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2)
                 ),
-                ("embed", None, "rnn"),
+                (axes.EMBED, None, axes.RNN),
             ),
             (self.d_model, 2, e),
             jnp.float32,
@@ -311,13 +312,13 @@ class SelectiveSSM(nn.Module):
         if self.use_bias:
             in_bias = self.param(
                 "in_proj_bias",
-                nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "rnn")),
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, axes.RNN)),
                 (2, e),
                 jnp.float32,
             )
             xz = xz + in_bias.astype(dtype)
         xs, z = xz[:, :, 0], xz[:, :, 1]
-        xs = nn.with_logical_constraint(xs, ("batch", "length", "rnn"))
+        xs = nn.with_logical_constraint(xs, (axes.BATCH, axes.LENGTH, axes.RNN))
 
         # Causal depthwise conv; a cached call sees the buffered inputs as a prefix.
         conv = Conv1D(self.conv_width, dtype, name="conv1d")
@@ -336,7 +337,7 @@ class SelectiveSSM(nn.Module):
         xs = jax.nn.silu(xs)
 
         # Input-dependent Delta, B, C.
-        proj = dense(r + 2 * n, ("rnn", None), use_bias=False, dtype=dtype, name="x_proj")(xs)
+        proj = dense(r + 2 * n, (axes.RNN, None), use_bias=False, dtype=dtype, name="x_proj")(xs)
         dt_low = proj[..., :r].astype(jnp.float32)
         b_in = proj[..., r : r + n].astype(jnp.float32)
         c_out = proj[..., r + n :].astype(jnp.float32)
@@ -346,19 +347,19 @@ class SelectiveSSM(nn.Module):
             dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(
                 _symmetric_uniform(dt_std),
-                (None, "rnn"),
+                (None, axes.RNN),
             ),
             bias_init=nn.with_logical_partitioning(
-                dt_bias_init(self.dt_min, self.dt_max, self.dt_floor), ("rnn",)
+                dt_bias_init(self.dt_min, self.dt_max, self.dt_floor), (axes.RNN,)
             ),
             name="dt_proj",
         )(dt_low)
         delta = jax.nn.softplus(delta)  # [batch, time, d_inner]
         a_log = self.param(
-            "A_log", nn.with_logical_partitioning(a_log_init, ("rnn", None)), (e, n), jnp.float32
+            "A_log", nn.with_logical_partitioning(a_log_init, (axes.RNN, None)), (e, n), jnp.float32
         )
         d_skip = self.param(
-            "D", nn.with_logical_partitioning(nn.initializers.ones_init(), ("rnn",)), (e,)
+            "D", nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.RNN,)), (e,)
         )
         neg_a = -jnp.exp(a_log)  # [d_inner, d_state]
 
@@ -378,9 +379,13 @@ class SelectiveSSM(nn.Module):
             )
         y = jnp.einsum("bten,btn->bte", h, c_out) + x32 * d_skip
         y = y * jax.nn.silu(z.astype(jnp.float32))
-        y = nn.with_logical_constraint(y.astype(dtype), ("batch", "length", "rnn"))
+        y = nn.with_logical_constraint(y.astype(dtype), (axes.BATCH, axes.LENGTH, axes.RNN))
         out = dense(
-            self.d_model, ("rnn", "embed"), use_bias=self.use_bias, dtype=dtype, name="out_proj"
+            self.d_model,
+            (axes.RNN, axes.EMBED),
+            use_bias=self.use_bias,
+            dtype=dtype,
+            name="out_proj",
         )(y)
         if not want_cache:
             return out, None

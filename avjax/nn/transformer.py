@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avjax.nn import axes
 from avjax.nn.attention import NEG_INF, AttentionLayer, attend, sequence_mask
 from avjax.nn.griffin import REMAT_POLICIES, MLPBlock
 from avjax.nn.norms import RMSNorm
@@ -190,7 +191,7 @@ class DecoderBlock(nn.Module):
         x = x + h
         mlp = MLPBlock(self.width, self.mlp_width, self.dtype, name="mlp")
         x = x + mlp(RMSNorm(dtype=self.dtype, name="pre_mlp_norm")(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+        return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_cache
 
 
 def _block_class(remat: str) -> type[DecoderBlock]:
@@ -258,7 +259,7 @@ class TransformerLM(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, 0),
             length=self.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
+            metadata_params={nn.PARTITION_NAME: axes.LAYERS},
         )
         return scanned(**self._block_kwargs(want_cache), name="layers")(x, segment_pos, cache)
 
@@ -274,7 +275,7 @@ class TransformerLM(nn.Module):
         embedding = self.param(
             "embedding",
             nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=1.0 / math.sqrt(self.width)), ("vocab", "embed")
+                nn.initializers.normal(stddev=1.0 / math.sqrt(self.width)), (axes.VOCAB, axes.EMBED)
             ),
             (self.vocab_size, self.width),
             jnp.float32,
@@ -282,14 +283,14 @@ class TransformerLM(nn.Module):
         x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
         if self.embed_scale:
             x = x * jnp.sqrt(jnp.float32(self.width)).astype(self.dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         want_cache = return_cache or cache is not None
         x, new_cache = self._layers(x, segment_pos, cache, want_cache)
         x = RMSNorm(dtype=self.dtype, name="final_norm")(x)
         logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), embedding)
         if self.logit_softcap:
             logits = jnp.tanh(logits / self.logit_softcap) * self.logit_softcap
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
         return logits, new_cache
 
     def init_cache(self, batch_size: int) -> tuple[KVCache, ...] | KVCache:

@@ -1,15 +1,16 @@
 """Device mesh and logical-axis sharding.
 
 Every parameter and large activation carries logical axis names (`batch`, `length`, `embed`,
-`mlp`, `heads`, `kv`, `vocab`, `rnn`, `layers`, ...). `config.sharding_rules` maps them onto the
-mesh axes `data`, `fsdp`, `sequence` and `tensor` built from `config.mesh`. Nothing here knows
-about a model.
+`mlp`, `heads`, `kv`, `vocab`, `rnn`, `layers`, ...: the constants of `avjax.nn.axes`).
+`config.sharding_rules` maps them onto the mesh axes `data`, `fsdp`, `sequence` and `tensor`
+built from `config.mesh`. Nothing here knows about a model.
 
 Presets (`config.mesh.preset`) set both the mesh and the rules for the usual layouts:
 
   dp        data=-1                  params replicated; batch over data
   fsdp      fsdp=-1                  params' embed dim over fsdp (ZeRO-3); batch over fsdp
-  fsdp_tp   fsdp=-1, tensor=T        fsdp + feature dims (mlp, heads, rnn, vocab) over tensor
+  fsdp_tp   fsdp=-1, tensor=T        fsdp + feature dims (mlp, heads, rnn, vocab, slots)
+                                     over tensor
   fsdp_sp   fsdp=-1, sequence=S      fsdp + activations' length dim over sequence
 
 T and S come from `config.mesh.tensor` / `config.mesh.sequence` (>= 2). With
@@ -29,6 +30,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from avjax.nn import axes
+
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -36,30 +39,47 @@ LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 # Default rules: batch over data+fsdp; weights' embed dim over fsdp (ZeRO-3 style), their
 # feature dims over tensor.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("rnn", "tensor"),
-    ("vocab", "tensor"),
-    ("conv", None),
-    ("layers", None),
+    (axes.BATCH, ("data", "fsdp")),
+    (axes.LENGTH, None),
+    (axes.FRAMES, None),
+    (axes.EMBED, "fsdp"),
+    (axes.MLP, "tensor"),
+    (axes.HEADS, "tensor"),
+    (axes.KV, None),
+    (axes.RNN, "tensor"),
+    (axes.VOCAB, "tensor"),
+    (axes.SLOTS, "tensor"),
+    (axes.CONV, None),
+    (axes.LAYERS, None),
 )
 
-_REPLICATED_PARAMS = tuple(
-    (name, None) for name in ("embed", "mlp", "heads", "kv", "rnn", "vocab", "conv", "layers")
+_PARAM_AXES = (
+    axes.EMBED,
+    axes.MLP,
+    axes.HEADS,
+    axes.KV,
+    axes.RNN,
+    axes.VOCAB,
+    axes.SLOTS,
+    axes.CONV,
+    axes.LAYERS,
 )
+_REPLICATED_PARAMS = tuple((name, None) for name in _PARAM_AXES)
 PRESETS: dict[str, dict[str, Any]] = {
     "dp": {
         "mesh": {"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1},
-        "rules": (("batch", "data"), ("length", None)) + _REPLICATED_PARAMS,
+        "rules": ((axes.BATCH, "data"), (axes.LENGTH, None), (axes.FRAMES, None))
+        + _REPLICATED_PARAMS,
     },
     "fsdp": {
         "mesh": {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1},
-        "rules": (("batch", ("data", "fsdp")), ("length", None), ("embed", "fsdp"))
-        + tuple(r for r in _REPLICATED_PARAMS if r[0] != "embed"),
+        "rules": (
+            (axes.BATCH, ("data", "fsdp")),
+            (axes.LENGTH, None),
+            (axes.FRAMES, None),
+            (axes.EMBED, "fsdp"),
+        )
+        + tuple(r for r in _REPLICATED_PARAMS if r[0] != axes.EMBED),
     },
     "fsdp_tp": {
         "mesh": {"data": 1, "fsdp": -1, "sequence": 1, "tensor": "tensor"},
@@ -68,7 +88,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fsdp_sp": {
         "mesh": {"data": 1, "fsdp": -1, "sequence": "sequence", "tensor": 1},
         "rules": tuple(
-            ("length", "sequence") if name == "length" else (name, None if t == "tensor" else t)
+            (axes.LENGTH, "sequence")
+            if name == axes.LENGTH
+            else (name, None if t == "tensor" else t)
             for name, t in DEFAULT_RULES
         ),
     },
@@ -188,7 +210,7 @@ def logical_shardings(tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
 
 def batch_sharding(mesh: Mesh, rules: LogicalRules, ndim: int) -> NamedSharding:
     """Sharding of a `[batch, ...]` array: the batch dim over the rule for `batch`."""
-    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), list(rules))
+    spec = nn.logical_to_mesh_axes((axes.BATCH,) + (None,) * (ndim - 1), list(rules))
     return NamedSharding(mesh, spec)
 
 
@@ -198,11 +220,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh, rules: LogicalRules) -> int:
     """How many ways the batch dimension is split (the global batch must divide by it)."""
-    spec = nn.logical_to_mesh_axes(("batch",), list(rules))[0]
+    spec = nn.logical_to_mesh_axes((axes.BATCH,), list(rules))[0]
     if spec is None:
         return 1
-    axes = (spec,) if isinstance(spec, str) else spec
-    return int(np.prod([mesh.shape[a] for a in axes]))
+    mesh_axes = (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([mesh.shape[a] for a in mesh_axes]))
 
 
 def put_batch(
