@@ -109,7 +109,7 @@ def test_params_carry_logical_axes():
 
 def test_rg_lru_and_recurrent_block_step_equals_call():
     """`step` over a sequence (with a segment reset in it) equals the full call."""
-    from avjax.nn.ssm import RGLRU, RecurrentBlock
+    from avjax.nn.rglru import RGLRU, RecurrentBlock
 
     b, t, w = 2, 12, 16
     x = jax.random.normal(jax.random.key(0), (b, t, w))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from avjax.models.mamba import MambaLM
-from avjax.nn.ssm import MambaCache, SelectiveSSM
+from avjax.nn.mamba import MambaCache, SelectiveSSM
 
 D_MODEL, T = 16, 11
 

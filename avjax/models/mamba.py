@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from avjax.nn import axes
+from avjax.nn.mamba import MambaCache, SelectiveSSM, init_mamba_cache
 from avjax.nn.norms import RMSNorm
 from avjax.nn.scan import DEFAULT_IMPL
-from avjax.nn.ssm import MambaCache, SelectiveSSM, init_mamba_cache
 
 
 class MambaBlock(nn.Module):

@@ -35,8 +35,8 @@ from avjax.nn import axes
 from avjax.nn.attention import AttentionCache, LocalAttention, init_attention_cache
 from avjax.nn.layers import dense
 from avjax.nn.norms import RMSNorm
+from avjax.nn.rglru import RecurrentBlock, RecurrentBlockCache, init_recurrent_cache
 from avjax.nn.scan import DEFAULT_IMPL
-from avjax.nn.ssm import RecurrentBlock, RecurrentBlockCache, init_recurrent_cache
 
 RECURRENT, ATTENTION = "recurrent", "attention"
 BlockCache = RecurrentBlockCache | AttentionCache
