@@ -16,6 +16,7 @@ import copy
 import re
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -89,7 +90,8 @@ def path_name(path: tuple) -> str:
 
 def group_labels(params: Any, groups: list[dict[str, Any]], prefix: str = "") -> Any:
     """Per leaf: the index (as a string) of the first group whose regex matches the leaf's
-    path (`prefix` + path), or "default"."""
+    path (`prefix` + path), or "default". A boxed leaf (`nn.Partitioned`) gets one label, so
+    its optimizer state is masked whole (and stays shardable by its logical names)."""
 
     def label(path: tuple, _) -> str:
         name = prefix + path_name(path)
@@ -98,7 +100,8 @@ def group_labels(params: Any, groups: list[dict[str, Any]], prefix: str = "") ->
                 return str(i)
         return "default"
 
-    return jax.tree_util.tree_map_with_path(label, params)
+    boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=boxed)
 
 
 def _zero_frozen(frozen: Any) -> optax.GradientTransformation:
