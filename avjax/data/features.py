@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from avjax.data import units
+from avjax.data import logmel as units  # (the log-mel primitives of the units)
 from avjax.data.audio import SAMPLE_RATE
 
 EXTRACTORS = ("logmel", "mfcc", "hubert")
