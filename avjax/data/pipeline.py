@@ -1,9 +1,10 @@
 """Speech LM data preparation, step by step: corpus -> units + vocoder -> token documents.
 
-Used by the SpeechSSM task (and any later spoken LM): `prepare_speech(config.data, ctx)`
-returns the unit tokenizer, the unit vocoder and the train / held-out documents (int32 unit
-sequences, or memory-mapped `TokenStore`s for real corpora). Every step is a prepared
-artifact (`avjax.data.artifacts`):
+Used through the data module of spoken LMs (`avjax.data.speech_lm.SpeechLMData`, which the
+SpeechSSM and SpeechTransformer tasks compose): `prepare_speech(config.data, ctx)` returns
+the unit tokenizer, the unit vocoder and the train / held-out documents (int32 unit sequences,
+or memory-mapped `TokenStore`s for real corpora). Every step is a prepared artifact
+(`avjax.data.artifacts`):
 
   artifact                          where                                   built by
   default corpus (espeak stories)   <cache>/default_corpus_<m>min           each filesystem's

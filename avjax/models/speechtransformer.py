@@ -3,7 +3,7 @@
 The paper compares SpeechSSM with its own SpeechTransformer (Gemma-initialised) of matched
 size, trained on the same semantic units and data. As built here:
 1. The same 25 Hz speech units, training windows, loss and sampler as SpeechSSM
-   (`avjax.tasks.speechtransformer` subclasses the SpeechSSM task).
+   (`avjax.tasks.speechtransformer` composes the same data module and LM functions).
 2. A decoder-only Transformer in Gemma's layout (`avjax.nn.transformer.TransformerLM`):
    pre-norm blocks of global causal attention (multi-query by default, as Gemma-2B; RoPE on
    absolute positions) and gated-GeLU MLPs, RMSNorm, tied embeddings scaled by sqrt(width),
