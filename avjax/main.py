@@ -82,13 +82,15 @@ def run(config, workdir: str, mode: str, stop_after: int | None = None) -> dict:
     """
     import jax
 
+    from avjax.eval import evaluators
     from avjax.io import as_path
     from avjax.tasks import get_task
     from avjax.train import checkpoint as ckpt_lib
     from avjax.train import loop
     from avjax.train.sharding import apply_preset, make_mesh
 
-    if mode == "eval" and int(config.train.eval_batches) <= 0:
+    evals = evaluators.from_config(config)  # config.evals: unknown types fail before any work
+    if mode == "eval" and evaluators.uses_heldout_loss(evals) and config.train.eval_batches <= 0:
         raise ValueError(
             "--mode=eval averages the held-out loss over config.train.eval_batches batches; "
             f"it is {config.train.eval_batches}: set --config.train.eval_batches=1 or more"
@@ -106,12 +108,18 @@ def run(config, workdir: str, mode: str, stop_after: int | None = None) -> dict:
         state = loop.train(task, config, workdir, mesh, stop_after=stop_after)
         return {"step": int(state.step)}
     trainer, params, step = loop.restore_params(task, config, workdir, mesh, mode)
-    if mode == "eval":
+    if mode == "eval":  # every evaluator of config.evals (avjax.eval.evaluators)
         n = int(config.train.eval_batches)
-        cfg_batches = task.eval_batches(jax.process_index(), jax.process_count())[:n]
-        eval_loss = loop.evaluate_loss(trainer, params, cfg_batches)
-        summary = {"step": step, "eval_loss": eval_loss}
-        summary.update(task.evaluate(trainer.model, params, step, eval_loss))
+
+        def heldout_loss(p):
+            return loop.evaluate_loss(
+                trainer, p, task.eval_batches(jax.process_index(), jax.process_count())[:n]
+            )
+
+        ctx = evaluators.EvalContext(
+            task, trainer.model, params, step, workdir, "eval", heldout_loss
+        )
+        summary = {"step": step, **evaluators.run(evals, ctx)}
     else:
         summary = task.sample(trainer.model, params, step)
     logging.info("%s: %s", mode, json.dumps(summary, default=str))

@@ -134,6 +134,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.init_from = ""
     c.train.init_skip = ""
 
+    # Evaluators (avjax/eval/evaluators.py): name -> registered type, cadence `every` in steps
+    # (0: --mode=eval only) and its own options. The held-out loss (`eval_loss` in
+    # metrics.jsonl) follows train.eval_every; long-form (workdir/eval/step_<N>/report.md,
+    # settings from config.sample, any LongformConfig field here overrides) in --mode=eval.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.eval = {"type": "loss", "prefix": "eval_", "perplexity": True}
+    c.evals.eval.every = c.train.get_ref("eval_every")
+    c.evals.facts = {"type": "facts", "every": 0, "prefix": "", "keys": "unigram_entropy_nats"}
+    c.evals.longform = {"type": "longform", "every": 0}
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.preset = ""  # "" = as below; dp | fsdp | fsdp_tp | fsdp_sp (avjax/train/sharding.py)
     c.mesh.data = -1  # -1: all remaining devices

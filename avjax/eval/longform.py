@@ -51,7 +51,7 @@ from absl import logging
 
 from avjax.data import units as units_lib
 from avjax.data.units import SAMPLES_PER_UNIT, UNIT_RATE
-from avjax.eval import metrics
+from avjax.eval import evaluators, metrics
 from avjax.io import PathLike, as_path, local_then_copy, write_text_atomic
 
 GROUND_TRUTH = "ground_truth"
@@ -349,6 +349,225 @@ def _json_float(x: Any) -> Any:
     return x
 
 
+# --- the steps of evaluate_longform ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Lengths in units (25 Hz) and the slices of one evaluation."""
+
+    slice_seconds: float
+    prompt_len: int
+    num_tokens: int
+    slice_units: int
+    bounds: list[tuple[int, int]]
+
+
+@dataclasses.dataclass
+class _Prompts:
+    """The held-out prompts and their references.
+
+    Attributes:
+      doc_ids: `(document index, start unit)` per prompt.
+      prompts: `[n, prompt_len]` int32.
+      refs: the held-out continuations `[<= num_tokens]` int32 (as far as each document goes).
+      wavs: each prompt decoded alone `[640 prompt_len]` float32 (speaker reference).
+      texts: each prompt's transcript ("" without ASR).
+    """
+
+    doc_ids: list[tuple[int, int]]
+    prompts: np.ndarray
+    refs: list[np.ndarray]
+    wavs: list[np.ndarray] = dataclasses.field(default_factory=list)
+    texts: list[str] = dataclasses.field(default_factory=list)
+
+
+def _plan(entries: Sequence[ModelEntry], cfg: LongformConfig) -> _Plan:
+    """Checks the model names and turns the settings' seconds into units and slices."""
+    names = [e.name for e in entries]
+    if not entries or len(set(names)) != len(names) or GROUND_TRUTH in names:
+        raise ValueError(f"need unique model names other than {GROUND_TRUTH!r}, got {names}")
+    slice_s = cfg.resolved_slice_seconds()
+    prompt_len = max(1, int(round(cfg.prompt_seconds * UNIT_RATE)))
+    num_tokens = int(round(cfg.seconds * UNIT_RATE))
+    slice_units = int(round(slice_s * UNIT_RATE))
+    if num_tokens <= 0 or slice_units <= 0:
+        raise ValueError(f"seconds={cfg.seconds} and slice_seconds={slice_s} must be positive")
+    bounds = metrics.slice_bounds(num_tokens, slice_units)
+    return _Plan(slice_s, prompt_len, num_tokens, slice_units, bounds)
+
+
+def _select_prompts(heldout_docs: Sequence[np.ndarray], plan: _Plan, n: int) -> _Prompts:
+    """Step 1: `n` prompts and their held-out continuations (see `_pick_prompts`)."""
+    doc_ids = _pick_prompts(heldout_docs, plan.prompt_len, plan.num_tokens, n)
+    docs = [np.asarray(heldout_docs[i][start:], np.int32) for i, start in doc_ids]
+    prompts = np.stack([d[: plan.prompt_len] for d in docs])
+    refs = [d[plan.prompt_len : plan.prompt_len + plan.num_tokens] for d in docs]
+    return _Prompts(doc_ids, prompts, refs)
+
+
+def _text_tools(cfg: LongformConfig, asr: Any, embedder: Any) -> tuple[Any, Any, str]:
+    """`(asr, embedder, note)`: the given pair, else built per `cfg.transcripts`; SC-L needs
+    both (one alone is dropped, with a note)."""
+    if asr is None and embedder is None:
+        return _load_text_tools(cfg.transcripts)
+    if asr is None or embedder is None:
+        return None, None, "SC-L needs asr+embedder."
+    return asr, embedder, ""
+
+
+def _reference_audio(
+    p: _Prompts, vocoder: Any, audio_dir: Any, cfg: LongformConfig, asr: Any, bar: Any
+) -> None:
+    """Step 2a: every prompt decoded alone (kept as `audio/prompt_<j>.wav`) and transcribed;
+    fills `p.wavs` and `p.texts`."""
+    for j, prompt in enumerate(p.prompts):
+        wav = _vocode(vocoder, prompt, audio_dir / f"prompt_{j}.wav", cfg.vocoder_iters)
+        p.wavs.append(wav)
+        p.texts.append(
+            _transcribe_slices(asr, wav, len(wav), cfg.asr_seconds)[0] if asr is not None else ""
+        )
+        bar.update(1)
+
+
+def _continue_prompts(
+    entry: ModelEntry | None, p: _Prompts, plan: _Plan, cfg: LongformConfig
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Step 1b: `(continuations [num_tokens] per prompt, row)` of one model, or the held-out
+    continuations for the ground truth (`entry` None). The row starts the model's result:
+    timing, per-prompt and pooled perplexity of the held-out continuation."""
+    r: dict[str, Any] = {"per_prompt": {}, "timing": {}, "transcripts": []}
+    if entry is None:
+        return list(p.refs), r
+    tokens, gen_s = _generate(entry, p.prompts, plan.num_tokens, cfg)
+    r["timing"]["generate_s"] = gen_s
+    r["timing"]["ms_per_token"] = 1e3 * gen_s / max(plan.num_tokens, 1)
+    t0 = time.time()
+    lp, mask = _teacher_forced_logprobs(entry, p.prompts, p.refs, plan.num_tokens, cfg.chunk_tokens)
+    r["timing"]["teacher_forcing_s"] = time.time() - t0
+    r["per_prompt"]["ppl"] = np.stack(
+        [metrics.perplexity_by_slice(lp[i], plan.slice_units, mask[i]) for i in range(len(lp))]
+    )
+    r["ppl_by_slice_pooled"] = metrics.perplexity_by_slice(lp, plan.slice_units, mask)
+    return list(tokens), r
+
+
+@dataclasses.dataclass
+class _Scorer:
+    """Step 2b-3: vocodes, transcribes and measures continuations against the prompts."""
+
+    vocoder: Any
+    audio_dir: Any
+    cfg: LongformConfig
+    plan: _Plan
+    prompts: _Prompts
+    asr: Any
+    embedder: Any
+
+    def score(self, name: str, gens: list[np.ndarray], r: dict[str, Any], bar: Any) -> None:
+        """Per-slice metrics `r["per_prompt"][metric]` `[prompts, slices]` (NaN-padded),
+        transcripts and timing of the continuations `gens` of the row `name`."""
+        per: dict[str, list[np.ndarray]] = {}
+        scl_rows = []
+        clock = {"vocoder_s": 0.0, "asr_s": 0.0, "metrics_s": 0.0}
+        for j, units in enumerate(gens):
+            t0 = time.time()
+            wav = self._vocode(name, j, units)
+            t1 = time.time()
+            m = _slice_metrics(
+                units, self.prompts.prompts[j], wav, self.prompts.wavs[j], self.plan.slice_units
+            )
+            for k, v in m.items():
+                per.setdefault(k, []).append(v)
+            t2 = time.time()
+            texts = self._transcribe(j, wav)
+            if texts is not None:
+                scl_rows.append(
+                    metrics.semantic_coherence(self.prompts.texts[j], texts, self.embedder.encode)
+                )
+            r["transcripts"].append(texts or [])
+            clock["vocoder_s"] += t1 - t0
+            clock["metrics_s"] += t2 - t1
+            clock["asr_s"] += time.time() - t2
+            bar.update(1)
+        n_slices = len(self.plan.bounds)
+        for k, v in per.items():
+            r["per_prompt"][k] = _pad_to(v, n_slices)
+        if scl_rows:
+            r["per_prompt"]["sc_l"] = _pad_to(scl_rows, n_slices)
+        r["timing"].update(clock)
+
+    def _vocode(self, name: str, j: int, units: np.ndarray) -> np.ndarray:
+        """Prompt `j` and its continuation `units` decoded together (the join is the
+        vocoder's); kept as `audio/<name>_<j>.wav` with `save_audio`."""
+        full = np.concatenate([self.prompts.prompts[j], units]).astype(np.int32)
+        path = self.audio_dir / f"{name}_{j}.wav" if self.cfg.save_audio else None
+        return _vocode(self.vocoder, full, path, self.cfg.vocoder_iters)
+
+    def _transcribe(self, j: int, wav: np.ndarray) -> list[str] | None:
+        """Transcripts of the continuation's slices (None without ASR)."""
+        if self.asr is None:
+            return None
+        cont = wav[len(self.prompts.prompts[j]) * SAMPLES_PER_UNIT :]
+        return _transcribe_slices(
+            self.asr, cont, self.plan.slice_units * SAMPLES_PER_UNIT, self.cfg.asr_seconds
+        )
+
+
+def _summarise_row(name: str, r: dict[str, Any]) -> None:
+    """Step 3b: `r["per_slice"]` (means over prompts; perplexity pools the tokens of all
+    prompts instead) and `r["mean"]` (over slices)."""
+    r["per_slice"] = {k: _nanmean(v, axis=0) for k, v in r["per_prompt"].items()}
+    if "ppl" in r["per_slice"]:  # ppl pools tokens across prompts (not a mean of ppls)
+        r["per_slice"]["ppl"] = r.pop("ppl_by_slice_pooled")
+    r["mean"] = {k: float(_nanmean(v)) for k, v in r["per_slice"].items()}
+    logging.info(
+        "%s: %s", name, ", ".join(f"{k}={v:.3g}" for k, v in r["mean"].items() if k in METRICS)
+    )
+
+
+def _build_report(
+    cfg: LongformConfig,
+    plan: _Plan,
+    p: _Prompts,
+    results: dict[str, dict[str, Any]],
+    step: int,
+    scl_note: str,
+    wall_s: float,
+) -> dict[str, Any]:
+    """Step 4a: the report (what `eval.json` holds)."""
+    settings = {
+        **dataclasses.asdict(cfg),
+        "slice_seconds": plan.slice_seconds,
+        "step": int(step),
+        "prompts": [{"doc": i, "start_s": start / UNIT_RATE} for i, start in p.doc_ids],
+        "reference_seconds": [len(r) / UNIT_RATE for r in p.refs],
+        "sc_l_note": scl_note,
+        "wall_s": wall_s,
+    }
+    keep = ("per_slice", "mean", "per_prompt", "timing", "transcripts")
+    return {
+        "settings": settings,
+        "slices": [(s / UNIT_RATE, e / UNIT_RATE) for s, e in plan.bounds],
+        "metrics": [k for k in METRICS if any(k in r["per_slice"] for r in results.values())],
+        "prompt_transcripts": p.texts,
+        "models": {n: {k: r[k] for k in keep} for n, r in results.items()},
+    }
+
+
+def write_outputs(report: dict[str, Any], out_dir: PathLike) -> Any:
+    """Step 4b: `eval.json`, `plots/*.png`, `tensorboard/<model>/` and `report.md` into
+    `out_dir`; returns the report's path."""
+    out_dir = as_path(out_dir)
+    write_text_atomic(out_dir / "eval.json", json.dumps(_json_float(report), indent=1))
+    plot_paths = write_plots(report, out_dir / "plots")
+    write_tensorboard(report, out_dir / "tensorboard")
+    report_path = out_dir / "report.md"
+    links = {k: f"plots/{as_path(p).name}" for k, p in plot_paths.items()}
+    write_text_atomic(report_path, render_markdown(report, links))
+    return report_path
+
+
 # --- main entry -----------------------------------------------------------------------------
 
 
@@ -366,6 +585,11 @@ def evaluate_longform(
 ) -> dict[str, Any]:
     """Continues held-out prompts with every entry; metrics per slice; report, plots, JSON, TB.
 
+    The steps: prompts (`_select_prompts`) -> reference audio and transcripts
+    (`_reference_audio`) -> per row: generation and teacher forcing (`_continue_prompts`),
+    vocoding, ASR and per-slice metrics (`_Scorer.score`), means (`_summarise_row`) -> report
+    (`_build_report`) and its files (`write_outputs`).
+
     Args:
       entries: the models to compare (one or more; names must be unique and not
         "ground_truth").
@@ -382,164 +606,44 @@ def evaluate_longform(
       `"longform/report": path`; `eval.json` holds everything.
     """
     cfg = config or LongformConfig()
-    names = [e.name for e in entries]
-    if not entries or len(set(names)) != len(names) or GROUND_TRUTH in names:
-        raise ValueError(f"need unique model names other than {GROUND_TRUTH!r}, got {names}")
-    slice_s = cfg.resolved_slice_seconds()
-    prompt_len = max(1, int(round(cfg.prompt_seconds * UNIT_RATE)))
-    num_tokens = int(round(cfg.seconds * UNIT_RATE))
-    slice_units = int(round(slice_s * UNIT_RATE))
-    if num_tokens <= 0 or slice_units <= 0:
-        raise ValueError(f"seconds={cfg.seconds} and slice_seconds={slice_s} must be positive")
-    bounds = metrics.slice_bounds(num_tokens, slice_units)
-    n_slices = len(bounds)
+    plan = _plan(entries, cfg)
     out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    audio_dir = out_dir / "audio"
     t_start = time.time()
-
-    doc_ids = _pick_prompts(heldout_docs, prompt_len, num_tokens, int(cfg.num_prompts))
-    docs = [np.asarray(heldout_docs[i][start:], np.int32) for i, start in doc_ids]
-    prompts = np.stack([d[:prompt_len] for d in docs])
-    refs = [d[prompt_len : prompt_len + num_tokens] for d in docs]
-
-    if asr is None and embedder is None:
-        asr, embedder, scl_note = _load_text_tools(cfg.transcripts)
-    else:
-        scl_note = "" if asr is not None and embedder is not None else "SC-L needs asr+embedder."
-        if asr is None or embedder is None:
-            asr = embedder = None
-
-    rows = [*entries, *([None] if cfg.ground_truth else [])]
-    row_names = [*names, *([GROUND_TRUTH] if cfg.ground_truth else [])]
+    p = _select_prompts(heldout_docs, plan, int(cfg.num_prompts))
+    asr, embedder, scl_note = _text_tools(cfg, asr, embedder)
+    rows = [(e.name, e) for e in entries] + ([(GROUND_TRUTH, None)] if cfg.ground_truth else [])
     from tqdm import tqdm
 
-    bar = tqdm(
-        total=len(rows) * len(docs) + len(docs),
-        desc="long-form eval",
-        unit="run",
-        disable=not progress,
-    )
+    n = len(p.prompts)
+    bar = tqdm(total=(len(rows) + 1) * n, desc="long-form eval", unit="run", disable=not progress)
     logging.info(
         "Long-form eval: %d prompt(s) of %.1f s continued by %.1f s (%d tokens), slices of %g s,"
         " models %s -> %s",
-        len(docs),
-        prompt_len / UNIT_RATE,
+        n,
+        plan.prompt_len / UNIT_RATE,
         cfg.seconds,
-        num_tokens,
-        slice_s,
-        names,
+        plan.num_tokens,
+        plan.slice_seconds,
+        [e.name for e in entries],
         out_dir,
     )
-
-    # References: the prompt decoded alone, and its transcript.
-    prompt_wavs, prompt_texts = [], []
-    for j, p in enumerate(prompts):
-        path = audio_dir / f"prompt_{j}.wav"
-        prompt_wavs.append(_vocode(vocoder, p, path, cfg.vocoder_iters))
-        prompt_texts.append(
-            _transcribe_slices(asr, prompt_wavs[-1], len(prompt_wavs[-1]), cfg.asr_seconds)[0]
-            if asr is not None
-            else ""
-        )
-        bar.update(1)
-
+    _reference_audio(p, vocoder, out_dir / "audio", cfg, asr, bar)
+    scorer = _Scorer(vocoder, out_dir / "audio", cfg, plan, p, asr, embedder)
     results: dict[str, Any] = {}
-    for entry, name in zip(rows, row_names, strict=True):
-        r: dict[str, Any] = {"per_prompt": {}, "timing": {}, "transcripts": []}
-        if entry is None:
-            gens = refs
-        else:
-            tokens, gen_s = _generate(entry, prompts, num_tokens, cfg)
-            gens = list(tokens)
-            r["timing"]["generate_s"] = gen_s
-            r["timing"]["ms_per_token"] = 1e3 * gen_s / max(num_tokens, 1)
-            t0 = time.time()
-            lp, mask = _teacher_forced_logprobs(entry, prompts, refs, num_tokens, cfg.chunk_tokens)
-            r["timing"]["teacher_forcing_s"] = time.time() - t0
-            r["per_prompt"]["ppl"] = np.stack(
-                [metrics.perplexity_by_slice(lp[i], slice_units, mask[i]) for i in range(len(docs))]
-            )
-            r["ppl_by_slice_pooled"] = metrics.perplexity_by_slice(lp, slice_units, mask)
-        per: dict[str, list[np.ndarray]] = {}
-        scl_rows = []
-        clock = {"vocoder_s": 0.0, "asr_s": 0.0, "metrics_s": 0.0}
-        for j, units in enumerate(gens):
-            t0 = time.time()
-            full = np.concatenate([prompts[j], units]).astype(np.int32)
-            wav_path = audio_dir / f"{name}_{j}.wav" if cfg.save_audio else None
-            wav = _vocode(vocoder, full, wav_path, cfg.vocoder_iters)
-            t1 = time.time()
-            m = _slice_metrics(units, prompts[j], wav, prompt_wavs[j], slice_units)
-            for k, v in m.items():
-                per.setdefault(k, []).append(v)
-            t2 = time.time()
-            texts = []
-            if asr is not None:
-                cont = wav[len(prompts[j]) * SAMPLES_PER_UNIT :]
-                texts = _transcribe_slices(
-                    asr, cont, slice_units * SAMPLES_PER_UNIT, cfg.asr_seconds
-                )
-                scl_rows.append(metrics.semantic_coherence(prompt_texts[j], texts, embedder.encode))
-            r["transcripts"].append(texts)
-            clock["vocoder_s"] += t1 - t0
-            clock["metrics_s"] += t2 - t1
-            clock["asr_s"] += time.time() - t2
-            bar.update(1)
-        for k, v in per.items():
-            r["per_prompt"][k] = _pad_to(v, n_slices)
-        if scl_rows:
-            r["per_prompt"]["sc_l"] = _pad_to(scl_rows, n_slices)
-        r["timing"].update(clock)
-        r["per_slice"] = {k: _nanmean(v, axis=0) for k, v in r["per_prompt"].items()}
-        if "ppl" in r["per_slice"]:  # ppl pools tokens across prompts (not a mean of ppls)
-            r["per_slice"]["ppl"] = r.pop("ppl_by_slice_pooled")
-        r["mean"] = {k: float(_nanmean(v)) for k, v in r["per_slice"].items()}
+    for name, entry in rows:
+        gens, r = _continue_prompts(entry, p, plan, cfg)
+        scorer.score(name, gens, r, bar)
+        _summarise_row(name, r)
         results[name] = r
-        logging.info(
-            "%s: %s",
-            name,
-            ", ".join(f"{k}={v:.3g}" for k, v in r["mean"].items() if k in METRICS),
-        )
     bar.close()
-
-    slices = [(s / UNIT_RATE, e / UNIT_RATE) for s, e in bounds]
-    settings = {
-        **dataclasses.asdict(cfg),
-        "slice_seconds": slice_s,
-        "step": int(step),
-        "prompts": [{"doc": i, "start_s": start / UNIT_RATE} for i, start in doc_ids],
-        "reference_seconds": [len(r) / UNIT_RATE for r in refs],
-        "sc_l_note": scl_note,
-        "wall_s": time.time() - t_start,
-    }
-    report = {
-        "settings": settings,
-        "slices": slices,
-        "metrics": [k for k in METRICS if any(k in r["per_slice"] for r in results.values())],
-        "prompt_transcripts": prompt_texts,
-        "models": {
-            n: {
-                "per_slice": r["per_slice"],
-                "mean": r["mean"],
-                "per_prompt": r["per_prompt"],
-                "timing": r["timing"],
-                "transcripts": r["transcripts"],
-            }
-            for n, r in results.items()
-        },
-    }
-    write_text_atomic(out_dir / "eval.json", json.dumps(_json_float(report), indent=1))
-    plot_paths = write_plots(report, out_dir / "plots")
-    write_tensorboard(report, out_dir / "tensorboard")
-    report_path = out_dir / "report.md"
-    links = {k: f"plots/{as_path(p).name}" for k, p in plot_paths.items()}
-    write_text_atomic(report_path, render_markdown(report, links))
+    report = _build_report(cfg, plan, p, results, step, scl_note, time.time() - t_start)
+    report_path = write_outputs(report, out_dir)
     logging.info("Long-form report: %s (%.0f s)", report_path, time.time() - t_start)
     summary: dict[str, Any] = {"longform/report": os.fspath(report_path)}
-    for n, r in results.items():
+    for name, r in results.items():
         for k, v in r["mean"].items():
-            summary[f"longform/{n}/{k}"] = v
+            summary[f"longform/{name}/{k}"] = v
     return summary
 
 
@@ -719,3 +823,47 @@ def write_tensorboard(report: dict[str, Any], tb_dir: PathLike) -> None:
                 w.write_scalars(int(round(e)), scalars)
         w.flush()
         w.close()
+
+
+# --- as an evaluator of config.evals ---------------------------------------------------------
+
+
+def heldout_data(task: Any) -> tuple[Sequence[np.ndarray], Any]:
+    """`(held-out unit documents, unit vocoder)` of a task: its `longform_data()` hook when it
+    has one, else its data module's (`task.data`: `prepare()`, `docs["heldout"]`,
+    `vocoder`), else `task_eval_data` (a SpeechSSM-family task's own)."""
+    hook = getattr(task, "longform_data", None)
+    if callable(hook):
+        return hook()
+    data = getattr(task, "data", None)
+    if data is not None and hasattr(data, "docs") and hasattr(data, "vocoder"):
+        data.prepare()
+        return data.docs["heldout"], data.vocoder
+    return task_eval_data(task)
+
+
+@evaluators.register("longform")
+class LongformEvaluator(evaluators.Evaluator):
+    """`evaluate_longform` of the task's model against the ground truth, as `config.evals`
+    entry. Settings: `LongformConfig.from_config` (config.sample, config.eval), then any of
+    this entry's options naming a `LongformConfig` field. `out_dir` (option): a folder
+    relative to the workdir (or absolute, or a URL), `{step}` filled in; default
+    `eval/step_{step}`. Summary keys: `<model>/<metric>` (means over slices) and `report`.
+    """
+
+    def run(self, ctx: evaluators.EvalContext) -> dict[str, Any]:
+        cfg = LongformConfig.from_config(ctx.task.config)
+        fields = {f.name for f in dataclasses.fields(LongformConfig)}
+        unknown = sorted(set(self.options) - fields - {"out_dir"})
+        if unknown:
+            raise ValueError(
+                f"config.evals.{self.name}: unknown options {unknown}; known: "
+                f"{sorted(fields | {'out_dir'})}"
+            )
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in self.options.items() if k in fields})
+        sub = str(self.options.get("out_dir", "") or "eval/step_{step}").format(step=ctx.step)
+        out_dir = as_path(sub) if "://" in sub else as_path(ctx.workdir) / sub
+        docs, vocoder = heldout_data(ctx.task)
+        entry = ModelEntry(ctx.task.name, ctx.model, ctx.params)
+        summary = evaluate_longform([entry], docs, vocoder, out_dir, cfg, step=ctx.step)
+        return {k.removeprefix("longform/"): v for k, v in summary.items()}
