@@ -663,10 +663,16 @@ def _time_label(seconds: float, minutes: bool) -> str:
 
 def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     """The markdown report: settings, timing, one slice x model table per metric."""
-    st, slices, models = report["settings"], report["slices"], report["models"]
+    slices = report["slices"]
     minutes = slices[-1][1] > 300
-    unit = "min" if minutes else "s"
-    names = list(models)
+    lines = _md_header(report["settings"]) + _md_timing(report["models"])
+    lines += _md_metric_tables(report, plots, minutes)
+    lines += _md_transcripts(report, minutes)
+    return "\n".join(lines) + "\n"
+
+
+def _md_header(st: dict[str, Any]) -> list[str]:
+    """Title, settings and the SC-L note."""
     lines = [
         f"# Long-form evaluation (step {st['step']})",
         "",
@@ -685,25 +691,30 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         lines += [f"> {st['sc_l_note']}", ""]
     elif st.get("asr_seconds"):
         lines += [f"SC-L transcribes the first {st['asr_seconds']:g} s of every slice.", ""]
-    lines += [
+    return lines
+
+
+def _md_timing(models: dict[str, Any]) -> list[str]:
+    """The timing table (one row per model)."""
+    lines = [
         "## Timing",
         "",
         "| model | ms/token (decode) | generate s | teacher forcing s | vocoder s | metrics s "
         "| ASR + SC-L s |",
         "|---|---|---|---|---|---|---|",
     ]
+    cols = ("ms_per_token", "generate_s", "teacher_forcing_s", "vocoder_s", "metrics_s", "asr_s")
     for n, r in models.items():
-        t = r["timing"]
-        cols = (
-            "ms_per_token",
-            "generate_s",
-            "teacher_forcing_s",
-            "vocoder_s",
-            "metrics_s",
-            "asr_s",
-        )
-        lines.append(f"| {n} | " + " | ".join(_fmt(t.get(c)) for c in cols) + " |")
-    lines += [
+        lines.append(f"| {n} | " + " | ".join(_fmt(r["timing"].get(c)) for c in cols) + " |")
+    return lines
+
+
+def _md_metric_tables(report: dict[str, Any], plots: dict[str, str], minutes: bool) -> list[str]:
+    """Means over slices (metric x model), then per metric its plot and slice x model table."""
+    slices, models = report["slices"], report["models"]
+    unit = "min" if minutes else "s"
+    names = list(models)
+    lines = [
         "",
         "## Means over slices",
         "",
@@ -728,20 +739,28 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                 + " | ".join(vals)
                 + " |"
             )
-    if any(models[n]["transcripts"] and models[n]["transcripts"][0] for n in names):
-        lines += ["", "## Transcripts (prompt 0, pocketsphinx)", ""]
-        lines += [f"- prompt: {report['prompt_transcripts'][0] or '(nothing recognised)'}", ""]
-        for n in names:
-            lines.append(f"**{n}**")
-            lines.append("")
-            for (s, e), text in zip(slices, models[n]["transcripts"][0], strict=False):
-                text = text if len(text) <= 200 else text[:200] + "…"
-                lines.append(
-                    f"- {_time_label(s, minutes)}–{_time_label(e, minutes)} {unit}: "
-                    f"{text or '(nothing recognised)'}"
-                )
-            lines.append("")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _md_transcripts(report: dict[str, Any], minutes: bool) -> list[str]:
+    """The first prompt's transcripts per model and slice (nothing without ASR)."""
+    slices, models = report["slices"], report["models"]
+    unit = "min" if minutes else "s"
+    if not any(r["transcripts"] and r["transcripts"][0] for r in models.values()):
+        return []
+    lines = ["", "## Transcripts (prompt 0, pocketsphinx)", ""]
+    lines += [f"- prompt: {report['prompt_transcripts'][0] or '(nothing recognised)'}", ""]
+    for n, r in models.items():
+        lines.append(f"**{n}**")
+        lines.append("")
+        for (s, e), text in zip(slices, r["transcripts"][0], strict=False):
+            text = text if len(text) <= 200 else text[:200] + "…"
+            lines.append(
+                f"- {_time_label(s, minutes)}–{_time_label(e, minutes)} {unit}: "
+                f"{text or '(nothing recognised)'}"
+            )
+        lines.append("")
+    return lines
 
 
 def write_plots(report: dict[str, Any], plot_dir: PathLike) -> dict[str, str]:
