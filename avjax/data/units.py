@@ -97,14 +97,14 @@ def _kmeans_pp(x: jax.Array, key: jax.Array, k: int) -> jax.Array:
     key, sub = jax.random.split(key)
     c0 = x[jax.random.randint(sub, (), 0, x.shape[0])]
     cents = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(c0)
-    d2 = jnp.sum((x - c0) ** 2, axis=1)
+    d2 = jnp.sum((x - c0[None]) ** 2, axis=1)
 
     def body(i, carry):
         cents, d2, key = carry
         key, sub = jax.random.split(key)
         idx = jax.random.categorical(sub, jnp.log(jnp.maximum(d2, 1e-30)))
         c = x[idx]
-        return cents.at[i].set(c), jnp.minimum(d2, jnp.sum((x - c) ** 2, axis=1)), key
+        return cents.at[i].set(c), jnp.minimum(d2, jnp.sum((x - c[None]) ** 2, axis=1)), key
 
     cents, _, _ = jax.lax.fori_loop(1, k, body, (cents, d2, key))
     return cents
