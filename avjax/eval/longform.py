@@ -828,7 +828,7 @@ def write_plots(report: dict[str, Any], plot_dir: PathLike) -> dict[str, str]:
 
 def write_tensorboard(report: dict[str, Any], tb_dir: PathLike) -> None:
     """Scalars `longform/<metric>` per slice into `tb_dir/<model>/` (step = slice end, s)."""
-    from avjax.train.metrics import summary_writer
+    from avjax.eval.writers import summary_writer
 
     for n, r in report["models"].items():
         w = summary_writer(as_path(tb_dir) / n)
