@@ -84,8 +84,10 @@ def test_capabilities_state(runs):
     fresh = loop.evaluate_loss(trainer, state.ema_params, batches)
     assert with_stats != pytest.approx(fresh)
     assert not np.allclose(ema["lora_up"]["kernel"], params["lora_up"]["kernel"])
-    _, restored, _ = loop.restore_params(task, cfg, str(workdir), single_device_mesh())
+    restorer, restored, _ = loop.restore_params(task, cfg, str(workdir), single_device_mesh())
     _assert_trees_close(restored, state.ema_params, rtol=0, atol=0)
+    # --mode=eval's held-out loss (no model state passed) uses the restored statistics.
+    assert loop.evaluate_loss(restorer, restored, batches) == pytest.approx(with_stats)
 
 
 def test_gan_parts_have_their_own_optimizer_state(runs):

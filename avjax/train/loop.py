@@ -7,6 +7,14 @@
         on a preemption notice (SIGTERM to any process): all processes agree on a step,
             checkpoint it and stop; the process exits with code 143 (`Preempted`)
 
+Beyond params and one optimizer, the state holds what a task or config asks for (see
+`avjax/train/state.py`): the model's non-param collections (`batch_stats`: updated with
+`train=True` in the step, read as stored in eval), EMA params (`train.ema_decay`; eval and
+sampling use them with `train.eval_with_ema`), per-group optimizers or frozen params
+(`train.param_groups`, `optim.py`) and named parts stepped in alternation, each with its own
+optimizer state (`Task.parts`: a GAN's generator and discriminator). Named RNG streams
+(`Task.rng_streams`) are derived from (seed, step, name), so a resumed run draws the same.
+
 Re-running the same command resumes from the newest checkpoint: parameters, optimizer state,
 step and the grain iterator position are restored, so no step is repeated or lost. Config
 changes that would break that (batch size, window length, packing, accumulation, seed) are
@@ -64,6 +72,7 @@ class Trainer:
     all_finite: Any  # state -> scalar bool (replicated): every float leaf is finite
     txs: dict[str | None, optax.GradientTransformation] | None = None  # per part (None: one)
     eval_with_ema: bool = False
+    model_state: Any = None  # the restored non-param collections (`restore_state`), for eval
 
 
 def _loss_and_grads(
@@ -273,7 +282,8 @@ def evaluate_loss(
     trainer: Trainer, params: Any, batches: list[Batch], model_state: Any = None
 ) -> float:
     """Mean held-out loss per target over `batches` (`model_state`: the stored non-param
-    collections, e.g. batch statistics; None: the freshly initialised ones, or none).
+    collections, e.g. batch statistics; None: those `restore_state` restored, else a fresh
+    init's).
 
     Raises:
       ValueError: there is nothing to evaluate (no batches, or batches without targets):
@@ -281,6 +291,8 @@ def evaluate_loss(
     """
     if not batches:
         raise ValueError("no held-out batches to evaluate (config.train.eval_batches=0?)")
+    if model_state is None:
+        model_state = trainer.model_state
     if model_state is None:
         model_state = _initial_model_state(trainer)
     total, weight = 0.0, 0.0
@@ -612,6 +624,7 @@ def restore_state(
         state = ckpt_lib.restore(manager, latest, trainer.abstract_state)
     finally:
         manager.close()
+    trainer.model_state = state.model_state
     return trainer, state, latest
 
 
