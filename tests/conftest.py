@@ -1,4 +1,7 @@
-"""Test set-up: the CPU platform with 8 forced host devices (sharding tests), quiet TF.
+"""Test set-up: the CPU platform with 8 forced host devices (sharding tests), quiet TF, and
+implicit rank promotion as an error (`jax_numpy_rank_promotion="raise"`: broadcasting
+`[b, t, d]` with `[d]` must be written out, e.g. `x * w[None, None]`, so a wrong shape that
+happens to broadcast is caught).
 
 The platform is forced, not defaulted: on a GPU or TPU machine (or with `JAX_PLATFORMS=cuda`
 exported) the tests still run on 8 CPU devices, so the 8-device tests run everywhere. If JAX
@@ -17,6 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 NUM_DEVICES = 8
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 try:
     jax.config.update("jax_num_cpu_devices", NUM_DEVICES)

@@ -154,7 +154,7 @@ def test_an_unknown_or_missing_name_fails_the_check():
         @nn.compact
         def __call__(self, x):
             x = layers.dense(4, (axes.EMBED, "mpl"), name="typo")(x)
-            return x + self.param("bare", nn.initializers.zeros_init(), (4,))
+            return x + self.param("bare", nn.initializers.zeros_init(), (4,))[None]
 
     boxed = jax.eval_shape(Typo().init, jax.random.key(0), jnp.zeros((1, 3)))["params"]
     with pytest.raises(AssertionError, match=r"typo'\]\['kernel'\]: \['mpl'\] in no rule"):

@@ -40,7 +40,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_00
     rope, rest = jnp.split(x, 2, axis=-1)
     half = rope.shape[-1] // 2
     freq = max_wavelength ** (-(2.0 * jnp.arange(half) / rope.shape[-1]))
-    angle = positions[..., None, None].astype(jnp.float32) * freq  # [b, t, 1, half]
+    angle = (
+        positions[..., None, None].astype(jnp.float32) * freq[None, None, None]
+    )  # [b, t, 1, half]
     sin, cos = jnp.sin(angle).astype(x.dtype), jnp.cos(angle).astype(x.dtype)
     x1, x2 = jnp.split(rope, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)

@@ -64,15 +64,15 @@ class Conv1D(nn.Module):
             # document (lag <= segment_pos).
             lag = jnp.arange(k - 1, -1, -1)
             valid = (lag[None] <= segment_pos[:, -1:]).astype(dtype)  # [b, k]
-            y = jnp.einsum("bkd,kd->bd", window * valid[..., None], w)[:, None] + b
+            y = jnp.einsum("bkd,kd->bd", window * valid[..., None], w)[:, None] + b[None, None]
             return y, Conv1DCache(window[:, 1:])
         t = x.shape[1]
         ids = segment_ids(segment_pos)
-        y = jnp.zeros_like(x) + b
+        y = jnp.zeros_like(x) + b[None, None]
         for shift in range(min(k, t)):
             xs = jnp.pad(x, ((0, 0), (shift, 0), (0, 0)))[:, :t]
             same = ids == jnp.pad(ids, ((0, 0), (shift, 0)), constant_values=-1)[:, :t]
-            y = y + xs * same[..., None].astype(dtype) * w[k - 1 - shift]
+            y = y + xs * same[..., None].astype(dtype) * w[None, None, k - 1 - shift]
         new_cache = None
         if return_cache:
             padded = jnp.pad(x, ((0, 0), (max(k - 1 - t, 0), 0), (0, 0)))

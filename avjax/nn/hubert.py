@@ -244,7 +244,7 @@ class ChannelNorm(nn.Module):
         n = jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
         mean = jnp.sum(y * w, axis=1, keepdims=True) / n
         var = jnp.sum(jnp.square(y - mean) * w, axis=1, keepdims=True) / n
-        return (y - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return (y - mean) * jax.lax.rsqrt(var + self.eps) * scale[None, None] + bias[None, None]
 
 
 class FeatureEncoder(nn.Module):

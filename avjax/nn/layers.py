@@ -65,7 +65,9 @@ class BlockDiagonalLinear(nn.Module):
         )
         dtype = self.dtype or x.dtype
         xs = x.astype(dtype).reshape(x.shape[:-1] + (self.num_blocks, size))
-        y = jnp.einsum("...hi,hij->...hj", xs, w.astype(dtype)) + b.astype(dtype)
+        y = jnp.einsum("...hi,hij->...hj", xs, w.astype(dtype)) + expand_to(
+            b.astype(dtype), xs.ndim
+        )
         return y.reshape(x.shape)
 
 
@@ -76,3 +78,14 @@ def segment_ids(segment_pos: jax.Array) -> jax.Array:
 
 def shape_str(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def expand_to(x: jax.Array, ndim: int) -> jax.Array:
+    """`x` with leading unit axes up to rank `ndim`: `[d] -> [1, ..., 1, d]`.
+
+    Explicit broadcasting of a parameter (a bias, a scale `[dim]`) against activations
+    `[batch, time, dim]`; the tests run with `jax_numpy_rank_promotion="raise"`.
+    """
+    if x.ndim > ndim:
+        raise ValueError(f"cannot expand {shape_str(x.shape)} to rank {ndim}")
+    return x.reshape((1,) * (ndim - x.ndim) + x.shape)

@@ -129,7 +129,6 @@ class SelectiveSSM(nn.Module):
         Returns:
           `(y [batch, time, d_model], MambaCache or None)`.
         """
-        e, n, r = self.inner, self.d_state, self.rank
         dtype = self.dtype or x.dtype
         batch, t = x.shape[:2]
         if cache is not None and segment_pos is not None:
@@ -139,7 +138,55 @@ class SelectiveSSM(nn.Module):
                 cache.conv_state * keep[:, None, None].astype(cache.conv_state.dtype),
                 cache.ssm_state * keep[:, None, None],
             )
+        xs, z = self._in_proj(x, dtype)
+        want_cache = return_cache or cache is not None
+        pos = jnp.full((batch, t), 2**30, jnp.int32) if segment_pos is None else segment_pos
+        xs, conv_cache = self._conv(xs, pos, cache, want_cache, dtype)
+        delta, b_in, c_out = self._delta_b_c(xs, dtype)
+        a_log = self.param(
+            "A_log",
+            nn.with_logical_partitioning(a_log_init, (axes.RNN, None)),
+            (self.inner, self.d_state),
+            jnp.float32,
+        )
+        d_skip = self.param(
+            "D",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.RNN,)),
+            (self.inner,),
+        )
+        neg_a = -jnp.exp(a_log)  # [d_inner, d_state]
 
+        # Discretisation and the recurrence over [batch, time, d_inner, d_state], float32.
+        x32 = xs.astype(jnp.float32)
+        decay = jnp.exp(delta[..., None] * neg_a[None, None])
+        drive = (delta * x32)[..., None] * b_in[:, :, None, :]
+        if segment_pos is not None:
+            decay = jnp.where((segment_pos == 0)[..., None, None], 0.0, decay)
+        h0 = None if cache is None else cache.ssm_state
+        if t == 1 and h0 is not None:  # one decoding step: no scan needed
+            h = decay * h0[:, None] + drive
+            h_last = h[:, 0]
+        else:
+            h, h_last = linear_scan(
+                decay, drive, h0, impl=self.scan_impl, chunk_size=self.scan_chunk_size
+            )
+        y = jnp.einsum("bten,btn->bte", h, c_out) + x32 * d_skip[None, None]
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+        y = nn.with_logical_constraint(y.astype(dtype), (axes.BATCH, axes.LENGTH, axes.RNN))
+        out = dense(
+            self.d_model,
+            (axes.RNN, axes.EMBED),
+            use_bias=self.use_bias,
+            dtype=dtype,
+            name="out_proj",
+        )(y)
+        if not want_cache:
+            return out, None
+        return out, MambaCache(conv_cache.inputs, h_last)
+
+    def _in_proj(self, x: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+        """The two branches `x, z [batch, time, d_inner]` of `in_proj(x)`."""
+        e = self.inner
         in_kernel = self.param(
             "in_proj_kernel",
             nn.with_logical_partitioning(
@@ -159,14 +206,22 @@ class SelectiveSSM(nn.Module):
                 (2, e),
                 jnp.float32,
             )
-            xz = xz + in_bias.astype(dtype)
+            xz = xz + in_bias.astype(dtype)[None, None]
         xs, z = xz[:, :, 0], xz[:, :, 1]
-        xs = nn.with_logical_constraint(xs, (axes.BATCH, axes.LENGTH, axes.RNN))
+        return nn.with_logical_constraint(xs, (axes.BATCH, axes.LENGTH, axes.RNN)), z
 
-        # Causal depthwise conv; a cached call sees the buffered inputs as a prefix.
+    def _conv(
+        self,
+        xs: jax.Array,
+        pos: jax.Array,
+        cache: MambaCache | None,
+        want_cache: bool,
+        dtype: jnp.dtype,
+    ) -> tuple[jax.Array, Conv1DCache | None]:
+        """silu(causal depthwise conv) of `xs [batch, time, d_inner]`; a cached call sees the
+        buffered inputs as a prefix. Returns `(xs, conv cache or None)`."""
         conv = Conv1D(self.conv_width, dtype, name="conv1d")
-        want_cache = return_cache or cache is not None
-        pos = jnp.full((batch, t), 2**30, jnp.int32) if segment_pos is None else segment_pos
+        batch, t = xs.shape[:2]
         if cache is not None and t == 1:
             xs, conv_cache = conv(xs, pos, Conv1DCache(cache.conv_state), True)
         elif cache is not None:
@@ -177,9 +232,12 @@ class SelectiveSSM(nn.Module):
             xs = xs[:, k:]
         else:
             xs, conv_cache = conv(xs, pos, None, want_cache)
-        xs = jax.nn.silu(xs)
+        return jax.nn.silu(xs), conv_cache
 
-        # Input-dependent Delta, B, C.
+    def _delta_b_c(self, xs: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Input-dependent `Delta [batch, time, d_inner]`, `B, C [batch, time, d_state]`,
+        float32."""
+        e, n, r = self.inner, self.d_state, self.rank
         proj = dense(r + 2 * n, (axes.RNN, None), use_bias=False, dtype=dtype, name="x_proj")(xs)
         dt_low = proj[..., :r].astype(jnp.float32)
         b_in = proj[..., r : r + n].astype(jnp.float32)
@@ -188,51 +246,13 @@ class SelectiveSSM(nn.Module):
         delta = nn.Dense(
             e,
             dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(
-                _symmetric_uniform(dt_std),
-                (None, axes.RNN),
-            ),
+            kernel_init=nn.with_logical_partitioning(_symmetric_uniform(dt_std), (None, axes.RNN)),
             bias_init=nn.with_logical_partitioning(
                 dt_bias_init(self.dt_min, self.dt_max, self.dt_floor), (axes.RNN,)
             ),
             name="dt_proj",
         )(dt_low)
-        delta = jax.nn.softplus(delta)  # [batch, time, d_inner]
-        a_log = self.param(
-            "A_log", nn.with_logical_partitioning(a_log_init, (axes.RNN, None)), (e, n), jnp.float32
-        )
-        d_skip = self.param(
-            "D", nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.RNN,)), (e,)
-        )
-        neg_a = -jnp.exp(a_log)  # [d_inner, d_state]
-
-        # Discretisation and the recurrence over [batch, time, d_inner, d_state], float32.
-        x32 = xs.astype(jnp.float32)
-        decay = jnp.exp(delta[..., None] * neg_a)
-        drive = (delta * x32)[..., None] * b_in[:, :, None, :]
-        if segment_pos is not None:
-            decay = jnp.where((segment_pos == 0)[..., None, None], 0.0, decay)
-        h0 = None if cache is None else cache.ssm_state
-        if t == 1 and h0 is not None:  # one decoding step: no scan needed
-            h = decay * h0[:, None] + drive
-            h_last = h[:, 0]
-        else:
-            h, h_last = linear_scan(
-                decay, drive, h0, impl=self.scan_impl, chunk_size=self.scan_chunk_size
-            )
-        y = jnp.einsum("bten,btn->bte", h, c_out) + x32 * d_skip
-        y = y * jax.nn.silu(z.astype(jnp.float32))
-        y = nn.with_logical_constraint(y.astype(dtype), (axes.BATCH, axes.LENGTH, axes.RNN))
-        out = dense(
-            self.d_model,
-            (axes.RNN, axes.EMBED),
-            use_bias=self.use_bias,
-            dtype=dtype,
-            name="out_proj",
-        )(y)
-        if not want_cache:
-            return out, None
-        return out, MambaCache(conv_cache.inputs, h_last)
+        return jax.nn.softplus(delta), b_in, c_out
 
     def step(
         self, x_t: jax.Array, cache: MambaCache, segment_pos: jax.Array | None = None

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from avjax.nn import axes
+from avjax.nn.layers import expand_to
 
 
 class RMSNorm(nn.Module):
@@ -31,6 +32,7 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             jnp.float32,
         )
+        scale = expand_to(scale, x.ndim)
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.eps) * ((1.0 + scale) if self.scale_offset else scale)

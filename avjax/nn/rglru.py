@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from avjax.nn import axes
 from avjax.nn.conv import Conv1D, Conv1DCache
-from avjax.nn.layers import BlockDiagonalLinear, dense
+from avjax.nn.layers import BlockDiagonalLinear, dense, expand_to
 from avjax.nn.scan import DEFAULT_IMPL, linear_scan
 
 C = 8.0  # the fixed scalar c of the RG-LRU
@@ -86,7 +86,7 @@ class RGLRU(nn.Module):
         gate_a = jax.nn.sigmoid(
             BlockDiagonalLinear(self.width, self.num_heads, self.dtype, name="a_gate")(x)
         )
-        log_a = -C * gate_a.astype(jnp.float32) * jax.nn.softplus(a_param)
+        log_a = -C * gate_a.astype(jnp.float32) * expand_to(jax.nn.softplus(a_param), x.ndim)
         a = jnp.exp(log_a)
         reset = (segment_pos == 0)[..., None]
         multiplier = jnp.where(reset, 1.0, sqrt_clipped_grad(1.0 - jnp.exp(2.0 * log_a)))
