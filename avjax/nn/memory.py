@@ -339,9 +339,7 @@ class AssociativeBridge(nn.Module):
         if not self.embed_queries:
             return x
         # PyTorch nn.Linear's default init variance, 1 / (3 fan_in).
-        proj = layers.dense(
-            features, (axes.EMBED, None), scale=1 / 3, dtype=self.dtype, name=name
-        )
+        proj = layers.dense(features, (axes.EMBED, None), scale=1 / 3, dtype=self.dtype, name=name)
         return proj(x)
 
     @nn.compact
