@@ -133,6 +133,21 @@ def test_fsdp_step_equals_single_device(name):
     _assert_trees_close(state, ref_state, rtol=2e-4, atol=2e-5)
 
 
+def test_grad_accumulation_carries_batch_statistics():
+    cfg = capability_config(grad_accum=2)
+    task = CapabilityToyTask(cfg, "/tmp/unused")
+    mesh = single_device_mesh()
+    trainer = loop.build_trainer(task, cfg, mesh)
+    batch = next(iter(task.train_dataset(0, 1)))
+    with jax.set_mesh(mesh):
+        init = trainer.init_fn(jax.random.key(0))
+        stats0 = _host(init.model_state)
+        state, metrics = trainer.train_step(init, put_batch(batch, mesh, trainer.rules))
+    assert np.isfinite(float(metrics["loss"]))
+    after = _host(state.model_state)["batch_stats"]["BatchNorm_0"]["mean"]
+    assert not np.allclose(after, stats0["batch_stats"]["BatchNorm_0"]["mean"])
+
+
 def test_rng_streams_depend_on_seed_step_and_name_only():
     k = state_lib.step_key(0, 3)
     a, b = state_lib.stream_keys(k, ("dropout", "noise")), state_lib.stream_keys(k, ("dropout",))

@@ -192,6 +192,17 @@ def _optimizers(task: Task, tc: ml_collections.ConfigDict):
     return optax.GradientTransformation(init, update), txs
 
 
+def _check_batch_divides(dummy: Batch, config, mesh: jax.sharding.Mesh, rules: tuple) -> None:
+    """The global batch must split evenly over the data-parallel devices."""
+    dp = sharding_lib.data_parallel_size(mesh, rules)
+    gb = next(iter(dummy.values())).shape[0]
+    if gb % dp:
+        raise ValueError(
+            f"config.train.batch_size={gb} is not divisible by the {dp}-way data-parallel mesh "
+            f"(config.mesh={config.mesh.to_dict()})"
+        )
+
+
 def build_trainer(
     task: Task, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 ) -> Trainer:
@@ -202,13 +213,7 @@ def build_trainer(
     tx, txs = _optimizers(task, tc)
     ema_decay = float(tc.get("ema_decay", 0.0) or 0.0)
     dummy = task.dummy_batch()
-    dp = sharding_lib.data_parallel_size(mesh, rules)
-    gb = next(iter(dummy.values())).shape[0]
-    if gb % dp:
-        raise ValueError(
-            f"config.train.batch_size={gb} is not divisible by the {dp}-way data-parallel mesh "
-            f"(config.mesh={config.mesh.to_dict()})"
-        )
+    _check_batch_divides(dummy, config, mesh, rules)
 
     def new_state(params: Any, model_state: Any) -> TrainState:
         ema = jax.tree.map(jnp.copy, params) if ema_decay > 0 else None
