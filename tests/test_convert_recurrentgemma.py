@@ -12,6 +12,14 @@ from avjax.convert.recurrentgemma import from_recurrentgemma  # noqa: E402
 R, A = rg.TemporalBlockType.RECURRENT, rg.TemporalBlockType.ATTENTION
 
 
+@pytest.fixture(autouse=True)
+def _reference_broadcasts_implicitly():
+    """RecurrentGemma's own code relies on implicit rank promotion, an error under conftest
+    (ours is checked with it on by tests/test_nn_griffin.py)."""
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
 def _rg_model(blocks=(R, R, A), window=4):
     cfg = rg.GriffinConfig(
         vocab_size=61,
