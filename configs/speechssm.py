@@ -133,6 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
     # e.g. "^embedding$" for the unit vocabulary.
     c.train.init_from = ""
     c.train.init_skip = ""
+    # EMA copy of the parameters (0 = off); eval and sampling use it with eval_with_ema.
+    c.train.ema_decay = 0.0
+    c.train.eval_with_ema = False
 
     # Evaluators (avjax/eval/evaluators.py): name -> registered type, cadence `every` in steps
     # (0: --mode=eval only) and its own options. The held-out loss (`eval_loss` in
