@@ -72,6 +72,11 @@ class Task(abc.ABC):
     rng_streams: tuple[str, ...] = ()
     parts: tuple[str, ...] = ()
 
+    # A data module (e.g. `avjax.data.speech_lm.SpeechLMData`) with `prepare(read_only)`,
+    # `train_dataset`, `eval_batches`, `dummy_batch` and a `read_only` flag: a task that sets
+    # one gets the data methods below from it; a task without one overrides them.
+    data: Any = None
+
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
         self.workdir = workdir
@@ -79,22 +84,41 @@ class Task(abc.ABC):
         # trained on and never builds, refits or rewrites it.
         self.read_only = False
 
-    # --- data -------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def prepare(self) -> dict[str, Any]:
-        """Builds or loads corpora and tokenizers (idempotent); returns facts worth logging."""
+    @property
+    def read_only(self) -> bool:
+        """Sample/eval: data preparation never writes (the data module's flag, if any)."""
+        return self.data.read_only if self.data is not None else self._read_only
 
-    @abc.abstractmethod
+    @read_only.setter
+    def read_only(self, value: bool) -> None:
+        if self.data is not None:
+            self.data.read_only = bool(value)
+        else:
+            self._read_only = bool(value)
+
+    def _data_module(self) -> Any:
+        if self.data is None:
+            raise NotImplementedError(
+                f"task {self.name!r} has no data module (self.data): override the data methods"
+            )
+        return self.data
+
+    # --- data -------------------------------------------------------------------------------
+    def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
+        """Builds or loads corpora and tokenizers (idempotent); returns facts worth logging."""
+        return self._data_module().prepare(read_only)
+
     def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
         """An endless, deterministic, checkpointable iterator of this process's batches."""
+        return self._data_module().train_dataset(process_index, process_count)
 
-    @abc.abstractmethod
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         """A fixed list of held-out batches (same every call)."""
+        return self._data_module().eval_batches(process_index, process_count)
 
-    @abc.abstractmethod
     def dummy_batch(self) -> Batch:
         """A global-batch-shaped batch of zeros, used to initialise and to compile."""
+        return self._data_module().dummy_batch()
 
     # --- model ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 
 from avjax.data import pipeline
@@ -34,29 +33,6 @@ class SpeechSSMTask(Task):
     def __init__(self, config, workdir):
         self.data = SpeechLMData.from_config(config, workdir)
         super().__init__(config, workdir)
-
-    @property
-    def read_only(self) -> bool:
-        """Sample/eval: data preparation never writes (the data module's flag)."""
-        return self.data.read_only
-
-    @read_only.setter
-    def read_only(self, value: bool) -> None:
-        self.data.read_only = bool(value)
-
-    # --- data -------------------------------------------------------------------------------
-    def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
-        """Builds the corpus and the unit tokenizer/decoder once (see `SpeechLMData`)."""
-        return self.data.prepare(read_only)
-
-    def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
-        return self.data.train_dataset(process_index, process_count)
-
-    def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
-        return self.data.eval_batches(process_index, process_count)
-
-    def dummy_batch(self) -> Batch:
-        return self.data.dummy_batch()
 
     @property
     def _docs(self) -> dict[str, Any]:  # (older name of `data.docs`)
