@@ -133,3 +133,71 @@ def test_fit_units_tool_end_to_end_mfcc(tmp_path, capsys):
     assert len(set(thirds)) == 3, units
     with pytest.raises(ValueError, match="unknown feature extractor"):
         fit_units.main([f"--audio_dir={tmp_path / 'audio'}", "--features=x", f"--out={out}"])
+
+
+class _CountingSource(kmeans_lib.NpyShards):
+    """NpyShards that records the largest read (to show the fit never loads everything)."""
+
+    largest = 0
+
+    def read(self, start, stop):
+        self.largest = max(self.largest, stop - start)
+        return super().read(start, stop)
+
+    def take(self, rows):
+        self.largest = max(self.largest, len(rows))
+        return super().take(rows)
+
+
+def test_streamed_fit_from_disk_shards_equals_in_memory_fit(tmp_path):
+    x, _, _ = _blobs(n=6000, k=6, dim=8, seed=2)
+    x = x * np.arange(1, 9, dtype=np.float32) + 3.0  # dims on different scales: normalised
+    writer = kmeans_lib.ShardWriter(tmp_path / "feats", shard_rows=700)
+    for a in range(0, len(x), 333):  # the feature pass appends files of uneven length
+        writer.append(x[a : a + 333])
+    disk = _CountingSource(writer.close().paths)
+    assert len(disk.paths) == 7 and len(disk) == 6000 and disk.dim == 8
+    np.testing.assert_array_equal(disk.read(900, 2100), x[900:2100])  # across 2 shard edges
+    mean, std = kmeans_lib.source_stats(disk, chunk_rows=500)
+    assert disk.largest == 1200  # (the read above)
+    from avjax.data.units import feature_stats
+
+    ref_mean, ref_std = feature_stats(x)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(std, ref_std, rtol=1e-5)
+    kw = dict(
+        batch_size=256,
+        epochs=2,
+        seed=5,
+        max_no_improvement=None,
+        init_size=512,
+        mean=mean,
+        std=std,
+        block_rows=250,
+        buffer_rows=1000,
+    )
+    streamed = kmeans_lib.fit_minibatch_kmeans(disk, 12, **kw)
+    in_memory = kmeans_lib.fit_minibatch_kmeans(x, 12, **kw)
+    assert streamed.steps == in_memory.steps == 2 * 24
+    np.testing.assert_array_equal(streamed.centroids, in_memory.centroids)
+    np.testing.assert_array_equal(streamed.counts, in_memory.counts)
+    assert streamed.counts.sum() == 2 * 6000  # every point once per epoch, across shards
+    assert disk.largest <= 1000 + 250  # one buffer (+ carried rows), never all 6000
+    # And it is a good fit: normalised inertia near the 8 dims' noise over std^2.
+    xn = (x - mean) / std
+    assert kmeans_lib.mean_sq_distance(xn, streamed.centroids) < 0.5 * np.mean(
+        np.sum(xn**2, axis=1)
+    )
+
+
+def test_refuses_too_few_vectors_per_unit():
+    kmeans_lib.check_enough_vectors(30 * 100, 100)  # exactly enough
+    with pytest.raises(ValueError) as e:
+        kmeans_lib.check_enough_vectors(90_000, 32768, audio_minutes=60.0)
+    msg = str(e.value)
+    for part in ("data.fit_minutes", "data.num_units=32768", ">= 30 per unit", "2.7 per unit"):
+        assert part in msg, msg
+    assert ">= 656" in msg and "<= 3000" in msg  # 30 x 32768 / 25 Hz = 655.4 min
+    x, _, _ = _blobs(n=200, k=4, dim=4)
+    with pytest.raises(ValueError, match="data.min_vectors_per_unit"):
+        kmeans_lib.fit_minibatch_kmeans(x, 10, min_per_unit=30)
