@@ -601,3 +601,31 @@ def remove_stale(out_dir: avio.PathLike) -> list[str]:
     for p in stale:
         _remove_tree(p)
     return [os.fspath(p) for p in stale]
+
+
+# --- process-pool workers (tools/preprocess_video.py) ---------------------------------------------
+
+_WORKER: dict = {}
+
+
+def init_worker(predictor_path: str | None, config: CropConfig) -> None:
+    """Pool initializer: one detector per process (dlib objects do not pickle)."""
+    _WORKER["detector"] = LandmarkDetector(predictor_path)
+    _WORKER["config"] = config
+
+
+def run_one(path: str, out_dir: str) -> tuple[str, str, dict]:
+    """Processes one video in a pool worker; never raises.
+
+    Returns:
+      `(path, status, details)`: status `ok` (details: `process_video`'s summary),
+      `no_face` (details: frames) or `error` (details: the message).
+    """
+    remove_stale(out_dir)
+    try:
+        info = process_video(path, out_dir, _WORKER["detector"], _WORKER["config"])
+        return path, "ok", info
+    except NoFaceError as e:
+        return path, "no_face", {"frames": e.frames, "message": str(e)}
+    except Exception as e:  # reported by the tool, which goes on with the other videos
+        return path, "error", {"message": f"{type(e).__name__}: {e}"}
