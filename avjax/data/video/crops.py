@@ -113,8 +113,8 @@ _REF_EYE_DISTANCE = 90.0
 _REF_CENTRE = (128.0, 120.0)
 # Face crop: a square in the reference frame, given as its centre and side in eye-distance
 # units around the centroid; it spans the brows to just below the chin and the cheeks.
-_FACE_BOX_CENTRE = (0.0, 0.08)
-_FACE_BOX_SIDE = 2.2
+_FACE_BOX_CENTRE = (0.0, 0.15)
+_FACE_BOX_SIDE = 2.3
 
 # Unit mean face [68, 2] (x, y; y down): see the module docstring for its derivation.
 MEAN_FACE = np.array(
