@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.hubert_dir = ""  # features="hubert": a local HF HuBERT dir (config.json + weights)
     c.data.hubert_layer = 6  # features="hubert": transformer layer (6 = GSLM's for base)
     c.data.kmeans_iters = 30
+    c.data.min_vectors_per_unit = 30  # fitting refuses fewer 25 Hz vectors per unit (fit_minutes)
     c.data.vocoder_steps = 300  # units->mel decoder training steps (fitted with the units)
     # Units are frozen once the workdir has a checkpoint (a change that would refit them is an
     # error naming the fields); True refits them in a workdir without checkpoints only.

@@ -201,3 +201,36 @@ def test_refuses_too_few_vectors_per_unit():
     x, _, _ = _blobs(n=200, k=4, dim=4)
     with pytest.raises(ValueError, match="data.min_vectors_per_unit"):
         kmeans_lib.fit_minibatch_kmeans(x, 10, min_per_unit=30)
+
+
+def test_fit_units_streams_large_vocabularies_and_refuses_too_little_audio(monkeypatch):
+    from avjax.data import tokenize
+
+    rng = np.random.default_rng(0)
+    t = np.arange(32000) / 16000
+    source = [  # 2 s files of a tone and noise: 50 vectors each, 300 in all
+        {"audio": (0.3 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(32000))}
+        for f in (200, 400, 800, 1600, 3200, 6400)
+    ]
+    source = [{"audio": s["audio"].astype(np.float32)} for s in source]
+    key = dict(num_units=12, kmeans_iters=3, vocoder_steps=0, max_minutes=1.0, seed=0)
+    with pytest.raises(ValueError) as e:  # (what fit_units runs first)
+        tokenize._fit_examples([source], key, None, None, min_per_unit=30)
+    assert "data.fit_minutes" in str(e.value) and "data.num_units=12" in str(e.value)
+    assert "25.0 per unit" in str(e.value) and ">= 30 per unit" in str(e.value)
+    written = []
+    real_writer = kmeans_lib.ShardWriter
+    monkeypatch.setattr(tokenize, "VOCODER_MAX_MINUTES", 0.05)  # the vocoder keeps 3 s
+    monkeypatch.setattr(
+        kmeans_lib, "ShardWriter", lambda d: written.append(d) or real_writer(d, shard_rows=64)
+    )
+    tok, mels, feats, taken = tokenize._fit_streamed(
+        [source], {**key, "num_units": 6}, None, True, 30, False
+    )
+    assert len(written) == 1 and not os.path.exists(written[0])  # temp shards, removed after
+    assert taken == 6 * 32000 and len(mels) == len(feats) == 2  # first 3 s for the vocoder
+    assert tok.num_units == 6 and tok.feature_dim == 320 and tok.features == "logmel"
+    units = tok.encode_features(np.concatenate([f for f in feats]))
+    assert units.shape == (100,)
+    # The two files kept for the vocoder (two tones) get distinct dominant units.
+    assert np.bincount(units[:50]).argmax() != np.bincount(units[50:]).argmax(), units

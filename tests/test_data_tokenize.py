@@ -146,6 +146,7 @@ def test_fit_units_on_mfcc_features_tokenises_with_them(corpus, tmp_path, monkey
     real_fit = tokenize._fit
     monkeypatch.setattr(tokenize, "_fit", lambda *a, **k: builds.append(1) or real_fit(*a, **k))
     fit = dict(num_units=6, kmeans_iters=3, vocoder_steps=0, max_minutes=1.0, progress=False)
+    fit["min_vectors_per_unit"] = 10  # 72 vectors for 6 units (the default refuses < 30)
     tok, voc = tokenize.fit_units([source], tmp_path / "fit", features="mfcc", **fit)
     assert tok.features == "mfcc" and tok.feature_dim == 156 and voc.num_units == 6
     again, _ = tokenize.fit_units([source], tmp_path / "fit", features="mfcc", **fit)  # cached

@@ -41,6 +41,7 @@ def test_main_cli_trains_on_a_librispeech_folder_and_reuses_the_cache(tmp_path):
         "data.seq_len": 32,
         "data.pack": True,
         "data.fit_minutes": 1.0,
+        "data.min_vectors_per_unit": 10,  # ~240 vectors for 16 units
         "data.vocoder_steps": 0,  # the per-unit mel table only: no vocoder training to compile
         "train.steps": 3,
         "train.eval_every": 3,
@@ -84,6 +85,7 @@ def test_bad_file_strict_vs_skip_bad_and_missing_folder(tmp_path):
         "data.manual_dir": str(tmp_path / "ls"),
         "data.num_units": 16,
         "data.fit_minutes": 1.0,
+        "data.min_vectors_per_unit": 10,
         "data.vocoder_steps": 2,
     }
     cfg = _config(tmp_path / "cache", **base)
@@ -129,6 +131,7 @@ def test_librilight_files_are_documents_held_out_by_fraction(tmp_path):
             "data.heldout_fraction": 0.25,
             "data.num_units": 8,
             "data.fit_minutes": 1.0,
+            "data.min_vectors_per_unit": 10,  # 141 vectors for 8 units
             "data.vocoder_steps": 0,
         },
     )

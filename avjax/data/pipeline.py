@@ -362,6 +362,7 @@ def fit_tfds_units(
         kmeans_iters=int(dc.kmeans_iters),
         vocoder_steps=int(dc.vocoder_steps),
         max_minutes=float(dc.fit_minutes),
+        min_vectors_per_unit=int(dc.get("min_vectors_per_unit", 30)),
         source_id=source_id,
         features=str(dc.get("features", "logmel")),
         hubert_dir=str(dc.get("hubert_dir", "")),

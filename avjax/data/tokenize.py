@@ -380,9 +380,15 @@ def fit_units(
     hubert_dir: str = "",
     hubert_layer: int = 6,
     context: dict[str, Any] | None = None,
+    min_vectors_per_unit: int = 30,
     **artifact_options: Any,
 ) -> tuple[UnitTokenizer, Any]:
     """Fits the k-means tokenizer and the unit vocoder on up to `max_minutes` of audio.
+
+    Refuses (ValueError naming `data.fit_minutes` / `data.num_units`) when the audio taken
+    gives fewer than `min_vectors_per_unit` 25 Hz vectors per unit (see `avjax.data.kmeans`);
+    above `STREAM_ABOVE_UNITS` units the features are streamed from disk into mini-batch
+    k-means, and the vocoder sees the first `VOCODER_MAX_MINUTES` of the audio.
 
     Examples are taken evenly spread over `sources` (train splits). `features`: "logmel",
     "mfcc" or "hubert" (layer `hubert_layer` of the local HF checkpoint `hubert_dir`), see
@@ -423,7 +429,7 @@ def fit_units(
         return info if info.get("key") == key else None
 
     def build(tmp) -> dict[str, Any]:
-        return _fit(sources, tmp, key, extractor, progress)
+        return _fit(sources, tmp, key, extractor, progress, int(min_vectors_per_unit))
 
     art = artifacts.prepare_artifact(
         out_dir,
@@ -440,10 +446,27 @@ def fit_units(
     )
 
 
+# Above this many units, k-means is mini-batch and streamed from feature shards on local disk
+# (a full Lloyd step over every vector per iteration, in memory, no longer fits the job).
+STREAM_ABOVE_UNITS = 4096
+# The vocoder is fitted on at most this much of the audio (its mels stay in memory).
+VOCODER_MAX_MINUTES = 60.0
+
+
 def _fit_examples(
-    sources: Sequence[Sequence[dict[str, Any]]], key: dict[str, Any], extractor: Any
+    sources: Sequence[Sequence[dict[str, Any]]],
+    key: dict[str, Any],
+    extractor: Any,
+    writer: Any = None,
+    min_per_unit: int = 0,
 ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """(unit-length log-mels, features, samples taken) of up to `max_minutes` of audio."""
+    """(unit-length log-mels, features, samples taken) of up to `max_minutes` of audio.
+
+    With a `writer` (`kmeans.ShardWriter`) every file's features `[units, dim]` go to disk
+    and only the first `VOCODER_MAX_MINUTES` of mels and features are returned (for the
+    vocoder). Refuses (`kmeans.check_enough_vectors`) under `min_per_unit` vectors per unit.
+    """
+    from avjax.data import kmeans as kmeans_lib
     from avjax.data import units as units_lib
 
     index = [(k, i) for k, src in enumerate(sources) for i in range(len(src))]
@@ -451,29 +474,83 @@ def _fit_examples(
         raise ValueError("fit_units: the sources hold no examples")
     order = np.random.default_rng(key["seed"]).permutation(len(index))
     budget = key["max_minutes"] * 60 * audio_lib.SAMPLE_RATE
-    mels, feats, taken = [], [], 0
+    keep = budget if writer is None else VOCODER_MAX_MINUTES * 60 * audio_lib.SAMPLE_RATE
+    mels, feats, taken, vectors = [], [], 0, 0
     for j in order:
         k, i = index[j]
         wav = to_float(sources[k][i]["audio"])
         n = units_lib.num_units_for(len(wav))
         if n == 0:
             continue
-        mels.append(units_lib.unit_mel(units_lib.log_mel(wav), n))
-        if extractor is None:
-            feats.append(units_lib.mel_to_unit_features(mels[-1]))
-        else:
-            feats.append(extractor(wav))
-            if len(feats[-1]) != n:
-                raise AssertionError(f"{extractor.name} gave {len(feats[-1])} units for {n}")
+        mel = units_lib.unit_mel(units_lib.log_mel(wav), n)
+        f = units_lib.mel_to_unit_features(mel) if extractor is None else extractor(wav)
+        if len(f) != n:
+            raise AssertionError(f"{extractor.name} gave {len(f)} units for {n}")
+        if writer is not None:
+            writer.append(f)
+        if taken < keep:
+            mels.append(mel)
+            feats.append(f)
         taken += len(wav)
+        vectors += n
         if taken >= budget:
             break
-    if sum(len(m) for m in mels) // units_lib.FRAMES_PER_UNIT < key["num_units"]:
+    if vectors < key["num_units"]:
         raise ValueError(
             f"fit_units: {taken / audio_lib.SAMPLE_RATE:.1f} s of audio give fewer unit frames "
             f"than num_units={key['num_units']}"
         )
+    kmeans_lib.check_enough_vectors(
+        vectors,
+        key["num_units"],
+        minimum=min_per_unit,
+        rate=UNIT_RATE,
+        audio_minutes=taken / audio_lib.SAMPLE_RATE / 60,
+    )
     return mels, feats, taken
+
+
+def _fit_streamed(
+    sources: Sequence[Sequence[dict[str, Any]]],
+    key: dict[str, Any],
+    extractor: Any,
+    normalize: bool,
+    min_per_unit: int,
+    progress: bool,
+) -> tuple[UnitTokenizer, list[np.ndarray], list[np.ndarray], int]:
+    """The feature pass writes shards to a local temp folder; mini-batch k-means streams them
+    (`kmeans.fit_minibatch_kmeans`, `kmeans_iters` epochs at most, early stopping).
+    Returns (tokenizer, vocoder mels, their features, samples taken)."""
+    import tempfile
+
+    from avjax.data import kmeans as kmeans_lib
+
+    with tempfile.TemporaryDirectory(prefix="avjax-unit-features-") as tmp:
+        writer = kmeans_lib.ShardWriter(tmp)
+        mels, feats, taken = _fit_examples(sources, key, extractor, writer, min_per_unit)
+        shards = writer.close()
+        mean, std = kmeans_lib.source_stats(shards, normalize)
+        k = key["num_units"]
+        res = kmeans_lib.fit_minibatch_kmeans(
+            shards,
+            k,
+            batch_size=max(8192, 2 * k),
+            epochs=float(key["kmeans_iters"]),
+            seed=key["seed"],
+            mean=mean,
+            std=std,
+            progress=progress,
+        )
+    logging.info(
+        "mini-batch k-means: %d units on %d streamed vectors, %d steps of %d in %.1f s",
+        k,
+        len(shards),
+        res.steps,
+        res.batch_size,
+        res.seconds,
+    )
+    spec = None if extractor is None else extractor.spec
+    return UnitTokenizer(res.centroids, mean, std, spec), mels, feats, taken
 
 
 def _fit(
@@ -482,22 +559,29 @@ def _fit(
     key: dict[str, Any],
     extractor: Any,
     progress: bool,
+    min_per_unit: int = 0,
 ) -> dict[str, Any]:
     """Fits tokenizer + vocoder (see `fit_units`) into `out_dir`; returns the fit info."""
     from avjax.data import features as features_lib
     from avjax.data import vocoder as vocoder_lib
 
     t0 = time.time()
-    mels, feats, taken = _fit_examples(sources, key, extractor)
     name = "logmel" if extractor is None else extractor.name
-    tok = UnitTokenizer.fit(
-        feats,
-        num_units=key["num_units"],
-        seed=key["seed"],
-        iters=key["kmeans_iters"],
-        extractor=None if extractor is None else extractor.spec,
-        normalize=features_lib.normalize_by_default(name),
-    )
+    normalize = features_lib.normalize_by_default(name)
+    if key["num_units"] > STREAM_ABOVE_UNITS:
+        tok, mels, feats, taken = _fit_streamed(
+            sources, key, extractor, normalize, min_per_unit, progress
+        )
+    else:
+        mels, feats, taken = _fit_examples(sources, key, extractor, None, min_per_unit)
+        tok = UnitTokenizer.fit(
+            feats,
+            num_units=key["num_units"],
+            seed=key["seed"],
+            iters=key["kmeans_iters"],
+            extractor=None if extractor is None else extractor.spec,
+            normalize=normalize,
+        )
     voc = vocoder_lib.UnitVocoder.fit(
         [tok.encode_features(f) for f in feats],
         mels,
