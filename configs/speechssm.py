@@ -108,6 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.scan_impl = "auto"  # linear recurrence: auto | sequential | associative | chunked
     c.model.remat = "none"  # activation checkpointing per block: none | full | dots
     c.model.scan_layers = False  # nn.scan over repeats of the block pattern (fast compile)
+    # Output projections of every block: "rg" = variance scale 2 / num_layers (RecurrentGemma),
+    # "unit" = 1.0 (before issue 12).
+    c.model.out_init_scale = "rg"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 400

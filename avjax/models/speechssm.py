@@ -49,6 +49,7 @@ def speechssm(model_cfg: Any, vocab_size: int) -> GriffinLM:
         logit_softcap=model_cfg.logit_softcap or None,
         remat=model_cfg.get("remat", "none"),
         scan_layers=bool(model_cfg.get("scan_layers", False)),
+        out_init_scale=model_cfg.get("out_init_scale", "rg"),
         dtype=DTYPES[model_cfg.dtype],
         **kwargs,
     )

@@ -35,16 +35,31 @@ class AttentionCache(NamedTuple):
     index: jax.Array
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_000.0) -> jax.Array:
-    """Rotates the first half of the last axis of `x [batch, time, heads, dim]` by position."""
-    rope, rest = jnp.split(x, 2, axis=-1)
-    half = rope.shape[-1] // 2
-    freq = max_wavelength ** (-(2.0 * jnp.arange(half) / rope.shape[-1]))
+def apply_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    max_wavelength: float = 10_000.0,
+    rotary_fraction: float = 0.5,
+    inv_freq: jax.Array | None = None,
+) -> jax.Array:
+    """Rotates the first `rotary_fraction` of the last axis of `x [batch, time, heads, dim]`.
+
+    Of the first r = dim * rotary_fraction dims, dims i and i + r/2 turn by position times
+    `max_wavelength ** (-2i / r)`, or times `inv_freq [r/2]` when given (e.g. Llama-3's scaled
+    frequencies); the other dims pass through. 0.5 is Griffin's form, 1.0 Gemma's and Llama's.
+    """
+    r = int(x.shape[-1] * rotary_fraction)
+    rope, rest = x[..., :r], x[..., r:]
+    half = r // 2
+    if inv_freq is None:
+        freq = max_wavelength ** (-(2.0 * jnp.arange(half) / r))
+    else:
+        freq = jnp.asarray(inv_freq, jnp.float32)
     angle = (
         positions[..., None, None].astype(jnp.float32) * freq[None, None, None]
     )  # [b, t, 1, half]
     sin, cos = jnp.sin(angle).astype(x.dtype), jnp.cos(angle).astype(x.dtype)
-    x1, x2 = jnp.split(rope, 2, axis=-1)
+    x1, x2 = rope[..., :half], rope[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
@@ -88,14 +103,15 @@ def project_qkv(
     return q, k, v.reshape(b, t, num_kv_heads, head_dim)
 
 
-def project_out(out: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
+def project_out(out: jax.Array, dtype: jnp.dtype | None = None, scale: float = 1.0) -> jax.Array:
     """The output projection (dense submodule "out", with bias) of the heads `out [batch,
-    time, heads, head_dim]` -> `[batch, time, heads * head_dim]`; inside `nn.compact`."""
+    time, heads, head_dim]` -> `[batch, time, heads * head_dim]`; inside `nn.compact`.
+    `scale` is the variance scale of its fan-in normal kernel."""
     b, t, h, d = out.shape
     out = nn.with_logical_constraint(
         out.reshape(b, t, h * d), (axes.BATCH, axes.LENGTH, axes.HEADS)
     )
-    return dense(h * d, (axes.HEADS, axes.EMBED), dtype=dtype, name="out")(out)
+    return dense(h * d, (axes.HEADS, axes.EMBED), scale=scale, dtype=dtype, name="out")(out)
 
 
 def sequence_mask(segment_pos: jax.Array, window: int | None = None) -> jax.Array:
@@ -107,6 +123,67 @@ def sequence_mask(segment_pos: jax.Array, window: int | None = None) -> jax.Arra
         causal &= pos[:, None] - pos[None, :] <= window
     ids = segment_ids(segment_pos)
     return causal[None] & (ids[:, :, None] == ids[:, None, :])
+
+
+def _blocks(x: jax.Array, block: int, lead: int, num_blocks: int) -> jax.Array:
+    """`x [b, t, ...]` -> `[b, num_blocks, block, ...]`, padded with `lead` blocks in front and
+    at the end up to `(lead + num_blocks) * block` rows."""
+    pad = [(lead * block, (num_blocks * block) - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, [(0, 0)] + pad)
+    return x.reshape(x.shape[0], lead + num_blocks, block, *x.shape[2:])
+
+
+def _band(x: jax.Array, lead: int, num_blocks: int) -> jax.Array:
+    """Blocks `[b, lead + n, block, ...]` -> per query block its `lead` previous blocks and
+    itself, concatenated: `[b, n, (lead + 1) * block, ...]`."""
+    parts = [x[:, j : j + num_blocks] for j in range(lead + 1)]
+    return jnp.concatenate(parts, axis=2)
+
+
+def banded_local_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_pos: jax.Array, window: int, block: int
+) -> jax.Array:
+    """Local attention computed blockwise, in O(time x window) memory and FLOPs.
+
+    Query block i (`block` queries) attends to key blocks i - ceil(window / block) .. i, the
+    only ones that can intersect its window; the `[time, time]` mask and logits are never
+    built. The sequence is padded to a multiple of `block`. Same result as
+    `attend(q, k, v, sequence_mask(segment_pos, window))`.
+    q `[b, t, h, d]`, k/v `[b, t, kv, d]`, segment_pos `[b, t]` -> `[b, t, h, d]`.
+    """
+    b, t, h, d = q.shape
+    lead = -(-window // block)
+    n = -(-t // block)
+    qb = _blocks(q, block, 0, n).reshape(b * n, block, h, d)
+    kb = _band(_blocks(k, block, lead, n), lead, n).reshape(b * n, -1, *k.shape[2:])
+    vb = _band(_blocks(v, block, lead, n), lead, n).reshape(b * n, -1, *v.shape[2:])
+    ids = segment_ids(segment_pos)
+    q_ids = _blocks(ids, block, 0, n)  # [b, n, block]
+    k_ids = _band(_blocks(ids, block, lead, n), lead, n)  # [b, n, (lead + 1) * block]
+    q_pos = jnp.arange(n)[:, None] * block + jnp.arange(block)[None]  # [n, block]
+    k_pos = (jnp.arange(n)[:, None] - lead) * block + jnp.arange((lead + 1) * block)[None]
+    delta = q_pos[:, :, None] - k_pos[:, None, :]  # [n, block, (lead + 1) * block]
+    valid = (k_pos >= 0)[:, None, :] & (delta >= 0) & (delta <= window)
+    mask = valid[None] & (q_ids[..., :, None] == k_ids[..., None, :])
+    out = attend(qb, kb, vb, mask.reshape(b * n, block, -1))
+    return out.reshape(b, n * block, h, d)[:, :t]
+
+
+def local_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_pos: jax.Array,
+    window: int,
+    block_size: int = 512,
+) -> jax.Array:
+    """Sliding-window attention over a whole sequence: q `[b, t, h, d]`, k/v `[b, t, kv, d]`
+    -> `[b, t, h, d]`. Banded (`banded_local_attention`, blocks of `min(block_size, window)`)
+    when that attends to fewer keys per query than the dense `[t, t]` path, else dense."""
+    block = min(block_size, window)
+    if (-(-window // block) + 1) * block < q.shape[1]:
+        return banded_local_attention(q, k, v, segment_pos, window, block)
+    return attend(q, k, v, sequence_mask(segment_pos, window))
 
 
 class AttentionLayer(nn.Module):
@@ -142,7 +219,7 @@ class AttentionLayer(nn.Module):
             out, new_cache = self._decode(q, k, v, cache)
         else:
             out, new_cache = self._sequence(q, k, v, segment_pos, return_cache)
-        return project_out(out, self.dtype), new_cache
+        return project_out(out, self.dtype, getattr(self, "out_scale", 1.0)), new_cache
 
     def _decode(
         self, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any
@@ -165,6 +242,8 @@ class LocalAttention(AttentionLayer):
     window: int
     num_kv_heads: int = 1
     dtype: jnp.dtype | None = None
+    out_scale: float = 1.0  # variance scale of the output projection's kernel
+    block_size: int = 512  # query/key block of the banded training path
 
     def _decode(
         self, q: jax.Array, k: jax.Array, v: jax.Array, cache: AttentionCache
@@ -190,7 +269,7 @@ class LocalAttention(AttentionLayer):
     def _sequence(
         self, q: jax.Array, k: jax.Array, v: jax.Array, segment_pos: jax.Array, return_cache: bool
     ) -> tuple[jax.Array, AttentionCache | None]:
-        out = attend(q, k, v, sequence_mask(segment_pos, self.window))
+        out = local_attention(q, k, v, segment_pos, self.window, self.block_size)
         return out, (self._cache_from_sequence(k, v) if return_cache else None)
 
     def _cache_from_sequence(self, k: jax.Array, v: jax.Array) -> AttentionCache:

@@ -16,11 +16,18 @@ Two options trade compute and compile time for memory at scale (MaxText's `remat
   - `remat`: "none" keeps every activation for the backward pass; "full" recomputes each
     residual block; "dots" saves only matmul outputs that have no batch dimension
     (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`) and recomputes the rest.
-  - `scan_layers`: the layers are `num_layers / period` repeats of one period of the block
+  - `scan_layers`: the layers are `num_layers // period` repeats of one period of the block
     pattern (3 for recurrent, recurrent, attention), run with `nn.scan` over stacked parameters
-    (leading logical axis "layers"), so XLA compiles one period instead of every layer. The
-    cache is then stacked too: a tuple over the period of caches with a leading repeats axis.
-    `stack_layers` / `unstack_layers` convert parameters between the two layouts.
+    (leading logical axis "layers"), so XLA compiles one period instead of every layer; the
+    `num_layers % period` remaining layers (26 = 8 x 3 + 2: the final recurrent, recurrent)
+    run unrolled after the scan and keep their unrolled names `blocks_{i}`. The cache is then
+    a tuple over the period of caches with a leading repeats axis, followed by one cache per
+    remaining layer. `stack_layers` / `unstack_layers` convert parameters between the layouts.
+
+Initialisation follows RecurrentGemma: fan-in scaled normal kernels; the output projection of
+every block (recurrent `linear_out`, attention `out`, MLP `ffw_down`) with variance scale
+2 / num_layers (`out_init_scale="rg"`) so the residual stream's variance stays O(1) at depth;
+`out_init_scale="unit"` uses 1.0 as before.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class MLPBlock(nn.Module):
     width: int
     mlp_width: int
     dtype: jnp.dtype | None = None
+    out_scale: float = 1.0  # variance scale of `ffw_down`'s kernel
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,7 +91,13 @@ class MLPBlock(nn.Module):
         )
         h = jax.nn.gelu(up[0]) * up[1]
         h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.MLP))
-        return dense(self.width, (axes.MLP, axes.EMBED), dtype=self.dtype, name="ffw_down")(h)
+        return dense(
+            self.width,
+            (axes.MLP, axes.EMBED),
+            scale=self.out_scale,
+            dtype=self.dtype,
+            name="ffw_down",
+        )(h)
 
 
 class ResidualBlock(nn.Module):
@@ -98,6 +112,7 @@ class ResidualBlock(nn.Module):
     conv1d_width: int = 4
     scan_impl: str = DEFAULT_IMPL
     dtype: jnp.dtype | None = None
+    out_scale: float = 1.0  # variance scale of the output projections (temporal and MLP)
 
     def setup(self):
         self.temporal_pre_norm = RMSNorm(dtype=self.dtype)
@@ -110,14 +125,15 @@ class ResidualBlock(nn.Module):
                 self.conv1d_width,
                 self.scan_impl,
                 self.dtype,
+                out_scale=self.out_scale,
             )
         elif self.kind == ATTENTION:
             self.temporal = LocalAttention(
-                self.width, self.num_heads, self.window, dtype=self.dtype
+                self.width, self.num_heads, self.window, dtype=self.dtype, out_scale=self.out_scale
             )
         else:
             raise ValueError(f"block type {self.kind!r}: expected {RECURRENT!r} or {ATTENTION!r}")
-        self.mlp = MLPBlock(self.width, self.mlp_width, self.dtype)
+        self.mlp = MLPBlock(self.width, self.mlp_width, self.dtype, self.out_scale)
 
     def __call__(
         self,
@@ -142,10 +158,14 @@ def _residual_block_class(remat: str) -> type[ResidualBlock]:
 
 
 def pattern_period(types: tuple[str, ...]) -> int:
-    """The shortest period p with types[i] == types[i % p] and p dividing len(types)."""
+    """The shortest period p with types[i] == types[i % p] for every layer i.
+
+    The depth need not be a multiple of p: `scan_layers` scans `len(types) // p` repeats and
+    unrolls the `len(types) % p` remaining layers (a prefix of the period).
+    """
     n = len(types)
     for p in range(1, n + 1):
-        if n % p == 0 and all(types[i] == types[i % p] for i in range(n)):
+        if all(types[i] == types[i % p] for i in range(n)):
             return p
     return n
 
@@ -174,12 +194,21 @@ class BlockPeriod(nn.Module):
 
 
 def stack_layers(params: dict, num_layers: int, period: int) -> dict:
-    """Unrolled params (`blocks_0` .. `blocks_{L-1}`) -> the `scan_layers` layout."""
-    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    """Unrolled params (`blocks_0` .. `blocks_{L-1}`) -> the `scan_layers` layout.
+
+    The first `(L // period) * period` blocks are stacked under `layers/blocks_{j}` (j < period,
+    leading repeats axis); the remaining blocks keep their unrolled names.
+    """
+    repeats = num_layers // period
+    out = {
+        k: v
+        for k, v in params.items()
+        if not k.startswith("blocks_") or int(k.split("_")[1]) >= repeats * period
+    }
     out["layers"] = {
         f"blocks_{j}": jax.tree.map(
             lambda *xs: jnp.stack(xs),
-            *[params[f"blocks_{g * period + j}"] for g in range(num_layers // period)],
+            *[params[f"blocks_{g * period + j}"] for g in range(repeats)],
         )
         for j in range(period)
     }
@@ -206,7 +235,10 @@ class GriffinLM(nn.Module):
       window: local attention window (tokens).
       logit_softcap: logits -> c * tanh(logits / c); None disables.
       remat: activation checkpointing per residual block: "none", "full" or "dots".
-      scan_layers: run the layers as `nn.scan` over repeats of the pattern's period.
+      scan_layers: run the layers as `nn.scan` over repeats of the pattern's period (the
+        remainder of the depth unrolled after it).
+      out_init_scale: "rg" (RecurrentGemma: output projections of every block with variance
+        scale 2 / num_layers) or "unit" (1.0).
       dtype: activation dtype (params stay float32; recurrence and softmax in float32).
     """
 
@@ -224,6 +256,7 @@ class GriffinLM(nn.Module):
     scan_impl: str = DEFAULT_IMPL
     remat: str = "none"
     scan_layers: bool = False
+    out_init_scale: str = "rg"
     dtype: jnp.dtype = jnp.float32
 
     @property
@@ -248,31 +281,44 @@ class GriffinLM(nn.Module):
             conv1d_width=self.conv1d_width,
             scan_impl=self.scan_impl,
             dtype=self.dtype,
+            out_scale=self.out_scale,
         )
+
+    @property
+    def out_scale(self) -> float:
+        """Variance scale of the blocks' output projections (`out_init_scale`)."""
+        if self.out_init_scale == "rg":
+            return 2.0 / self.num_layers
+        if self.out_init_scale == "unit":
+            return 1.0
+        raise ValueError(f"out_init_scale={self.out_init_scale!r}; expected 'rg' or 'unit'")
 
     def _layers(self, x, segment_pos, cache, want_cache):
         """The residual stack: `x [batch, time, width]` -> `(x, caches or None)`."""
-        if not self.scan_layers:
-            block_cls = _residual_block_class(self.remat)
-            new_caches = []
-            for i, kind in enumerate(self.types):
-                x, c = block_cls(kind, **self._block_kwargs(), name=f"blocks_{i}")(
-                    x, segment_pos, None if cache is None else cache[i], want_cache
-                )
-                new_caches.append(c)
-            return x, (tuple(new_caches) if want_cache else None)
-        p = self.period
-        scanned = nn.scan(
-            BlockPeriod,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, 0),
-            length=self.num_layers // p,
-            metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-        )
-        return scanned(self.types[:p], self._block_kwargs(), self.remat, want_cache, name="layers")(
-            x, segment_pos, cache
-        )
+        block_cls = _residual_block_class(self.remat)
+        first, new_caches = 0, []
+        if self.scan_layers:
+            p = self.period
+            scanned = nn.scan(
+                BlockPeriod,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0),
+                length=self.num_layers // p,
+                metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+            )
+            x, period_caches = scanned(
+                self.types[:p], self._block_kwargs(), self.remat, want_cache, name="layers"
+            )(x, segment_pos, None if cache is None else tuple(cache[:p]))
+            first = (self.num_layers // p) * p
+            new_caches = list(period_caches or ())
+            cache = None if cache is None else tuple(cache[p:])
+        for i in range(first, self.num_layers):
+            x, c = block_cls(self.types[i], **self._block_kwargs(), name=f"blocks_{i}")(
+                x, segment_pos, None if cache is None else cache[i - first], want_cache
+            )
+            new_caches.append(c)
+        return x, (tuple(new_caches) if want_cache else None)
 
     @nn.compact
     def __call__(
@@ -308,7 +354,7 @@ class GriffinLM(nn.Module):
         """An empty decoding state (constant size) for `batch_size` sequences.
 
         A tuple over layers; with `scan_layers`, a tuple over one period whose leaves have a
-        leading axis of `num_layers / period` repeats.
+        leading axis of `num_layers // period` repeats, then one per remaining layer.
         """
         lru = self.lru_width or self.width
 
@@ -321,8 +367,10 @@ class GriffinLM(nn.Module):
 
         if not self.scan_layers:
             return tuple(one(kind) for kind in self.types)
-        repeats = self.num_layers // self.period
-        return tuple(
+        p = self.period
+        repeats = self.num_layers // p
+        stacked = tuple(
             jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats,) + x.shape), one(kind))
-            for kind in self.types[: self.period]
+            for kind in self.types[:p]
         )
+        return stacked + tuple(one(kind) for kind in self.types[repeats * p :])

@@ -121,6 +121,7 @@ class RecurrentBlock(nn.Module):
     conv1d_width: int = 4
     scan_impl: str = DEFAULT_IMPL
     dtype: jnp.dtype | None = None
+    out_scale: float = 1.0  # variance scale of `linear_out`'s kernel (RecurrentGemma: 2 / depth)
 
     @nn.compact
     def __call__(
@@ -141,7 +142,13 @@ class RecurrentBlock(nn.Module):
         h, h_last = RGLRU(
             self.lru_width, self.num_heads, self.scan_impl, self.dtype, name="rg_lru"
         )(h, segment_pos, None if cache is None else cache.rg_lru_state)
-        out = dense(self.width, (axes.RNN, axes.EMBED), dtype=self.dtype, name="linear_out")(h * y)
+        out = dense(
+            self.width,
+            (axes.RNN, axes.EMBED),
+            scale=self.out_scale,
+            dtype=self.dtype,
+            name="linear_out",
+        )(h * y)
         if cache is None and not return_cache:
             return out, None
         return out, RecurrentBlockCache(h_last, new_conv.inputs)
