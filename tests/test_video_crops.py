@@ -83,7 +83,7 @@ def test_interpolate_and_smooth():
 def test_mean_face_is_derived_from_real_faces_and_symmetric():
     mean, n = crops.derive_mean_face()
     assert n >= 90
-    np.testing.assert_allclose(mean, crops.MEAN_FACE, atol=1e-3)
+    np.testing.assert_allclose(mean, crops.MEAN_FACE, atol=5e-3)  # < 0.5 px at 256
     mirrored = crops.MEAN_FACE[list(crops.MIRROR)] * [-1, 1]
     np.testing.assert_allclose(mirrored, crops.MEAN_FACE, atol=1e-6)
 
@@ -139,8 +139,9 @@ def _run_tool(args: list[str]) -> subprocess.Popen:
 def test_tool_resumes_after_kill(tmp_path):
     src, out = tmp_path / "videos", tmp_path / "crops"
     frames, _, _ = vio.read_video(_carphone(), require_audio=False)
+    tone = np.sin(np.arange(30 * 640) * 0.05).astype(np.float32) * 0.3  # 16 kHz, 30 frames
     for i in range(3):
-        vio.write_video(src / "spk" / f"clip{i}.mp4", frames[i * 10 : i * 10 + 30])
+        vio.write_video(src / "spk" / f"clip{i}.mp4", frames[i * 10 : i * 10 + 30], tone)
     _no_face_video(src / "wall.mp4")
     args = [f"--input={src}", f"--out={out}", "--workers=1"]
     proc = _run_tool(args)
@@ -167,6 +168,9 @@ def test_tool_resumes_after_kill(tmp_path):
         assert sorted(os.listdir(out / "spk" / f"clip{i}")) == sorted(crops.OUTPUT_FILES)
     assert sorted(os.listdir(out / "spk")) == ["clip0", "clip1", "clip2"]  # temp folder gone
     assert (out / "wall.no_face.json").exists()
+    face, audio, info = vio.read_video(out / "spk" / "clip2" / "face.mp4")  # audio kept
+    assert face.shape == (30, 128, 128, 3) and info.has_audio and len(audio) == len(tone)
+    assert np.corrcoef(audio[2000:-2000], tone[2000:-2000])[0, 1] > 0.9
 
     again = subprocess.run(
         [sys.executable, TOOL, *args], capture_output=True, text=True, timeout=120

@@ -533,8 +533,9 @@ def process_video(
     landmarks = interpolate_missing(raw, found)
     smooth = smooth_landmarks(landmarks, config.smooth_window)
     out = avio.as_path(out_dir)
-    tmp = avio.unique_tmp(out)
-    tmp.mkdir(parents=True)
+    # Object stores cannot rename folders: there the files go straight to `out_dir`.
+    tmp = out if avio.is_remote(out) else avio.unique_tmp(out)
+    tmp.mkdir(parents=True, exist_ok=avio.is_remote(out))
     try:
         _write_crops(path, tmp, smooth, info, config)
         with avio.local_then_copy(tmp / "landmarks.npy") as f:
@@ -552,7 +553,8 @@ def process_video(
             "seconds": {"landmarks": t1 - t0, "crops": time.perf_counter() - t1},
         }
         avio.write_text_atomic(tmp / "info.json", json.dumps(summary, indent=1))
-        tmp.rename(out)
+        if tmp != out:
+            tmp.rename(out)
     except BaseException:
         _remove_tree(tmp)
         raise
@@ -593,11 +595,15 @@ def _remove_tree(path: avio.PathLike) -> None:
 
 
 def remove_stale(out_dir: avio.PathLike) -> list[str]:
-    """Removes temporary folders `<out_dir>.tmp-*` left by killed runs; returns their names."""
+    """Removes what killed runs left for `out_dir`: temporary folders `<out_dir>.tmp-*`, and
+    `out_dir` itself if it lacks `info.json` (remote outputs are written in place). Returns
+    the removed paths."""
     out = avio.as_path(out_dir)
     if not out.parent.exists():
         return []
     stale = [p for p in out.parent.glob(f"{out.name}.tmp-*") if p.is_dir()]
+    if out.exists() and not is_complete(out):
+        stale.append(out)
     for p in stale:
         _remove_tree(p)
     return [os.fspath(p) for p in stale]
