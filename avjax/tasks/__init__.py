@@ -12,6 +12,7 @@ from avjax.tasks.base import Task
 REGISTRY = {
     "speechssm": "avjax.tasks.speechssm:SpeechSSMTask",
     "speechtransformer": "avjax.tasks.speechtransformer:SpeechTransformerTask",
+    "syncnet": "avjax.tasks.syncnet:SyncNetTask",
 }
 
 
