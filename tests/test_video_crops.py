@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import skimage.data
 import skimage.transform
 
 from avjax.data.video import crops
@@ -176,3 +177,12 @@ def test_tool_resumes_after_kill(tmp_path):
         [sys.executable, TOOL, *args], capture_output=True, text=True, timeout=120
     )
     assert "4 videos, 4 already done, 0 to do" in again.stdout, again.stdout + again.stderr
+
+
+def test_large_frames_are_searched_downscaled(detector, monkeypatch):
+    img = skimage.data.astronaut()  # a real face, 512 x 512
+    full = detector(img)
+    monkeypatch.setattr(detector, "detect_max_side", 256)
+    half = detector(img)
+    assert full is not None and half is not None
+    assert np.abs(full - half).max() < 4  # same face, landmarks placed at full resolution

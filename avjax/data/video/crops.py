@@ -263,9 +263,13 @@ class LandmarkDetector:
       max_upsample: a frame where no face is found is searched again upsampled 2x, up to
         this many times (faces under ~80 px need it; each level costs ~4x the time). The level
         that last found a face is tried first on the next frame.
+      detect_max_side: larger frames are searched for faces downscaled to this longest side
+        (HOG on HD frames is slow); the landmarks are always placed at full resolution.
     """
 
-    def __init__(self, predictor_path: str | None = None, max_upsample: int = 2):
+    def __init__(
+        self, predictor_path: str | None = None, max_upsample: int = 2, detect_max_side: int = 640
+    ):
         try:
             import dlib
         except ImportError as e:
@@ -278,15 +282,30 @@ class LandmarkDetector:
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(self.predictor_path)
         self.max_upsample = max_upsample
+        self.detect_max_side = detect_max_side
         self._upsample = 0
+
+    def _faces(self, frame: np.ndarray, upsample: int) -> list:
+        """dlib rectangles of the faces in `frame [H, W, 3]`, in its pixel coordinates."""
+        h, w = frame.shape[:2]
+        k = self.detect_max_side / max(h, w)
+        if k >= 1:
+            return list(self._detector(frame, upsample))
+        small = np.asarray(Image.fromarray(frame).resize((round(w * k), round(h * k))))
+        return [
+            self._dlib.rectangle(
+                *(round(v / k) for v in (r.left(), r.top(), r.right(), r.bottom()))
+            )
+            for r in self._detector(small, upsample)
+        ]
 
     def __call__(self, frame: np.ndarray) -> np.ndarray | None:
         """Landmarks `[68, 2]` float32 (x, y pixels) of the largest face in `frame [H, W, 3]`
         uint8 RGB, or None if there is no face."""
         levels = [self._upsample] + [u for u in range(self.max_upsample + 1) if u != self._upsample]
         for up in levels:
-            rects = self._detector(frame, up)
-            if len(rects):
+            rects = self._faces(frame, up)
+            if rects:
                 self._upsample = up
                 rect = max(rects, key=lambda r: r.width() * r.height())
                 shape = self._predictor(frame, rect)
