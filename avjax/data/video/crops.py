@@ -537,8 +537,9 @@ def process_video(
     with the source's audio at 16 kHz if it has any; `landmarks.npy` (`[T, 68, 2]` float32,
     x, y in source pixels, gaps interpolated, not smoothed); `info.json` (the source, frame
     counts, the frames without a face, `config`, timings). Everything is written into a
-    temporary sibling folder that is renamed to `out_dir` at the end (locally atomic;
-    `info.json` is written last, so its presence marks a complete folder on any filesystem).
+    temporary sibling folder renamed to `out_dir` at the end (locally atomic); on an object
+    store (`gs://`), which cannot rename folders, straight into `out_dir`. `info.json` is
+    written last either way, so its presence marks a complete folder (`is_complete`).
 
     Raises:
       NoFaceError: no frame has a face (nothing is written).
