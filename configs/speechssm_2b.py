@@ -14,6 +14,21 @@ of v5e's 16 GiB per chip, 4.5 min to compile; with --config.model.remat=dots
 --config.model.scan_layers=True peak 8.20 GiB, compiler FLOPs 1.14e16 vs 1.10e16 per step,
 memory-bound roofline 0.36 s/step = 56% MFU; remat=full: peak 4.61 GiB, 1.37e16 FLOPs)
 
+Units: 32,768 k-means units (the paper's vocabulary size) need enough vectors to be fitted:
+fitting refuses fewer than `data.min_vectors_per_unit` = 30 per unit (30 x 32,768 = 983k
+25 Hz vectors = 10.9 h of audio; see avjax.data.kmeans for why 30). This config fits on
+`data.fit_minutes` = 1,200 (20 h: 1.8M vectors, 55 per unit); above 4,096 units the feature
+pass writes .npy shards to local disk and mini-batch k-means (batches of 65,536, at most
+`data.kmeans_iters` = 10 epochs, early stopping) streams them, so memory stays at a few
+buffers whatever fit_minutes is; the vocoder is fitted on the first 60 min. Measured on the
+shared 2-core CPU (jax CPU): log-mel features at 160 s of audio per s (20 h: 7.5 min);
+HuBERT-base features (torch CPU) at 0.7 s of audio per s (20 h: ~29 h); k-means assignment
+against 32,768 centroids at 192 vectors/s = 4 GFLOP/s (one epoch of 1.8M vectors: 2.6 h; 10
+epochs: ~26 h) plus k-means++ seeding on 98k vectors at 0.59 s per centroid (~5.4 h). So fit
+the units on an accelerator: one epoch is 2 x 1.8M x 32,768 x 320 = 3.8e13 FLOPs (10 epochs:
+3.8e14, seconds to minutes on a v5e/H100-class chip) and HuBERT-base is ~10 GFLOPs per second
+of audio (20 h: ~7e14 FLOPs); these accelerator times are estimates from FLOPs, not measured.
+
 and train on your own tokenised corpus, e.g.
 
   python -m avjax.main --config=configs/speechssm_2b.py --workdir=gs://BUCKET/speechssm_2b \
@@ -40,6 +55,9 @@ def _base_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     c = _base_config()
     c.data.num_units = 32768  # the paper's unit vocabulary (USM-v2, 32k)
+    # >= 30 vectors per unit (data.min_vectors_per_unit) needs >= 656 min; 20 h gives 55.
+    c.data.fit_minutes = 1200.0
+    c.data.kmeans_iters = 10  # mini-batch epochs at this size (streamed from disk)
     c.data.seq_len = 6000
     c.model.width = 2560
     c.model.mlp_width = 7680
