@@ -71,3 +71,12 @@ def test_no_time_by_time_array_and_dispatch():
     # Short sequences (no fewer keys per query when banded) keep the dense path.
     short = jax.jit(lambda q, k, v: local_attention(q, k, v, pos[:, :16], window, block))
     assert "16x16" in short.lower(q[:, :16], k[:, :16], v[:, :16]).as_text()
+
+
+def test_flops_count_the_clipped_context():
+    from avjax.models.speechssm import mean_local_context
+
+    for window, t in [(4, 3), (4, 11), (2048, 6000)]:
+        expected = np.mean([min(i, window) + 1 for i in range(t)])
+        np.testing.assert_allclose(mean_local_context(window, t), expected)
+    assert mean_local_context(2048, 6000) < 2049 and mean_local_context(2048, 6000) > 1690
