@@ -1,0 +1,1 @@
+"""Images: clean photographs, noise models, real-noise benchmarks, the TTAID data module."""
