@@ -42,26 +42,30 @@ def unique_tmp(path: PathLike) -> epath.Path:
 
 
 def write_text_atomic(path: PathLike, text: str) -> epath.Path:
-    """Writes `text` to `path` through a unique temporary file and a rename.
+    """Writes `text` to `path` so that readers see the old content or the new, never half.
 
-    Readers see either the old content or the new one, never a half-written file (on GCS an
-    object write is atomic on its own; the rename keeps local filesystems the same).
+    Local files go through a unique temporary file and a rename. Remote objects are written
+    in place: an object store publishes an object only when its upload completes, and a
+    "rename" there is a copy plus a delete (three requests, and not atomic), so a temporary
+    object would add cost and no safety.
     """
-    p = as_path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_tmp(p)
-    tmp.write_text(text)
-    tmp.replace(p)
-    return p
+    return write_bytes_atomic(path, text.encode())
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> epath.Path:
     """`write_text_atomic` for bytes."""
     p = as_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(p):
+        p.write_bytes(data)
+        return p
     tmp = unique_tmp(p)
-    tmp.write_bytes(data)
-    tmp.replace(p)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return p
 
 
