@@ -1,0 +1,396 @@
+"""The data module of speech-driven 3D face animation (DF-3DFace): meshes + speech features.
+
+    data = MeshData.from_config(config, workdir)
+    facts = data.prepare()          # corpus -> representation -> codes + features per frame
+    it = data.train_dataset(0, 1)   # endless batches {"x", "audio", "mask"}
+    held = data.eval_batches(0, 1)  # fixed windows of the held-out speakers
+
+Sequences come from the embedded corpus (`corpus.py`, `data.name="default"`), VOCASET or a
+folder of vertex sequences (`vocaset.py`). A mesh frame is represented (`data.representation`)
+either by its vertex offsets from the training mean mesh (`vertices`: `V * 3` numbers) or by
+a PCA code of those offsets (`pca`: `data.pca_dim` numbers, fitted on training frames), each
+dimension scaled to unit variance. The representation (mean mesh, PCA basis, scales, audio
+feature statistics) is fitted once and saved as `<workdir>/mesh_repr.npz`; sampling and
+evaluation load it (never refit). Identity and head pose are part of every frame's mesh (no
+template is subtracted per speaker), so a model of these codes generates them too.
+
+Speech features are log-mel (`avjax.data.logmel`, 100 Hz): for mesh frame k the four mel
+frames from k / fps on, stacked (`[frames, 320]`), normalised by training statistics.
+
+Batches: `x [batch, window, dim]`, `audio [batch, window, 320]` float32, `mask [batch,
+window]` float32 (0 = padding past a short sequence's end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from avjax.data import logmel
+from avjax.data.mesh import corpus as corpus_lib
+from avjax.data.mesh import head as head_lib
+from avjax.data.mesh import vocaset
+from avjax.data.speech_lm import cache_root
+from avjax.io import as_path, write_text_atomic
+
+Batch = dict[str, np.ndarray]
+FEATURE_DIM = 4 * logmel.N_MELS
+REPR_FILE = "mesh_repr.npz"
+
+
+def audio_features(wav: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
+    """`[num_frames, 320]` float32: four 100 Hz log-mel frames from each mesh frame's start."""
+    mel = logmel.log_mel(np.asarray(wav, np.float32))
+    start = np.round(np.arange(num_frames) * 100.0 / fps).astype(int)
+    idx = np.clip(start[:, None] + np.arange(4)[None], 0, len(mel) - 1)
+    return mel[idx].reshape(num_frames, FEATURE_DIM)
+
+
+def audio_envelope(wav: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
+    """RMS energy `[num_frames]` per mesh frame."""
+    return corpus_lib._envelope(np.asarray(wav), num_frames, fps)  # noqa: SLF001
+
+
+@dataclasses.dataclass
+class Regions:
+    """Vertex index sets the metrics use: lip `[L]`, upper face `[U]`, and the mid-line
+    vertices of the upper and lower lip (mouth opening)."""
+
+    lip: np.ndarray
+    upper_face: np.ndarray
+    upper_lip: int
+    lower_lip: int
+
+
+def _heuristic_regions(mean: np.ndarray, sample: np.ndarray) -> Regions:
+    """Regions of a mesh without annotations (y up, z out of the face): lip = the 3% most
+    moving vertices (temporal std in `sample [T, V, 3]`) below the centre; upper face =
+    front vertices in the top third."""
+    y, z = mean[:, 1], mean[:, 2]
+    motion = (sample - sample.mean(0)).std(0).sum(-1)
+    motion = np.where(y < np.median(y), motion, -1.0)
+    lip = np.argsort(-motion)[: max(4, len(y) * 3 // 100)]
+    top = y > np.quantile(y, 0.66)
+    upper = np.flatnonzero(top & (z > np.median(z)))
+    x_mid = np.abs(mean[lip, 0] - np.median(mean[lip, 0]))
+    centre = lip[x_mid <= np.quantile(x_mid, 0.3)]
+    return Regions(
+        lip.astype(np.int32),
+        upper.astype(np.int32),
+        int(centre[np.argmax(y[centre])]),
+        int(centre[np.argmin(y[centre])]),
+    )
+
+
+@dataclasses.dataclass
+class MeshRepr:
+    """Frames <-> model vectors. mean `[V, 3]`; basis `[k, V*3]` (PCA) or None (vertices);
+    scale `[dim]`; audio feature mean / std `[320]`; regions."""
+
+    mean: np.ndarray
+    basis: np.ndarray | None
+    scale: np.ndarray
+    feat_mean: np.ndarray
+    feat_std: np.ndarray
+    regions: Regions
+    faces: np.ndarray | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.scale.shape[0])
+
+    def encode(self, verts: np.ndarray) -> np.ndarray:
+        """`[T, V, 3]` -> `[T, dim]` float32."""
+        off = (np.asarray(verts, np.float32) - self.mean).reshape(len(verts), -1)
+        code = off if self.basis is None else off @ self.basis.T
+        return (code / self.scale).astype(np.float32)
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        """`[..., T, dim]` -> `[..., T, V, 3]` float32."""
+        code = np.asarray(x, np.float32) * self.scale
+        off = code if self.basis is None else code @ self.basis
+        return (off.reshape(*off.shape[:-1], -1, 3) + self.mean).astype(np.float32)
+
+    def save(self, path: Any) -> None:
+        r = self.regions
+        arrays = dict(
+            mean=self.mean,
+            scale=self.scale,
+            feat_mean=self.feat_mean,
+            feat_std=self.feat_std,
+            lip=r.lip,
+            upper_face=r.upper_face,
+            lips=np.array([r.upper_lip, r.lower_lip]),
+        )
+        if self.basis is not None:
+            arrays["basis"] = self.basis
+        if self.faces is not None:
+            arrays["faces"] = self.faces
+        tmp = as_path(str(path) + ".tmp.npz")
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: Any) -> MeshRepr:
+        with as_path(path).open("rb") as f:
+            z = dict(np.load(f))
+        regions = Regions(z["lip"], z["upper_face"], int(z["lips"][0]), int(z["lips"][1]))
+        return cls(
+            z["mean"],
+            z.get("basis"),
+            z["scale"],
+            z["feat_mean"],
+            z["feat_std"],
+            regions,
+            z.get("faces"),
+        )
+
+
+def _top_components(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """The top `k` right singular vectors `[k, n]` of `x [m, n]` (randomised SVD, Halko et
+    al. 2011: a range of k + 10 columns, two power iterations)."""
+    q = np.linalg.qr(x @ rng.normal(size=(x.shape[1], min(k + 10, x.shape[0]))).astype(x.dtype))[0]
+    for _ in range(2):
+        q = np.linalg.qr(x @ (x.T @ q))[0]
+    return np.linalg.svd(q.T @ x, full_matrices=False)[2][:k].astype(np.float32)
+
+
+def fit_repr(
+    seqs: list[corpus_lib.MeshSequence],
+    feats: list[np.ndarray],
+    representation: str,
+    pca_dim: int,
+    seed: int,
+    regions: Regions | None = None,
+    faces: np.ndarray | None = None,
+    max_frames: int = 3000,
+) -> MeshRepr:
+    """Fits the mean mesh, PCA basis (`representation="pca"`) and scales on training frames
+    (`seqs`, with their raw speech features `feats`, each `[T, 320]`)."""
+    if representation not in ("pca", "vertices"):
+        raise ValueError(f"data.representation={representation!r}; expected pca | vertices")
+    rng = np.random.default_rng(seed)
+    per = max(1, max_frames // max(len(seqs), 1))
+    frames = []
+    for s in seqs:
+        v = s.vertices
+        frames.append(v[rng.choice(len(v), min(per, len(v)), replace=False)])
+    sample = np.concatenate(frames)
+    mean = sample.mean(0)
+    off = (sample - mean).reshape(len(sample), -1)
+    basis = None
+    if representation == "pca":
+        basis = _top_components(off, min(pca_dim, off.shape[0], off.shape[1]), rng)
+        off = off @ basis.T
+        scale = off.std(0) + 1e-6
+    else:
+        scale = np.full(off.shape[1], off.std() + 1e-6)
+    allf = np.concatenate(feats)
+    return MeshRepr(
+        mean.astype(np.float32),
+        basis,
+        scale.astype(np.float32),
+        allf.mean(0).astype(np.float32),
+        (allf.std(0) + 1e-3).astype(np.float32),
+        regions or _heuristic_regions(mean, sample),
+        faces,
+    )
+
+
+class _Windows:
+    """Windows `(sequence, start)` of per-frame arrays, padded to `window` frames."""
+
+    def __init__(self, codes: list, feats: list, window: int, stride: int):
+        self.codes, self.feats, self.window = codes, feats, window
+        self.index = [
+            (i, s)
+            for i, c in enumerate(codes)
+            for s in range(0, max(len(c) - window, 0) + 1, stride)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> Batch:
+        i, s = self.index[k]
+        x, a = self.codes[i][s : s + self.window], self.feats[i][s : s + self.window]
+        pad = self.window - len(x)
+        mask = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
+        return {
+            "x": np.pad(x, ((0, pad), (0, 0))),
+            "audio": np.pad(a, ((0, pad), (0, 0))),
+            "mask": mask,
+        }
+
+
+def _stack(items: list[Batch]) -> Batch:
+    return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+@dataclasses.dataclass
+class MeshData:
+    """Mesh sequences with speech, as windows of representation codes; prepared lazily.
+
+    Attributes:
+      data: `config.data` (name, manual_dir, minutes, representation, pca_dim, window, ...).
+      workdir: where `mesh_repr.npz` and `data_facts.json` go.
+      seed, batch_size (global), num_eval_batches, read_only: as `SpeechLMData`.
+    """
+
+    data: Any
+    workdir: str
+    seed: int = 0
+    batch_size: int = 8
+    num_eval_batches: int = 1
+    read_only: bool = False
+    _prepared: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Any, workdir: str) -> MeshData:
+        return cls(
+            config.data,
+            workdir,
+            int(config.seed),
+            int(config.train.batch_size),
+            int(config.train.eval_batches),
+        )
+
+    def _sequences(self) -> tuple[list[corpus_lib.MeshSequence], Regions | None, Any]:
+        dc = self.data
+        if dc.name == "default":
+            head = head_lib.build_head()
+            root = corpus_lib.build_corpus(
+                cache_root(dc),
+                float(dc.minutes),
+                int(dc.num_speakers),
+                int(dc.heldout_speakers),
+                self.seed,
+                read_only=False,
+            )
+            regions = Regions(head.lip, head.upper_face, head.upper_lip, head.lower_lip)
+            return corpus_lib.load_corpus(root), regions, head.faces
+        if not dc.manual_dir:
+            raise ValueError(f"config.data.name={dc.name!r} needs config.data.manual_dir")
+        if dc.name == "vocaset":
+            return vocaset.load_vocaset(dc.manual_dir, int(dc.vocaset_stride)), None, None
+        if dc.name == "folder":
+            seqs = vocaset.load_folder(dc.manual_dir, float(dc.fps), int(dc.heldout_speakers))
+            return seqs, None, None
+        raise ValueError(f"config.data.name={dc.name!r}; expected default | vocaset | folder")
+
+    def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
+        """Loads (building the default corpus if needed) and encodes every sequence; fits the
+        representation unless read-only (then `<workdir>/mesh_repr.npz` must exist)."""
+        if self._prepared is not None:
+            return self._prepared["facts"]
+        dc = self.data
+        read_only = self.read_only if read_only is None else bool(read_only)
+        seqs, regions, faces = self._sequences()
+        train = [s for s in seqs if s.split == "train"]
+        held = [s for s in seqs if s.split == "test"] or [s for s in seqs if s.split == "val"]
+        if not train or not held:
+            raise ValueError(f"data.name={dc.name!r}: {len(train)} train, {len(held)} held out")
+        raw = {
+            split: [audio_features(s.audio, s.num_frames, s.fps) for s in group]
+            for split, group in (("train", train), ("test", held))
+        }
+        path = as_path(self.workdir) / REPR_FILE
+        if path.exists():
+            rep = MeshRepr.load(path)
+        elif read_only:
+            raise FileNotFoundError(f"{path} is missing: train first in this workdir")
+        else:
+            rep = fit_repr(
+                train,
+                raw["train"],
+                str(dc.representation),
+                int(dc.pca_dim),
+                self.seed,
+                regions,
+                faces,
+            )
+            if jax.process_index() == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                rep.save(path)
+        codes = {"train": [], "test": []}
+        feats = {"train": [], "test": []}
+        for split, group in (("train", train), ("test", held)):
+            for s, f in zip(group, raw[split], strict=True):
+                codes[split].append(rep.encode(s.vertices))
+                feats[split].append(((f - rep.feat_mean) / rep.feat_std).astype(np.float32))
+        facts = {
+            "train_sequences": len(train),
+            "heldout_sequences": len(held),
+            "train_minutes": sum(len(c) for c in codes["train"]) / train[0].fps / 60,
+            "heldout_speakers": sorted({s.speaker for s in held}),
+            "vertices": int(rep.mean.shape[0]),
+            "dim": rep.dim,
+            "fps": train[0].fps,
+        }
+        self._prepared = dict(facts=facts, repr=rep, codes=codes, feats=feats, heldout=held)
+        if jax.process_index() == 0 and not read_only:
+            write_text_atomic(as_path(self.workdir) / "data_facts.json", json.dumps(facts))
+        return facts
+
+    def _get(self, name: str) -> Any:
+        self.prepare()
+        return self._prepared[name]
+
+    @property
+    def repr(self) -> MeshRepr:
+        return self._get("repr")
+
+    @property
+    def heldout(self) -> list[corpus_lib.MeshSequence]:
+        """The held-out sequences (vertices, audio)."""
+        return self._get("heldout")
+
+    def heldout_features(self, i: int) -> np.ndarray:
+        """Normalised speech features `[T, 320]` of held-out sequence i."""
+        return self._get("feats")["test"][i]
+
+    def features_of(self, wav: np.ndarray, fps: float) -> np.ndarray:
+        """Normalised features `[T, 320]` of any 16 kHz audio (T = its duration x fps)."""
+        n = max(1, int(len(wav) / 16000 * fps))
+        return (audio_features(wav, n, fps) - self.repr.feat_mean) / self.repr.feat_std
+
+    def compatibility(self) -> dict[str, Any]:
+        keys = ("name", "manual_dir", "minutes", "representation", "pca_dim", "num_speakers")
+        return {"mesh_data": {k: self.data.get(k) for k in keys}}
+
+    def _windows(self, split: str) -> _Windows:
+        w = int(self.data.window)
+        return _Windows(self._get("codes")[split], self._get("feats")[split], w, w // 2)
+
+    def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
+        """Endless shuffled batches of `batch_size // process_count` windows."""
+        ds = grain.MapDataset.source(self._windows("train"))
+        ds = ds.shuffle(seed=self.seed).repeat(None)[process_index::process_count]
+        return ds.batch(
+            self.batch_size // process_count, drop_remainder=True, batch_fn=_stack
+        ).to_iter_dataset()
+
+    def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
+        """`num_eval_batches` fixed batches of held-out windows (cycled to fill)."""
+        src = self._windows("test")
+        per = self.batch_size // process_count
+        out = []
+        for b in range(self.num_eval_batches):
+            base = (b * process_count + process_index) * per
+            out.append(_stack([src[(base + j) % len(src)] for j in range(per)]))
+        return out
+
+    def dummy_batch(self) -> Batch:
+        """A global batch of zeros (initialisation)."""
+        w, d = int(self.data.window), self.repr.dim
+        return {
+            "x": np.zeros((self.batch_size, w, d), np.float32),
+            "audio": np.zeros((self.batch_size, w, FEATURE_DIM), np.float32),
+            "mask": np.ones((self.batch_size, w), np.float32),
+        }

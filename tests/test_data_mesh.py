@@ -1,0 +1,106 @@
+"""The mesh data: analytic head, embedded corpus, VOCASET layout + restricted unpickler, data
+module windows and representation round trip."""
+
+import os
+import pickle
+
+import ml_collections
+import numpy as np
+import pytest
+
+from avjax.data.mesh import corpus as corpus_lib
+from avjax.data.mesh import head as head_lib
+from avjax.data.mesh import vocaset
+from avjax.data.mesh.mesh_data import MeshData
+
+
+def test_head_bases_move_the_right_parts():
+    h = head_lib.build_head()
+    assert 2000 <= h.num_vertices <= 6000 and h.faces.max() == h.num_vertices - 1
+    t = np.zeros((1, len(head_lib.EXPRESSION_NAMES)), np.float32)
+    jaw = t.copy()
+    jaw[0, 0] = 1.0
+    v0 = head_lib.vertices(h, np.zeros(head_lib.NUM_IDENTITY), t)[0]
+    v1 = head_lib.vertices(h, np.zeros(head_lib.NUM_IDENTITY), jaw)[0]
+    gap = lambda v: np.linalg.norm(v[h.upper_lip] - v[h.lower_lip])  # noqa: E731
+    assert gap(v1) > gap(v0) + 0.1  # the jaw opens the mouth
+    assert np.abs(v1[h.upper_face] - v0[h.upper_face]).max() < 1e-3  # and not the brow
+    pose = np.array([[0.3, -0.2, 0.1, 0.05, 0.0, 0.0]], np.float32)
+    vp = head_lib.vertices(h, np.zeros(head_lib.NUM_IDENTITY), t, pose)[0]
+    d = lambda v: np.linalg.norm(v[:100] - v[100:200], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(d(vp), d(v0), atol=1e-5)  # pose is rigid
+
+
+def test_restricted_unpickler_admits_arrays_and_refuses_code(tmp_path):
+    ok = tmp_path / "ok.pkl"
+    ok.write_bytes(pickle.dumps({"a": [np.arange(3), (1, "x")], "b": np.float32(2)}))
+    got = vocaset.safe_load_pickle(ok)
+    np.testing.assert_array_equal(got["a"][0], np.arange(3))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "templates.pkl"
+    bad.write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(vocaset.UnsafePickleError, match="templates.pkl.*system"):
+        vocaset.safe_load_pickle(bad)
+
+
+def test_vocaset_layout_loads_with_its_splits(tmp_path):
+    root = vocaset.write_vocaset_fixture(tmp_path / "voca", frames=40, num_vertices=300)
+    seqs = vocaset.load_vocaset(root)
+    assert sorted(s.split for s in seqs) == ["test", "test", "train", "train"]
+    assert all(s.fps == 30.0 and s.vertices.shape == (20, 300, 3) for s in seqs)
+    assert abs(len(seqs[0].audio) / 16000 - 40 / 60) < 0.01  # 22 kHz -> 16 kHz
+    (root / "templates.pkl").write_bytes(pickle.dumps(pickle.Pickler))
+    with pytest.raises(vocaset.UnsafePickleError, match="templates.pkl"):
+        vocaset.load_vocaset(root)
+    (root / "templates.pkl").unlink()
+    with pytest.raises(FileNotFoundError, match="templates.pkl"):
+        vocaset.load_vocaset(root)
+
+
+def _data(tmp_path, **kw):
+    dc = ml_collections.ConfigDict(
+        dict(
+            name="default",
+            minutes=0.6,
+            num_speakers=3,
+            heldout_speakers=1,
+            cache_dir=str(tmp_path / "cache"),
+            manual_dir="",
+            representation="pca",
+            pca_dim=24,
+            window=16,
+            vocaset_stride=2,
+            fps=30.0,
+        )
+    )
+    dc.update(kw)
+    return MeshData(dc, str(tmp_path / "w"), batch_size=4, num_eval_batches=2)
+
+
+def test_default_corpus_windows_and_representation(tmp_path):
+    data = _data(tmp_path)
+    facts = data.prepare()
+    assert facts["heldout_speakers"] == ["spk02"] and facts["dim"] == 24
+    batch = next(iter(data.train_dataset(0, 1)))
+    assert batch["x"].shape == (4, 16, 24) and batch["audio"].shape == (4, 16, 320)
+    assert abs(float(batch["x"].std()) - 1.0) < 0.5  # unit-scaled codes
+    held = data.eval_batches(0, 1)
+    assert len(held) == 2 and not np.array_equal(held[0]["x"], held[1]["x"])
+    seq = data.heldout[0]
+    v = seq.vertices
+    rec = data.repr.decode(data.repr.encode(v))
+    # 24 PCA components of 2 training speakers keep a new speaker's motion (its identity,
+    # outside their span, is the per-sequence mean, removed here as the metrics do)
+    err = np.abs((rec - rec.mean(0)) - (v - v.mean(0))).mean()
+    assert err < 0.3 * np.abs(v - v.mean(0)).mean()
+    # read-only reuses the saved representation
+    again = _data(tmp_path)
+    again.read_only = True
+    again.prepare()
+    np.testing.assert_array_equal(again.repr.mean, data.repr.mean)
+    spk = corpus_lib.load_corpus(next((tmp_path / "cache").glob("mesh_corpus-*")))
+    assert {s.speaker for s in spk} == {"spk00", "spk01", "spk02"}
