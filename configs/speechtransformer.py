@@ -28,6 +28,17 @@ writes workdir/speechtransformer/samples/step_<N>/60s_t1.0_k0_seed0-<key8>/sampl
 units).
 
 Decode speed and memory against SpeechSSM: `python tools/bench/longform.py`.
+
+SpeechTransformer-2B, the paper's baseline (Gemma-2B-initialised), is the `2b` variant:
+
+  python tools/aot_compile.py --config=configs/speechtransformer.py:2b --topology=v5e:16x16
+
+Gemma-2B's shapes and layout (18 layers, width 2048, 8 query heads with 1 KV head of dim 256,
+GeGLU MLP 16,384, RoPE on the full head dim, no logit soft-cap, sqrt(width) embedding scale, no
+biases) over SpeechSSM-2B's 32,768 units and data/training settings (configs/speechssm_2b.py):
+2,048,993,280 parameters (Gemma-2B's 2,506,172,416 with its 256,000-token vocabulary). Import
+Gemma-2B's blocks with `tools/convert_gemma.py` (avjax.convert.gemma); the unit embedding is
+new.
 """
 
 from __future__ import annotations
@@ -38,16 +49,38 @@ import os
 import ml_collections
 
 
-def _speechssm_config() -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speechssm.py")
-    spec = importlib.util.spec_from_file_location("_speechssm_config", path)
+def _sibling_config(name: str) -> ml_collections.ConfigDict:
+    """configs/<name>.py's config (loaded by path, whatever the working directory)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_{name}_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = _speechssm_config()
+def _gemma_2b_model(m: ml_collections.ConfigDict) -> None:
+    """Gemma-2B's shapes and layout on `config.model` (keys of avjax.models.speechtransformer)."""
+    m.width = 2048
+    m.mlp_width = 16_384
+    m.num_heads = 8
+    m.num_kv_heads = 1
+    m.head_dim = 256
+    m.num_layers = 18
+    m.logit_softcap = 0.0  # none
+    m.rope_fraction = 1.0
+    m.rope_theta = 10_000.0
+    m.use_bias = False
+    m.embed_scale = True  # x sqrt(width)
+    m.norm_eps = 1e-6
+    m.dtype = "bfloat16"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """`arg` (from `--config=configs/speechtransformer.py:ARG`): None = the CPU baseline,
+    "2b" = SpeechTransformer-2B (Gemma-2B shapes, SpeechSSM-2B's data and training)."""
+    if arg not in (None, "", "2b"):
+        raise ValueError(f"configs/speechtransformer.py:{arg}: expected no argument or '2b'")
+    c = _sibling_config("speechssm_2b" if arg == "2b" else "speechssm")
     c.task = "speechtransformer"
     m = ml_collections.ConfigDict()
     m.width = 128
@@ -63,5 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     # from config.sample) and keys per block of the decode attention loop (0 = whole buffer).
     m.max_len = 0
     m.decode_block = 256
+    if arg == "2b":
+        _gemma_2b_model(m)
     c.model = m
     return c

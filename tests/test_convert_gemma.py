@@ -92,14 +92,26 @@ def test_load_hf_dir_and_tool_check(tmp_path):
     np.testing.assert_allclose(np.asarray(_FULL(model2, variables2, tokens)), ref, atol=1e-4)
 
 
-def test_gemma_2b_preset_shapes():
-    cfg = DecoderConfig.gemma_2b()
-    model = cfg.make(max_len=16)
+def test_speechtransformer_2b_config_is_gemma_2b():
+    from avjax.models.speechtransformer import parameter_count, speechtransformer
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "st_config", os.path.join(repo, "configs", "speechtransformer.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("2b")
+    assert config.data.num_units == 32_768 and config.task == "speechtransformer"
+    # Over Gemma's vocabulary the config is exactly the Gemma-2B preset (so its weights fit).
+    model = speechtransformer(config.model, 256_000, max_len=16)
+    assert model.config == DecoderConfig.gemma_2b()
+    assert parameter_count(config.model, 32_768) == 2_048_993_280
     tokens = np.zeros((1, 4), np.int32)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
     shapes = nn.meta.unbox(boxed)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-    assert n == cfg.num_params() == 2_506_172_416  # Gemma-2B's published 2.51B
+    assert n == parameter_count(config.model, 256_000) == 2_506_172_416  # Gemma-2B's 2.51B
     attn = shapes["blocks_0"]["attention"]
     assert attn["q"]["kernel"].shape == (2048, 2048) and attn["k"]["kernel"].shape == (2048, 256)
     assert shapes["blocks_17"]["mlp"]["ffw_up_w"].shape == (2, 2048, 16_384)
