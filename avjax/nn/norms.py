@@ -37,3 +37,16 @@ class RMSNorm(nn.Module):
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.eps) * ((1.0 + scale) if self.scale_offset else scale)
         return y.astype(self.dtype or x.dtype)
+
+
+def layer_norm(eps: float, name: str | None = None, axis_name: str = axes.EMBED) -> nn.LayerNorm:
+    """LayerNorm over the last axis (float32 two-pass statistics, PyTorch's `nn.LayerNorm`
+    numerics) with a learned scale and bias named `axis_name`. `[..., dim] -> [..., dim]`."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)),
+        name=name,
+    )
