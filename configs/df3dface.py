@@ -1,0 +1,134 @@
+r"""DF-3DFace (Park et al., 2023) at CPU scale: speech -> 3D face mesh sequences by diffusion.
+
+A bidirectional transformer denoiser (4 layers, width 128, timestep adaLN, audio added
+frame-aligned and through a +-4-frame sync cross-attention, masked conditioning) over PCA
+codes (64) of whole posed meshes of the analytic head (3,074 vertices), x0 prediction, cosine
+schedule of 1000 steps, DDIM sampling (50 steps, one lax.scan). Identity, head pose, blinks
+and brows are generated with the lips (no template input).
+
+Train (the first run builds the embedded corpus: 20 minutes of espeak speech by 12 speakers,
+two held out, 30 fps, in ~15 s, cached in ~/.cache/avjax; fits the PCA representation and
+log-mel features in ~1-2 min; then the steps):
+
+  python -m avjax.main --config=configs/df3dface.py --workdir=workdir/df3dface
+
+Sample 4 faces for one speech (meshes.npy [4, T, 3074, 3], obj/ frames of sample 0 with
+--config.sample.obj=True, grid.mp4 with the audio) under samples/step_<N>/<wav name>/:
+
+  python -m avjax.main --config=configs/df3dface.py --workdir=workdir/df3dface --mode=sample \
+      --config.sample.audio=speech.wav
+
+Evaluate on held-out speakers (eval/step_<N>/eval_report.md + .json, lip_sync.png): LVE of
+the samples vs the mean-motion baseline (no motion) and vs the same model with the audio
+masked; FDD; lip sync (correlation of mouth opening with the speech envelope, also for the
+ground truth); diversity across samples (identity, pose in degrees, lip vs upper-face spread):
+
+  python -m avjax.main --config=configs/df3dface.py --workdir=workdir/df3dface --mode=eval
+
+A model trained without audio (the other baseline): --config.model.use_audio=False.
+
+Real corpora: --config.data.name=vocaset --config.data.manual_dir=DIR (VOCASET's
+data_verts.npy, raw_audio_fixed.pkl, templates.pkl, subj_seq_to_idx.pkl; its 8/2/2 subject
+splits; 60 fps taken every 2nd frame), or --config.data.name=folder (DIR/<subject>/<name>.npy
+[T, V, 3] + <name>.wav, data.fps; the last data.heldout_speakers subjects held out). Meshes
+without triangles are not rendered.
+
+MEASURED: see the end of this docstring (filled in from a run on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from avjax.train.sharding import DEFAULT_RULES
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "df3dface"
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "default"  # default | vocaset | folder
+    c.data.minutes = 20.0  # embedded corpus size (name="default")
+    c.data.num_speakers = 12
+    c.data.heldout_speakers = 2  # the last speakers (default) / subjects (folder) held out
+    c.data.cache_dir = ""  # "" = $AVJAX_CACHE or ~/.cache/avjax
+    c.data.manual_dir = ""
+    c.data.vocaset_stride = 2  # VOCASET is 60 fps: every 2nd frame -> 30 fps
+    c.data.fps = 30.0  # name="folder"
+    c.data.representation = "pca"  # pca | vertices (V * 3 offsets)
+    c.data.pca_dim = 64
+    c.data.window = 64  # frames per training window
+
+    c.model = ml_collections.ConfigDict()
+    c.model.width = 128
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.mlp_width = 384
+    c.model.sync_window = 4  # audio frames each mesh frame attends to, either side
+    c.model.use_audio = True  # False: the audio-free baseline
+    c.model.mask_prob = 0.15  # masked conditioning: fraction of audio frames masked (spans)
+    c.model.mask_span = 8
+    c.model.cond_drop_prob = 0.1  # whole-audio dropout (classifier-free guidance)
+    c.model.velocity_weight = 1.0
+    c.model.dtype = "float32"
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "cosine"
+    c.diffusion.num_train_timesteps = 1000
+    c.diffusion.prediction_type = "sample"  # x0
+    c.diffusion.spacing = "trailing"
+    c.diffusion.eta = 0.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1500
+    c.train.batch_size = 16
+    c.train.grad_accum = 1
+    c.train.lr = 1e-3
+    c.train.final_lr_frac = 0.1
+    c.train.warmup_steps = 100
+    c.train.weight_decay = 0.01
+    c.train.b1 = 0.9
+    c.train.b2 = 0.99
+    c.train.clip_norm = 1.0
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.eval_batches = 4
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoints = True
+    c.train.reset_data_iterator = False
+    c.train.init_from = ""
+    c.train.init_skip = ""
+    c.train.ema_decay = 0.0
+    c.train.eval_with_ema = False
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.eval = {"type": "loss", "prefix": "eval_"}
+    c.evals.eval.every = c.train.get_ref("eval_every")
+    c.evals.mesh = {"type": "task", "every": 0, "prefix": ""}
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_sequences = 8  # held-out utterances scored
+    c.eval.samples = 3  # samples per utterance (diversity)
+    c.eval.max_frames = 150
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.preset = ""
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.sequence = 1
+    c.mesh.tensor = 1
+    c.mesh.dcn_data = 1
+    c.sharding_rules = DEFAULT_RULES
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.audio = ""  # a WAV; "" = the first held-out utterance
+    c.sample.num_samples = 4
+    c.sample.steps = 50  # DDIM steps
+    c.sample.guidance = 1.0  # classifier-free guidance scale (1 = off)
+    c.sample.seed = 0
+    c.sample.obj = False  # also OBJ frames of sample 0
+    c.sample.size = 160  # rendered pixels per face
+    return c
