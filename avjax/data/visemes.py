@@ -149,7 +149,7 @@ def viseme_trajectory(
     fps: float,
     num_frames: int,
     *,
-    decay_s: float = 0.045,
+    decay_s: float = 0.03,
 ) -> np.ndarray:
     """Articulatory parameters per frame, with coarticulation across neighbouring phones.
 

@@ -93,6 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
             "spec_freq_masks": 0,
             "spec_time_masks": 0,
             "spec_mask_width": 10,
+            "read_threads": 2,  # grain threads making batches (decoded arrays -> augmented)
+            "prefetch_batches": 2,
         }
     )
 
@@ -474,7 +476,12 @@ class AVData:
         ds = grain.MapDataset.source(src).shuffle(seed=self.seed).repeat(None)
         ds = ds[process_index::process_count]
         ds = ds.random_map(_Augment(src, self.data, train=True), seed=self.seed + 1)
-        return ds.batch(self.batch_size // process_count, drop_remainder=True).to_iter_dataset()
+        ds = ds.batch(self.batch_size // process_count, drop_remainder=True)
+        options = grain.ReadOptions(
+            num_threads=int(self.data.read_threads),
+            prefetch_buffer_size=int(self.data.prefetch_batches),
+        )
+        return ds.to_iter_dataset(options)
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         """`num_eval_batches` fixed held-out batches (centre crop, no augmentation), cycled."""

@@ -240,14 +240,16 @@ def _draw_features(draw: ImageDraw.ImageDraw, ident: Identity, n: int) -> None:
 
 
 def mouth_box(ident: Identity, size: int) -> tuple[int, int, int, int]:
-    """`(x0, y0, x1, y1)` in an output frame (no pose) that holds everything the mouth draws."""
-    cx, my = size / 2, (ident.face_y + ident.mouth_y) * size
-    half_w = ident.mouth_w * size * 0.5 * 1.35 + 2
+    """`(x0, y0, x1, y1)` in an output frame (no pose) that holds everything the mouth draws.
+
+    The mouth is drawn only inside this box (its widest, most open shape fits with a margin),
+    so with a still head every pixel outside it is independent of the trajectory."""
+    cx, cy, w = size / 2, (ident.face_y + ident.mouth_y) * size, ident.mouth_w * size
     return (
-        int(cx - half_w),
-        int(my - ident.mouth_w * size * 0.30 - 2),
-        int(math.ceil(cx + half_w)),
-        int(math.ceil(my + ident.mouth_w * size * 0.50 + 2)),
+        max(int(cx - 0.75 * w - 1), 0),
+        max(int(cy - 0.56 * w - 1), 0),
+        min(int(math.ceil(cx + 0.75 * w + 1)), size),
+        min(int(math.ceil(cy + 0.42 * w + 1)), size),
     )
 
 
@@ -257,8 +259,7 @@ class _Mouth:
     def __init__(self, ident: Identity, n: int):
         self.cx, self.cy = n / 2, (ident.face_y + ident.mouth_y) * n
         self.w = ident.mouth_w * n
-        x0, y0 = int(self.cx - self.w), int(self.cy - self.w * 0.7)
-        x1, y1 = int(self.cx + self.w), int(self.cy + self.w)
+        x0, y0, x1, y1 = mouth_box(ident, n)
         self.sl = (slice(y0, y1), slice(x0, x1))
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         self.dx, self.dy = xx + 0.5 - self.cx, yy + 0.5 - self.cy
