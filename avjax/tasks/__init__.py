@@ -14,6 +14,7 @@ REGISTRY = {
     "speechssm": "avjax.tasks.speechssm:SpeechSSMTask",
     "speechtransformer": "avjax.tasks.speechtransformer:SpeechTransformerTask",
     "syncnet": "avjax.tasks.syncnet:SyncNetTask",
+    "ttaid": "avjax.tasks.ttaid:TTAIDTask",
 }
 
 
