@@ -1,4 +1,5 @@
-"""Lazy imports of the optional `eval` extra (pocketsphinx, sentence-transformers)."""
+"""Lazy imports of the optional `eval` extra (pocketsphinx, sentence-transformers, resemblyzer's
+weights and torch for GE2E, speechmos + onnxruntime for DNSMOS)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,11 @@ Metrics:
   * `ngram_stats`: distinct-n (n = 1..4) of the generated units, the fraction of n-grams that
     already occurred earlier (in the prompt or earlier slices), and the longest span repeated
     within the slice.
-  * `speaker_embedding`, `cosine_similarity`: our own speaker descriptor (mean and standard
-    deviation of MFCCs 1..19 over voiced frames), compared to the prompt's by cosine similarity.
+  * `speaker_embedding`, `cosine_similarity`: mean and standard deviation of MFCCs 1..19 over
+    voiced frames, compared to the prompt's by cosine similarity (`mfcc_sim` in the long-form
+    report). A spectral-envelope statistic, not a speaker-verification model: it sits near 1
+    for any speech-like audio through one vocoder. The speaker similarity reported as
+    `speaker_sim` uses GE2E d-vectors (`avjax.eval.speaker`).
   * `spectral_distance`, `continuity`: log-mel distance between the 0.5 s before and after each
     slice boundary, beside the same measure inside the slice (a discontinuity shows as a
     boundary distance well above the within-slice one).
@@ -195,7 +198,8 @@ def ngram_stats(
 def speaker_embedding(
     wav: np.ndarray, sample_rate: int = 16000, top_db: float = 40.0
 ) -> np.ndarray:
-    """Our speaker descriptor: mean and std of MFCCs 1..19 over voiced frames.
+    """MFCC statistics (a proxy, see the module docstring): mean and std of MFCCs 1..19 over
+    voiced frames.
 
     MFCCs (librosa: 20 coefficients, 25 ms windows, 10 ms hop, 40 mel bands) describe the
     spectral envelope, whose long-term statistics depend mostly on the vocal tract and the
