@@ -23,6 +23,23 @@ The mouth is therefore the only visual cue to the word.
 
 Sentences: `num_sentences` random 4-9 word sentences over the same vocabulary plus function
 words, spread over the speakers, with espeak-ng's word timings.
+
+The default `CorpusSpec()` (measured on the shared 2-core development machine): 40 speakers
+(32 train, 4 val, 4 test), 1,000 LRW-view clips over 125 words (8 per word; chance 0.8 %) and
+200 LRS3-view sentences; 40,047 frames (0.45 h) at 128x128; 24.8 MB of MP4 (33 MB on disk).
+Building it costs about 130 CPU-seconds (0.11 s per clip: espeak, rendering, H.264 + AAC),
+about 70 s on two idle cores with `num_workers=2`; on the shared machine at load average 16
+it took 8.3 min. `TINY` (4 speakers, 16 clips, 64x64) builds in about 3 s.
+
+How much the mouth alone tells (ridge regression on 12x12 grey crops of all 29 frames, trained
+on the 800 train-speaker clips, tested on the 200 clips of the 8 held-out speakers): the mouth
+region 3.5 % word accuracy, the upper face (eyes, hair, brows) 1.0-1.5 %, chance 0.8 %: only
+the mouth carries the word, and a pixel-linear model barely reads it (a lip reader must learn
+the shapes). `faces.render_talking_face` guarantees the first part by construction: with the
+same nuisance, frames for different words differ only inside `faces.mouth_box`.
+
+Build with `num_workers > 1` from a script only under `if __name__ == "__main__":` (the
+render processes are spawned; a spawned child re-imports the main module).
 """
 
 from __future__ import annotations

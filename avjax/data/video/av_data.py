@@ -38,6 +38,7 @@ babble noise from other utterances at an SNR drawn from `babble_snr_db`, and Spe
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -73,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
             "cache_dir": "",
             "view": "lrw",  # synthetic only: lrw (word clips) | lrs3 (sentences)
             "synthetic": dataclasses.asdict(av_corpus.CorpusSpec()),
-            "build_workers": 2,
+            "build_workers": 2,  # corpus render processes; decoding threads
             "train_splits": "",  # comma-separated; "" = the layout's default
             "eval_splits": "",
             "skip_bad": False,
@@ -195,18 +196,27 @@ def _write_cache(tmp: str, items: list[layouts.AVItem], dc: Any) -> dict[str, An
         os.path.join(tmp, "audio.npy"), "w+", np.int16, (len(items), t * SAMPLES_PER_FRAME)
     )
     meta, skipped = [], []
-    for item in items:
+
+    def decode(item: layouts.AVItem) -> tuple | video_io.VideoError:
         try:
-            v, a, n = decode_item(item, dc)
+            return decode_item(item, dc)
         except video_io.VideoError as e:
-            if not dc.skip_bad:
-                raise
-            skipped.append([item.path, str(e)])
-            continue
-        i = len(meta)
-        video[i], audio[i] = v, a
-        text = _text_within(item, t / av_corpus.FPS)
-        meta.append([item.uid, item.split, item.speaker, text, item.word, n])
+            return e
+
+    # Threads: FFmpeg decoding and PIL resizing release the GIL.
+    with concurrent.futures.ThreadPoolExecutor(max(int(dc.build_workers), 1)) as pool:
+        results = pool.map(decode, items)
+        for item, res in zip(items, results, strict=True):
+            if isinstance(res, video_io.VideoError):
+                if not dc.skip_bad:
+                    raise res
+                skipped.append([item.path, str(res)])
+                continue
+            v, a, n = res
+            i = len(meta)
+            video[i], audio[i] = v, a
+            text = _text_within(item, t / av_corpus.FPS)
+            meta.append([item.uid, item.split, item.speaker, text, item.word, n])
     video.flush()
     audio.flush()
     with open(os.path.join(tmp, "meta.json"), "w") as f:

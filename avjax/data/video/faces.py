@@ -17,7 +17,7 @@ stripes / blobs), lighting direction and strength, sensor noise and compression 
     a brightness flicker and per-frame sensor noise; compression comes from the H.264
     encoder at the identity's CRF (`Identity.crf`).
 
-Everything is numpy + PIL; about 1 ms per 128x128 frame on one CPU core.
+Everything is numpy + PIL; about 2-4 ms per 128x128 frame on one (shared) CPU core.
 """
 
 from __future__ import annotations
