@@ -116,6 +116,20 @@ def _splits(dc: Any, layout: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return train, held
 
 
+def _artifact_options(root: str, read_only: bool) -> dict[str, Any]:
+    """One builder per filesystem when there are several processes (the others wait)."""
+    import jax
+
+    from avjax.data import artifacts
+
+    if jax.process_count() == 1:
+        return {"read_only": read_only}
+    os.makedirs(root, exist_ok=True)
+    processes = artifacts.JaxProcesses()
+    group = artifacts.filesystem_group(root, processes, read_only=read_only)
+    return {"read_only": read_only, "group": group, "processes": processes}
+
+
 def corpus_root(dc: Any, read_only: bool = False) -> tuple[str, str, dict[str, Any]]:
     """`(layout, folder, identity fields)` of the configured corpus; builds the synthetic one."""
     if dc.name not in NAMES:
@@ -126,7 +140,10 @@ def corpus_root(dc: Any, read_only: bool = False) -> tuple[str, str, dict[str, A
         spec = av_corpus.CorpusSpec(**dict(dc.synthetic))
         root = av_corpus.corpus_dir(cache_root(dc), spec)
         av_corpus.build_av_corpus(
-            root, spec, num_workers=int(dc.build_workers), read_only=read_only
+            root,
+            spec,
+            num_workers=int(dc.build_workers),
+            **_artifact_options(cache_root(dc), read_only),
         )
         return dc.view, os.path.join(root, dc.view), spec.fields()
     if not dc.manual_dir:
@@ -412,7 +429,7 @@ class AVData:
             fields,
             lambda tmp: _write_cache(os.fspath(tmp), items, dc),
             what=f"the decoded {layout} frames",
-            read_only=read_only,
+            **_artifact_options(cache_root(dc), read_only),
         )
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)["items"]
@@ -439,7 +456,9 @@ class AVData:
             "train": np.flatnonzero(np.isin(split_of, train_splits)),
             "eval": np.flatnonzero(np.isin(split_of, eval_splits)),
         }
-        if self.workdir and not read_only:
+        import jax
+
+        if self.workdir and not read_only and jax.process_index() == 0:
             os.makedirs(self.workdir, exist_ok=True)
             with open(os.path.join(self.workdir, "data_facts.json"), "w") as f:
                 json.dump(facts, f, indent=2)
