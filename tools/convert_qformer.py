@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> float | None:
     return _check(hf_dir, model, variables, args.check_queries, args.check_source)
 
 
-def _check(hf_dir: str, model, variables, queries: int, source: int) -> float:
-    import jax
+def _check(hf_dir: str, model: Any, variables: Any, queries: int, source: int) -> float:
+    """Max |ours - transformers'| on random queries `[2, queries, width]` and states."""
     import numpy as np
     import torch
     import transformers
@@ -70,7 +71,7 @@ def _check(hf_dir: str, model, variables, queries: int, source: int) -> float:
     e = rng.standard_normal((2, source, model.encoder_width)).astype(np.float32)
     with torch.no_grad():
         ref = hf(torch.as_tensor(q), encoder_hidden_states=torch.as_tensor(e))
-    ours = jax.jit(model.apply)(variables, q, e)
+    ours = model.apply(variables, q, e)
     diff = float(np.abs(np.asarray(ours) - ref.last_hidden_state.numpy()).max())
     print(f"check: max |Q-Former output - transformers'| = {diff:.3g} ({queries} queries)")
     return diff
