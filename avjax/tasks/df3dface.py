@@ -135,11 +135,10 @@ class DF3DFaceTask(Task):
                 eta=float(dc.eta),
             )
 
-        self._samplers[key] = run
-
         def call(params, audio, audio_mask, rng):
             return run(params, audio, audio_mask, rng, timesteps)
 
+        call.jitted, call.timesteps = run, timesteps  # (tests: compile count, jaxpr)
         self._samplers[key] = call
         return call
 
