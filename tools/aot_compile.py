@@ -6,8 +6,10 @@ r"""Ahead-of-time fit check: compile a config's real train step for a TPU topolo
 
 Compiles the sharded train step (same code as training) for the topology's devices and prints
 the per-chip memory (parameters, optimizer state, batch, temporaries) against the chip's HBM,
-the compiler's FLOPs and the implied step time and MFU. `--topology=cpu:8` compiles for host
-CPU devices instead (for testing the tool itself without libtpu).
+the compiler's FLOPs and the implied step time and MFU, and the bytes accessed per step with
+their split by op category (attention, recurrence, matmul, other; estimated from the compiled
+HLO, scaled to the compiler's total). `--topology=cpu:8` compiles for host CPU devices instead
+(for testing the tool itself without libtpu).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def main(argv: list[str]) -> None:
             + (f"{mem:.3f} s" if mem is not None else "n/a")
             + f" ({r['bytes_accessed_per_chip'] / 2**30:.1f} GiB accessed per chip)"
         )
+    total = r["bytes_accessed_per_chip"]
+    if total:
+        shares = ", ".join(
+            f"{k} {100 * v / total:.0f}%"
+            for k, v in r["bytes_accessed_by_category_per_chip"].items()
+        )
+        print(f"  traffic    {total / 2**30:.2f} GiB per chip per step: {shares}")
     if r["estimated_step_s"]:
         mfu = r["estimated_mfu"]
         print(

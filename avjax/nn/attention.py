@@ -23,6 +23,7 @@ from avjax.nn import axes
 from avjax.nn.layers import dense, segment_ids
 
 NEG_INF = -2.3819763e38  # a large finite negative: masked rows never produce NaNs
+ATTENTION_SCOPE = "attention_core"  # name scope of the attention core (AOT traffic breakdown)
 
 
 class AttentionCache(NamedTuple):
@@ -67,11 +68,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     """q `[b, t, h, d]`, k/v `[b, s, kv, d]`, mask `[b, t, s]` -> `[b, t, h, d]` (f32 softmax)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
-    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    with jax.named_scope(ATTENTION_SCOPE):
+        q = q.reshape(b, t, kv, h // kv, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
+        logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -181,9 +183,10 @@ def local_attention(
     -> `[b, t, h, d]`. Banded (`banded_local_attention`, blocks of `min(block_size, window)`)
     when that attends to fewer keys per query than the dense `[t, t]` path, else dense."""
     block = min(block_size, window)
-    if (-(-window // block) + 1) * block < q.shape[1]:
-        return banded_local_attention(q, k, v, segment_pos, window, block)
-    return attend(q, k, v, sequence_mask(segment_pos, window))
+    with jax.named_scope(ATTENTION_SCOPE):
+        if (-(-window // block) + 1) * block < q.shape[1]:
+            return banded_local_attention(q, k, v, segment_pos, window, block)
+        return attend(q, k, v, sequence_mask(segment_pos, window))
 
 
 class AttentionLayer(nn.Module):

@@ -2,11 +2,14 @@
 
 Used by `tools/aot_compile.py`: compiles the same sharded train step as training for the
 topology's devices and reports per-chip memory against HBM, the compiler's FLOPs, an estimated
-step time and MFU. `topology="cpu:N"` compiles for host CPU devices (tests, no libtpu).
+step time and MFU, and where the memory traffic goes (`hlo_bytes_by_category`: attention,
+recurrence, matmuls, other). `topology="cpu:N"` compiles for host CPU devices (tests, no
+libtpu).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from avjax.train.hardware import TPU_CHIPS as CHIPS
@@ -53,6 +56,113 @@ def _bytes_per_device(tree: Any) -> int:
         shard = leaf.sharding.shard_shape(leaf.shape)
         total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+BYTES_CATEGORIES = ("attention", "recurrence", "matmul", "other")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_DTYPE_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8})
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all"}
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string (`f32[8,128]{1,0}` or a tuple of them)."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def _category(op_name: str, opcode: str, calls_dot: bool) -> str:
+    """Op category from the JAX op name (Flax module path) and the HLO opcode."""
+    if "attention_core" in op_name:
+        return "attention"
+    if calls_dot or opcode in ("dot", "convolution"):
+        return "matmul"
+    if "rg_lru" in op_name or "conv_1d" in op_name or "linear_scan" in op_name:
+        return "recurrence"
+    return "other"
+
+
+def _parse_hlo(text: str) -> tuple[dict[str, list[tuple]], dict[str, str], str]:
+    """Computations of an HLO module text -> ({name: [(name, shape, opcode, rest)]}, shapes by
+    instruction name, entry computation name)."""
+    comps: dict[str, list[tuple]] = {}
+    shapes: dict[str, str] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        if line.endswith("{") and "=" not in line.split("(")[0]:
+            head = line.split()
+            is_entry = head[0] == "ENTRY"
+            current = (head[1] if is_entry else head[0]).lstrip("%")
+            comps[current] = []
+            entry = current if is_entry else entry
+            continue
+        m = _INSTR.match(line)
+        if m and current is not None:
+            name, shape, opcode, rest = m.groups()
+            shapes[name] = shape
+            comps[current].append((name, shape, opcode, rest))
+    return comps, shapes, entry
+
+
+def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
+    """Bytes accessed per op category in a compiled (optimised, per-device) HLO module.
+
+    Every executed instruction outside fusions (a fusion counts as one) reads its operands
+    and writes its result: bytes = operand sizes + result size (in-place dynamic updates: the
+    update only), times the trip count of the
+    while loops around it (XLA's `known_trip_count`). Categories: "attention" (ops under the
+    `attention_core` name scope: logits, mask, softmax, weighted values), "matmul" (dots and
+    convolutions, fused or not, elsewhere), "recurrence" (RG-LRU gates' elementwise work, the
+    linear scan, the temporal conv1d), "other" (norms, MLP activation, residuals, embedding,
+    loss, optimizer). An estimate of the same quantity as the compiler's "bytes accessed".
+    """
+    comps, shapes, entry = _parse_hlo(hlo_text)
+    has_dot = {
+        c: any(op in ("dot", "convolution") for _, _, op, _ in instrs)
+        for c, instrs in comps.items()
+    }
+    out = dict.fromkeys(BYTES_CATEGORIES, 0.0)
+
+    def visit(comp: str, mult: float, depth: int = 0) -> None:
+        for name, shape, opcode, rest in comps.get(comp, []):
+            if opcode == "while" and depth < 32:
+                body = re.search(r"body=%?([\w.\-]+)", rest)
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                if body:
+                    visit(body.group(1), mult * (int(trip.group(1)) if trip else 1), depth + 1)
+                continue
+            if opcode in ("call", "conditional", "async-start") and depth < 32:
+                for callee in re.findall(
+                    r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", rest
+                ):
+                    visit(callee, mult, depth + 1)
+                continue
+            if opcode in _NO_TRAFFIC:
+                continue
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+            sizes = [_shape_bytes(shapes.get(o, "")) for o in operands]
+            nbytes = _shape_bytes(shape) + sum(sizes)
+            if "dynamic-update-slice" in opcode or "dynamic-update-slice" in name:
+                nbytes = 2 * (sum(sizes) - max(sizes, default=0))  # in place: the update only
+            elif opcode == "dynamic-slice":
+                nbytes = 2 * _shape_bytes(shape)
+            callee = re.search(r"calls=%?([\w.\-]+)", rest)
+            op_name = re.search(r'op_name="([^"]*)"', rest)
+            cat = _category(
+                op_name.group(1) if op_name else "",
+                opcode,
+                bool(callee and has_dot.get(callee.group(1))),
+            )
+            out[cat] += nbytes * mult
+
+    visit(entry, 1.0)
+    return out
 
 
 def compile_report(config: Any, topology: str) -> dict[str, Any]:
@@ -106,6 +216,10 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
     # Collectives are not in either bound. XLA's own "optimal_seconds" is used when positive
     # (it is negative for some TPU programs).
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    by_cat = hlo_bytes_by_category(compiled.as_text())
+    parsed = sum(by_cat.values())
+    # Shares from the HLO walk, scaled to the compiler's total (per chip).
+    breakdown = {k: (v / parsed * bytes_accessed if parsed else 0.0) for k, v in by_cat.items()}
     compute_s = compiler_flops / (n_chips * chip["flops"]) if chip["flops"] else None
     memory_s = bytes_accessed / chip["hbm_bw"] if chip.get("hbm_bw") else None
     step_s = float(cost.get("optimal_seconds", 0.0))
@@ -139,6 +253,9 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
         "flops_per_step": compiler_flops,
         "analytic_flops_per_step": analytic_flops,
         "bytes_accessed_per_chip": bytes_accessed,
+        "bytes_accessed_per_step": bytes_accessed * n_chips,
+        "bytes_accessed_by_category_per_chip": breakdown,
+        "bytes_accessed_hlo_estimate_per_chip": parsed,
         "compute_bound_s": compute_s,
         "memory_bound_s": memory_s,
         "estimated_step_s": step_s,
