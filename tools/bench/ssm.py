@@ -1,4 +1,5 @@
-r"""Benchmark: our RG-LRU and Griffin recurrent block vs RecurrentGemma's, same run.
+r"""Benchmark: our RG-LRU and Griffin recurrent block vs RecurrentGemma's, same run; our
+banded local attention vs the dense masked path.
 
   python tools/bench/ssm.py                     # lengths 1k..64k, every scan impl, both layers
   python tools/bench/ssm.py --quick --json=ssm.json   # rg_lru 1k,16k; the block: default, 16k
@@ -8,6 +9,12 @@ forward and forward+backward (median of the repeats after a warm-up) of ours and
 RecurrentGemma's (`recurrentgemma.jax`, its default AUTO scan) on identical shapes and dtype,
 and prints a table with the ratio ours / reference (< 1 is faster). Rows go to `--json`; the
 row of the implementation our "auto" default picks on this backend has `"default": true`.
+
+The local-attention rows (`--layers=local_attention`) time multi-query attention at width 256
+(`--attn_heads` query heads, one key/value head), window 2,048, forward+backward at 4k and 16k
+tokens: the banded blockwise path (`--block` 512) beside the dense `[T, T]` one; ratio =
+banded / dense (< 1 is faster). The dense path at 16k holds several `[heads, T, T]` float32
+arrays (1 GiB each per head; ~8 GiB peak at the default single head): mind the host memory.
 """
 
 from __future__ import annotations
@@ -108,6 +115,50 @@ def bench(kind, impl, length, width, heads, batch, dtype, repeats) -> dict:
     return row
 
 
+def bench_local_attention(length, width, heads, window, block, batch, dtype, repeats) -> dict:
+    """Local attention core (multi-query, head dim width / heads), forward+backward: the
+    banded blockwise path against the dense `[T, T]` masked path, same inputs, same run."""
+    from avjax.nn.attention import attend, banded_local_attention, sequence_mask
+
+    d = width // heads
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (batch, length, heads, d), dtype)
+    k = jax.random.normal(kk, (batch, length, 1, d), dtype)
+    v = jax.random.normal(kv, (batch, length, 1, d), dtype)
+    pos = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    paths = {
+        "banded": lambda q, k, v: banded_local_attention(q, k, v, pos, window, block),
+        "dense": lambda q, k, v: attend(q, k, v, sequence_mask(pos, window)),
+    }
+    row = {"layer": "local_attention", "impl": f"window {window}, block {block}"}
+    row.update(length=length, width=width, batch=batch, dtype=jnp.dtype(dtype).name)
+    for name, fn in paths.items():
+        loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)  # noqa: E731
+        row[f"{name}_fwd_s"] = _time(jax.jit(fn), q, k, v, repeats=repeats)
+        row[f"{name}_s"] = _time(jax.jit(jax.grad(loss, (0, 1, 2))), q, k, v, repeats=repeats)
+    row["ratio"] = row["banded_s"] / row["dense_s"]
+    row["fwd_ratio"] = row["banded_fwd_s"] / row["dense_fwd_s"]
+    return row
+
+
+def _attention_rows(args, dtype, repeats) -> list[dict]:
+    """The local-attention rows (`--layers=local_attention`): banded vs dense, 4k and 16k."""
+    rows = []
+    print(f"{'layer':<16}{'impl':<22}{'length':>8}{'banded':>20}{'dense':>20}{'ratio':>8}")
+    for length in [int(n) for n in args.attn_lengths.split(",")]:
+        r = bench_local_attention(
+            length, args.width, args.attn_heads, args.window, args.block, args.batch, dtype, repeats
+        )
+        rows.append(r)
+        print(
+            f"{'local_attention':<16}{r['impl']:<22}{length:>8}"
+            f"{r['banded_s']:>11.4f} ({r['banded_fwd_s']:.4f})"
+            f"{r['dense_s']:>11.4f} ({r['dense_fwd_s']:.4f}){r['ratio']:>8.2f}",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="lengths 1k and 16k, fewer repeats")
@@ -117,7 +168,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--impls", default="sequential,associative,chunked")
-    ap.add_argument("--layers", default="rg_lru,recurrent_block")
+    ap.add_argument("--layers", default="rg_lru,recurrent_block,local_attention")
+    ap.add_argument("--window", type=int, default=2048, help="local_attention window")
+    ap.add_argument("--block", type=int, default=512, help="local_attention block (banded)")
+    ap.add_argument("--attn_heads", type=int, default=1, help="local_attention query heads")
+    ap.add_argument("--attn_lengths", default="4096,16384", help="local_attention lengths")
     ap.add_argument(
         "--lengths", default="", help="comma list; default 1k,4k,16k,64k (quick: 1k,16k)"
     )
@@ -135,8 +190,15 @@ def main() -> None:
         f"{args.dtype}; times are forward+backward (forward in brackets), seconds; "
         f"* = our default ('auto') on this backend"
     )
-    print(f"{'layer':<16}{'impl':<13}{'length':>8}{'ours':>20}{'recurrentgemma':>22}{'ratio':>8}")
-    for kind in args.layers.split(","):
+    kinds = args.layers.split(",")
+    if "local_attention" in kinds:
+        kinds.remove("local_attention")
+        rows += _attention_rows(args, dtype, repeats)
+    if kinds:
+        print(
+            f"{'layer':<16}{'impl':<13}{'length':>8}{'ours':>20}{'recurrentgemma':>22}{'ratio':>8}"
+        )
+    for kind in kinds:
         impls = args.impls.split(",")
         kind_lengths = lengths
         if args.quick and kind == "recurrent_block":
