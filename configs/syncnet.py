@@ -34,23 +34,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.name = "synthetic"
     c.data.identities = 40
     c.data.heldout_identities = 8
-    c.data.train_clips = 256
+    c.data.train_clips = 160
     c.data.eval_clips = 32
     c.data.num_frames = 50  # 2 s at 25 fps
     c.data.face_size = 48
 
     c.model = ml_collections.ConfigDict()
     c.model.face_size = 48  # faces are resized to this; the expert sees the lower half
-    c.model.width = 16  # Wav2Lip: 32 (channels 32..512)
+    c.model.width = 8  # Wav2Lip: 32 (channels 32..512)
     c.model.deep = False  # Wav2Lip: True (for 96 x 96 faces)
     c.model.norm_groups = 8  # GroupNorm (Wav2Lip: BatchNorm)
+    c.model.similarity = "scaled"  # Wav2Lip: "cosine" (P(sync) = cosine; slow to start)
     c.model.min_shift = 1  # off-sync pairs: audio shifted by 1..max_shift frames
     c.model.max_shift = 15
     c.model.dtype = "float32"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 600
-    c.train.batch_size = 32
+    c.train.batch_size = 16
     c.train.grad_accum = 1
     c.train.lr = 1e-3
     c.train.final_lr_frac = 0.1

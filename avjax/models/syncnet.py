@@ -20,8 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from avjax.nn.syncnet import ConvSpec, SyncExpert, sync_probability
+from avjax.nn.syncnet import ConvSpec, SyncExpert
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -79,12 +80,14 @@ def _audio_layers(w: int, deep: bool) -> list[ConvSpec]:
 
 
 def sync_expert(cfg: Any) -> SyncExpert:
-    """The expert `config.model` describes (`width`, `deep`, `norm_groups`, `dtype`)."""
+    """The expert `config.model` describes (`width`, `deep`, `norm_groups`, `similarity`,
+    `dtype`)."""
     w, deep = int(cfg.width), bool(cfg.deep)
     return SyncExpert(
         _face_layers(w, deep),
         _audio_layers(w, deep),
         norm_groups=int(cfg.norm_groups),
+        similarity=str(cfg.similarity),
         dtype=jnp.dtype(cfg.dtype),
     )
 
@@ -108,7 +111,7 @@ def wav2lip_mel(audio: jax.Array) -> jax.Array:
     n = 1 + (x.shape[1] - N_FFT) // HOP
     idx = np.arange(N_FFT)[None, :] + HOP * np.arange(n)[:, None]
     window = np.hanning(N_FFT + 1)[:-1].astype(np.float32)  # periodic Hann
-    mag = jnp.abs(jnp.fft.rfft(x[:, idx] * window, axis=-1))  # [batch, n, 401]
+    mag = jnp.abs(jnp.fft.rfft(x[:, idx] * window[None, None], axis=-1))  # [batch, n, 401]
     mel = jnp.einsum("bnf,mf->bnm", mag, _mel_basis())
     db = 20.0 * jnp.log10(jnp.maximum(mel, 1e-5)) - 20.0
     return jnp.clip(8.0 * (db + 100.0) / 100.0 - 4.0, -4.0, 4.0)
@@ -120,13 +123,13 @@ def mel_start(frame: jax.Array) -> jax.Array:
 
 
 def face_windows(video: jax.Array, starts: jax.Array, face_size: int) -> jax.Array:
-    """`video [batch, T, H, W, 3]` uint8, `starts [batch]` -> `[batch, S/2, S, 15]` in [0, 1]:
+    """`video [batch, T, H, W, C]` uint8, `starts [batch]` -> `[batch, S/2, S, 5 C]` in [0, 1]:
     the lower halves of frames `start .. start+4` (resized to S x S), stacked on channels."""
     b = video.shape[0]
     win = jax.vmap(lambda v, s: jax.lax.dynamic_slice_in_dim(v, s, WINDOW, axis=0))(video, starts)
     win = win.astype(jnp.float32) / 255.0  # [batch, 5, H, W, 3]
     if win.shape[2:4] != (face_size, face_size):
-        win = jax.image.resize(win, (b, WINDOW, face_size, face_size, 3), "linear")
+        win = jax.image.resize(win, (b, WINDOW, face_size, face_size, win.shape[-1]), "linear")
     lower = win[:, :, face_size // 2 :]  # [batch, 5, S/2, S, 3]
     return jnp.transpose(lower, (0, 2, 3, 1, 4)).reshape(b, face_size // 2, face_size, -1)
 
@@ -157,11 +160,9 @@ def sample_pairs(
     return v, a, label.astype(jnp.float32)
 
 
-def sync_loss(
-    face_emb: jax.Array, audio_emb: jax.Array, label: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """`(bce [batch], correct [batch])` of P(sync) = cosine against `label` in {0, 1}."""
-    p = sync_probability(face_emb, audio_emb)
-    bce = -(label * jnp.log(p) + (1.0 - label) * jnp.log1p(-p))
-    correct = ((p > 0.5) == (label > 0.5)).astype(jnp.float32)
+def sync_loss(logit: jax.Array, label: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(bce [batch], correct [batch])` of the sync logit `[batch]` against `label` in {0, 1}
+    (with Wav2Lip's cosine similarity, the BCE of P(sync) = cosine)."""
+    bce = optax.sigmoid_binary_cross_entropy(logit, label)
+    correct = ((logit > 0) == (label > 0.5)).astype(jnp.float32)
     return bce, correct

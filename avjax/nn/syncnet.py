@@ -23,6 +23,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from avjax.nn import axes
 
@@ -109,34 +110,52 @@ def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 
 class SyncExpert(nn.Module):
-    """Wav2Lip lip-sync expert: face windows and mel windows -> unit embeddings.
+    """Wav2Lip lip-sync expert: face windows and mel windows -> unit embeddings -> sync logit.
 
     Attributes:
-      face_layers: the face encoder's convs (input channels: 3 x frames).
+      face_layers: the face encoder's convs (input channels: C x frames).
       audio_layers: the audio encoder's convs (input: one channel).
       norm_groups: GroupNorm groups per conv (0: none).
+      similarity: "cosine" (Wav2Lip: P(sync) is the cosine itself, the logit is its log-odds)
+        or "scaled" (logit = a * cosine + b with learned `a`, `b`: faster to train).
     """
 
     face_layers: Sequence[ConvSpec]
     audio_layers: Sequence[ConvSpec]
     norm_groups: int = 8
+    similarity: str = "cosine"
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
+        if self.similarity not in ("cosine", "scaled"):
+            raise ValueError(f"similarity={self.similarity!r}: expected 'cosine' or 'scaled'")
         self.face_encoder = ConvEncoder(self.face_layers, self.norm_groups, self.dtype)
         self.audio_encoder = ConvEncoder(self.audio_layers, self.norm_groups, self.dtype)
+        if self.similarity == "scaled":
+            const = lambda v: nn.with_logical_partitioning(nn.initializers.constant(v), (None,))  # noqa: E731
+            self.log_scale = self.param("log_scale", const(np.log(10.0)), (1,))
+            self.bias = self.param("bias", const(-5.0), (1,))
 
     def embed_face(self, faces: jax.Array) -> jax.Array:
-        """`[batch, H/2, W, 3 * frames]` in [0, 1] -> `[batch, dim]` unit vectors."""
+        """`[batch, H/2, W, C * frames]` in [0, 1] -> `[batch, dim]` unit vectors."""
         return l2_normalize(self.face_encoder(faces))
 
     def embed_audio(self, mel: jax.Array) -> jax.Array:
         """`[batch, n_mels, mel_steps]` -> `[batch, dim]` unit vectors."""
         return l2_normalize(self.audio_encoder(mel[..., None]))
 
-    def __call__(self, faces: jax.Array, mel: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Returns `(face_emb, audio_emb)`, each `[batch, dim]` with unit norm."""
-        return self.embed_face(faces), self.embed_audio(mel)
+    def sync_logit(self, face_emb: jax.Array, audio_emb: jax.Array) -> jax.Array:
+        """Unit embeddings `[batch, dim]` -> `[batch]` log-odds of being in sync."""
+        if self.similarity == "scaled":
+            cos = jnp.sum(face_emb * audio_emb, axis=-1)
+            return jnp.exp(self.log_scale[0]) * cos + self.bias[0]
+        p = sync_probability(face_emb, audio_emb)
+        return jnp.log(p) - jnp.log1p(-p)
+
+    def __call__(self, faces: jax.Array, mel: jax.Array) -> tuple[jax.Array, ...]:
+        """Returns `(logit [batch], face_emb [batch, dim], audio_emb [batch, dim])`."""
+        face_emb, audio_emb = self.embed_face(faces), self.embed_audio(mel)
+        return self.sync_logit(face_emb, audio_emb), face_emb, audio_emb
 
 
 def sync_probability(face_emb: jax.Array, audio_emb: jax.Array, eps: float = 1e-7) -> jax.Array:

@@ -38,11 +38,11 @@ def _syllable(rng: np.random.Generator, n: int, f0: float, vowel: int) -> np.nda
     t = np.arange(n) / 16000.0
     glide = f0 * (1.0 + rng.uniform(-0.15, 0.15) * t / max(t[-1], 1e-3))
     phase = 2 * np.pi * np.cumsum(glide) / 16000.0
-    y = np.zeros(n)
-    for k in range(1, int(4000 // f0) + 1):
-        h = k * f0
-        amp = np.exp(-(((h - f1) / 150.0) ** 2)) + 0.7 * np.exp(-(((h - f2) / 200.0) ** 2))
-        y += (amp + 0.02) * np.sin(k * phase + rng.uniform(0, 2 * np.pi))
+    k = np.arange(1, int(4000 // f0) + 1, dtype=np.float64)
+    h = k * f0
+    amp = np.exp(-(((h - f1) / 150.0) ** 2)) + 0.7 * np.exp(-(((h - f2) / 200.0) ** 2)) + 0.02
+    offsets = rng.uniform(0, 2 * np.pi, len(k))
+    y = amp @ np.sin(k[:, None] * phase[None, :] + offsets[:, None])
     return y * np.sin(np.pi * np.arange(n) / n) ** 0.7
 
 
@@ -133,7 +133,8 @@ class _Clips(grain.sources.RandomAccessDataSource):
         return len(self.clips)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return self.clips[i]
+        clip = self.clips[i]
+        return {**clip, "length": np.int32(len(clip["video"]))}
 
 
 @dataclasses.dataclass
@@ -150,7 +151,7 @@ class SyntheticAVClips:
     batch_size: int = 8
     num_eval_batches: int = 1
     read_only: bool = False
-    _clips: dict[str, list] | None = dataclasses.field(default=None, repr=False)
+    _clips: dict[str, list] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, config: Any, workdir: str) -> SyntheticAVClips:
@@ -162,46 +163,48 @@ class SyntheticAVClips:
             num_eval_batches=int(config.train.eval_batches),
         )
 
-    def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
-        dc = self.data
-        n_id, n_held = int(dc.identities), int(dc.heldout_identities)
-        if self._clips is None:
+    def _split(self, split: str) -> list[dict[str, np.ndarray]]:
+        """The clips of `train` (training identities) or `heldout` (the others), made once."""
+        if split not in self._clips:
+            dc = self.data
+            n_id, n_held = int(dc.identities), int(dc.heldout_identities)
             t, s = int(dc.num_frames), int(dc.face_size)
-            train = [
-                make_clip(self.seed, i, i % (n_id - n_held), t, s)
-                for i in range(int(dc.train_clips))
-            ]
-            held = [
-                make_clip(self.seed + 1, i, n_id - n_held + i % n_held, t, s)
-                for i in range(int(dc.eval_clips))
-            ]
-            self._clips = {"train": train, "heldout": held}
+            if split == "train":
+                ids = [i % (n_id - n_held) for i in range(int(dc.train_clips))]
+            else:
+                ids = [n_id - n_held + i % n_held for i in range(int(dc.eval_clips))]
+            seed = self.seed + (split != "train")
+            self._clips[split] = [make_clip(seed, i, d, t, s) for i, d in enumerate(ids)]
+        return self._clips[split]
+
+    def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
+        """Facts of the clips (made lazily: evaluation never synthesises the train split)."""
+        dc = self.data
+        if int(dc.num_frames) < 2 * 15 + 6:
+            raise ValueError(f"config.data.num_frames={dc.num_frames}: LSE needs >= 36")
         return {
-            "train_clips": len(self._clips["train"]),
-            "heldout_clips": len(self._clips["heldout"]),
-            "train_identities": n_id - n_held,
-            "heldout_identities": n_held,
+            "train_clips": int(dc.train_clips),
+            "heldout_clips": int(dc.eval_clips),
+            "train_identities": int(dc.identities) - int(dc.heldout_identities),
+            "heldout_identities": int(dc.heldout_identities),
             "seconds_per_clip": int(dc.num_frames) / 25.0,
         }
 
-    def heldout_clips(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`(video [T, H, W, 3] uint8, audio [T * 640])` of each held-out clip."""
-        self.prepare()
-        return [(c["video"], c["audio"]) for c in self._clips["heldout"]]
-
     def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
         self.prepare()
-        ds = grain.MapDataset.source(_Clips(self._clips["train"]))
+        ds = grain.MapDataset.source(_Clips(self._split("train")))
         ds = ds.shuffle(seed=self.seed).repeat(None)[process_index::process_count]
         return ds.batch(self.batch_size // process_count, drop_remainder=True).to_iter_dataset()
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         self.prepare()
-        held = self._clips["heldout"][process_index::process_count]
+        held = self._split("heldout")[process_index::process_count]
         b = self.batch_size // process_count
         out = []
         for i in range(0, min(len(held), b * self.num_eval_batches) - b + 1, b):
-            out.append({k: np.stack([c[k] for c in held[i : i + b]]) for k in ("video", "audio")})
+            batch = {k: np.stack([c[k] for c in held[i : i + b]]) for k in ("video", "audio")}
+            batch["length"] = np.full((b,), int(self.data.num_frames), np.int32)
+            out.append(batch)
         return out
 
     def dummy_batch(self) -> Batch:
@@ -209,6 +212,7 @@ class SyntheticAVClips:
         return {
             "video": np.zeros((self.batch_size, t, s, s, 3), np.uint8),
             "audio": np.zeros((self.batch_size, t * 640), np.float32),
+            "length": np.full((self.batch_size,), t, np.int32),
         }
 
 
@@ -246,9 +250,9 @@ class SyncNetTask(Task):
         faces, mel = self._windows(batch, v, a)
         # No non-param collections (GroupNorm): LossContext.apply would hand back
         # `(out, {})` as the output in training (it passes `mutable=[]`).
-        face_emb, audio_emb = model.apply({"params": params}, faces, mel)
+        logit, _, _ = model.apply({"params": params}, faces, mel)
         state = dict(ctx.model_state)
-        bce, correct = syncnet_lib.sync_loss(face_emb, audio_emb, label)
+        bce, correct = syncnet_lib.sync_loss(logit, label)
         metrics = {"weight": jnp.asarray(b, jnp.float32), "accuracy": jnp.sum(correct)}
         return jnp.sum(bce), metrics, state
 
@@ -271,6 +275,17 @@ def _embedders(model: nn.Module) -> tuple[Any, Any]:
     face = jax.jit(lambda p, x: model.apply({"params": p}, x, method="embed_face"))
     audio = jax.jit(lambda p, x: model.apply({"params": p}, x, method="embed_audio"))
     return face, audio
+
+
+def heldout_clips(task: Task) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`(video [T, H, W, C] uint8, audio [T * 640])` of each held-out clip, cut to its
+    `length` (from the data module's fixed held-out batches)."""
+    clips = []
+    for batch in task.eval_batches(jax.process_index(), jax.process_count()):
+        lengths = batch.get("length", np.full(len(batch["video"]), batch["video"].shape[1]))
+        for video, audio, n in zip(batch["video"], batch["audio"], lengths, strict=True):
+            clips.append((video[: int(n)], audio[: int(n) * lse.SAMPLES_PER_FRAME]))
+    return clips
 
 
 def shift_audio(audio: np.ndarray, frames: int) -> np.ndarray:
@@ -313,8 +328,8 @@ def _heldout_accuracy(task: Task, model: nn.Module, params: Any, repeats: int) -
         v, a, label = syncnet_lib.sample_pairs(rng, b, t, int(mc.min_shift), int(mc.max_shift))
         faces = syncnet_lib.face_windows(video, v, face_size)
         mel = syncnet_lib.mel_windows(syncnet_lib.wav2lip_mel(audio), a)
-        fe, ae = model.apply({"params": params}, faces, mel)
-        return jnp.sum(syncnet_lib.sync_loss(fe, ae, label)[1])
+        logit, _, _ = model.apply({"params": params}, faces, mel)
+        return jnp.sum(syncnet_lib.sync_loss(logit, label)[1])
 
     hits, total = 0.0, 0
     for i, batch in enumerate(task.eval_batches(jax.process_index(), jax.process_count())):
@@ -334,7 +349,7 @@ def sync_eval(
     recovering exactly `-shift`, syncnet_python's sign)."""
     repeats = int(options.get("repeats", 4))
     out: dict[str, Any] = {"accuracy": _heldout_accuracy(task, model, params, repeats)}
-    clips = task.data.heldout_clips()[: int(options.get("clips", 16))]
+    clips = heldout_clips(task)[: int(options.get("clips", 16))]
     face_size = int(task.config.model.face_size)
     score = functools.partial(expert_lse, model, params, face_size=face_size)
     shift = int(options.get("lse_shift", 8))
