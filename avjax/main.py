@@ -108,6 +108,7 @@ def run(config, workdir: str, mode: str, stop_after: int | None = None) -> dict:
         state = loop.train(task, config, workdir, mesh, stop_after=stop_after)
         return {"step": int(state.step)}
     trainer, params, step = loop.restore_params(task, config, workdir, mesh, mode)
+    task.model_state = trainer.model_state or {}  # batch statistics etc. for sample/eval
     if mode == "eval":  # every evaluator of config.evals (avjax.eval.evaluators)
         n = int(config.train.eval_batches)
 

@@ -187,3 +187,37 @@ def test_plain_checkpoints_keep_their_layout():
     cfg = toy_config()
     trainer = loop.build_trainer(ToyTask(cfg, "/tmp/unused"), cfg, single_device_mesh())
     assert set(ckpt_lib.stored_tree(trainer.abstract_state)) == {"step", "params", "opt_state"}
+
+
+def _dot_generals(cfg) -> int:
+    """Matmuls in the traced train step of the capability toy under `cfg`."""
+    trainer = loop.build_trainer(CapabilityToyTask(cfg, "/tmp/unused"), cfg, single_device_mesh())
+    with jax.set_mesh(trainer.mesh):
+        state = trainer.init_fn(jax.random.key(0))
+        batch = trainer.task.dummy_batch()
+        return str(trainer.train_step.trace(state, batch).jaxpr).count("dot_general")
+
+
+def test_frozen_weights_get_no_weight_gradient():
+    """A frozen leaf's gradient is stopped, not computed and zeroed: the frozen encoder's
+    weight-gradient matmul is gone from the step (its input gradient, which `embed` needs,
+    stays)."""
+    frozen = capability_config()
+    trainable = capability_config()
+    trainable.train.param_groups = [g for g in trainable.train.param_groups if "lora" in g["regex"]]
+    assert _dot_generals(frozen) == _dot_generals(trainable) - 1
+
+
+def test_sample_mode_gets_the_checkpoint_batch_statistics(runs, monkeypatch):
+    """`--mode=sample` hands the task the restored `batch_stats` (`Task.model_state`), so a
+    BatchNorm model samples with its trained statistics."""
+    from avjax import main
+    from avjax.tasks import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "toy_bn", "toy_capabilities:SamplingCapabilityToyTask")
+    _, _, workdir = runs["capabilities"]
+    cfg = capability_config(steps=4, log_every=1, eval_every=2, checkpoint_every=100)
+    cfg.task = "toy_bn"
+    cfg.mesh.data = -1  # main.run's mesh spans every device; restore reshards the checkpoint
+    summary = main.run(cfg, str(workdir), "sample")
+    assert summary == {"collections": ["batch_stats", "params"], "finite": True}

@@ -62,6 +62,16 @@ class CapabilityToyTask(ToyTask):
         return jnp.sum(xent * batch["mask"]), {"weight": jnp.sum(batch["mask"])}, model_state
 
 
+class SamplingCapabilityToyTask(CapabilityToyTask):
+    """`sample` reports what `avjax.main` handed it: the checkpoint's batch statistics."""
+
+    def sample(self, model, params, step):
+        variables = self.variables(params)
+        tokens = jnp.zeros((1, 4), jnp.int32)
+        logits = model.apply(variables, tokens, jnp.arange(4)[None], train=False)
+        return {"collections": sorted(variables), "finite": bool(jnp.isfinite(logits).all())}
+
+
 def capability_config(**train):
     """Toy config with EMA, a frozen encoder and a `lora_` group at twice the learning rate."""
     groups = [{"regex": "^encoder/", "optimizer": "frozen"}, {"regex": "^lora_", "lr_mult": 2.0}]

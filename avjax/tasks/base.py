@@ -66,6 +66,9 @@ class Task(abc.ABC):
       parts: named models trained in alternation, each with its own optimizer state (a GAN:
         `("generator", "discriminator")`), stepped in this order every step; they are the
         top-level keys of the param tree. Empty: one model, one optimizer.
+      model_state: the restored non-param collections (e.g. `batch_stats`) of the checkpoint
+        being sampled or evaluated; set by `avjax.main` before `sample` and the evaluators.
+        `self.variables(params)` gives what `model.apply` takes.
     """
 
     name: str = "task"
@@ -83,6 +86,11 @@ class Task(abc.ABC):
         # Set by main.run for --mode=sample|eval: prepare() loads what a checkpoint was
         # trained on and never builds, refits or rewrites it.
         self.read_only = False
+        self.model_state: dict[str, Any] = {}
+
+    def variables(self, params: Any) -> dict[str, Any]:
+        """`{"params": params, **model_state}` for `model.apply` in sampling and evaluation."""
+        return {"params": params, **(self.model_state or {})}
 
     @property
     def read_only(self) -> bool:

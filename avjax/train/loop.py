@@ -50,7 +50,12 @@ from avjax.train import hardware
 from avjax.train import metrics as metrics_lib
 from avjax.train import sharding as sharding_lib
 from avjax.train import state as state_lib
-from avjax.train.optim import build_optimizer, learning_rate_schedule, part_config
+from avjax.train.optim import (
+    build_optimizer,
+    frozen_leaves,
+    learning_rate_schedule,
+    part_config,
+)
 from avjax.train.state import TrainState
 
 
@@ -84,17 +89,22 @@ def _loss_and_grads(
     batch: Batch,
     rng: jax.Array,
     accum: int,
+    frozen: Any = None,
 ):
     """Summed loss, summed metrics, summed gradients (with respect to `params[part]`, or all
-    params) over `accum` micro-batches, and the model state after the last one."""
+    params) over `accum` micro-batches, and the model state after the last one. `frozen`
+    (`params -> bool per leaf`) stops the gradient at frozen leaves: theirs are zeros."""
+    sub = state_lib.get_part(params, part)
+    is_frozen = frozen(sub) if frozen is not None else None
 
     def loss_fn(p, ms, b, r):
+        if is_frozen is not None:
+            p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, is_frozen)
         ctx = LossContext(True, r, state_lib.stream_keys(r, task.rng_streams), ms, part)
         loss, metrics, new_ms = task.apply_loss(model, state_lib.set_part(params, part, p), b, ctx)
         return loss, (metrics, new_ms)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    sub = state_lib.get_part(params, part)
     if accum == 1:
         (loss, (metrics, model_state)), grads = grad_fn(sub, model_state, batch, rng)
         return loss, metrics, grads, model_state
@@ -131,18 +141,20 @@ def train_step_fn(
     seed: int,
     accum: int,
     ema_decay: float,
+    frozen: dict[str | None, Any],
     state: TrainState,
     batch: Batch,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step per part (in `task.parts` order; one step for a single model) on a
-    global batch; returns the new state and mean metrics (`<part>/<name>` for parts)."""
+    global batch; returns the new state and mean metrics (`<part>/<name>` for parts).
+    `frozen[part]`: which leaves are frozen (`optim.frozen_leaves`), or None."""
     key = state_lib.step_key(seed, state.step)
     params, opt_state, model_state = state.params, state.opt_state, state.model_state
     metrics: dict[str, jax.Array] = {"loss": jnp.zeros((), jnp.float32)}
     for part in task.parts or (None,):
         rng = state_lib.part_key(key, part)
         loss_sum, sums, grad_sums, model_state = _loss_and_grads(
-            task, model, params, model_state, part, batch, rng, accum
+            task, model, params, model_state, part, batch, rng, accum, frozen[part]
         )
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g, w=weight: g / w, grad_sums)
@@ -248,6 +260,7 @@ def build_trainer(
         int(config.seed),
         int(tc.grad_accum),
         ema_decay,
+        {p: frozen_leaves(part_config(tc, p), f"{p}/" if p else "") for p in txs},
     )
     train_step = jax.jit(
         step,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -102,6 +103,22 @@ def group_labels(params: Any, groups: list[dict[str, Any]], prefix: str = "") ->
 
     boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
     return jax.tree_util.tree_map_with_path(label, params, is_leaf=boxed)
+
+
+def frozen_leaves(train_cfg: Any, prefix: str = "") -> Callable[[Any], Any] | None:
+    """`params -> bool per leaf` (True: in a `frozen` group), or None when nothing is frozen.
+
+    The train step stops the gradient at these leaves, so their weight gradients are never
+    computed (a frozen encoder or LLM base costs its forward and the backward through its
+    activations only where something below it trains), not computed and then zeroed.
+    """
+    groups = param_groups(train_cfg)
+    frozen_ids = {str(i) for i, g in enumerate(groups) if g.get("optimizer") == FROZEN}
+    if not frozen_ids:
+        return None
+    return lambda params: jax.tree.map(
+        lambda label: label in frozen_ids, group_labels(params, groups, prefix)
+    )
 
 
 def _zero_frozen(frozen: Any) -> optax.GradientTransformation:
