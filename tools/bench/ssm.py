@@ -126,16 +126,17 @@ def bench_local_attention(length, width, heads, window, block, batch, dtype, rep
     k = jax.random.normal(kk, (batch, length, 1, d), dtype)
     v = jax.random.normal(kv, (batch, length, 1, d), dtype)
     pos = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    # Positions are an argument, as in training: a constant would be folded into a [T, T] mask.
     paths = {
-        "banded": lambda q, k, v: banded_local_attention(q, k, v, pos, window, block),
-        "dense": lambda q, k, v: attend(q, k, v, sequence_mask(pos, window)),
+        "banded": lambda q, k, v, pos: banded_local_attention(q, k, v, pos, window, block),
+        "dense": lambda q, k, v, pos: attend(q, k, v, sequence_mask(pos, window)),
     }
     row = {"layer": "local_attention", "impl": f"window {window}, block {block}"}
     row.update(length=length, width=width, batch=batch, dtype=jnp.dtype(dtype).name)
     for name, fn in paths.items():
-        loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)  # noqa: E731
-        row[f"{name}_fwd_s"] = _time(jax.jit(fn), q, k, v, repeats=repeats)
-        row[f"{name}_s"] = _time(jax.jit(jax.grad(loss, (0, 1, 2))), q, k, v, repeats=repeats)
+        loss = lambda q, k, v, p, fn=fn: jnp.sum(fn(q, k, v, p).astype(jnp.float32) ** 2)  # noqa: E731
+        row[f"{name}_fwd_s"] = _time(jax.jit(fn), q, k, v, pos, repeats=repeats)
+        row[f"{name}_s"] = _time(jax.jit(jax.grad(loss, (0, 1, 2))), q, k, v, pos, repeats=repeats)
     row["ratio"] = row["banded_s"] / row["dense_s"]
     row["fwd_ratio"] = row["banded_fwd_s"] / row["dense_fwd_s"]
     return row
@@ -173,6 +174,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=512, help="local_attention block (banded)")
     ap.add_argument("--attn_heads", type=int, default=1, help="local_attention query heads")
     ap.add_argument("--attn_lengths", default="4096,16384", help="local_attention lengths")
+    ap.add_argument("--attn_repeats", type=int, default=0, help="local_attention repeats")
     ap.add_argument(
         "--lengths", default="", help="comma list; default 1k,4k,16k,64k (quick: 1k,16k)"
     )
@@ -193,7 +195,7 @@ def main() -> None:
     kinds = args.layers.split(",")
     if "local_attention" in kinds:
         kinds.remove("local_attention")
-        rows += _attention_rows(args, dtype, repeats)
+        rows += _attention_rows(args, dtype, args.attn_repeats or repeats)
     if kinds:
         print(
             f"{'layer':<16}{'impl':<13}{'length':>8}{'ours':>20}{'recurrentgemma':>22}{'ratio':>8}"
