@@ -37,8 +37,9 @@ Gemma-2B's shapes and layout (18 layers, width 2048, 8 query heads with 1 KV hea
 GeGLU MLP 16,384, RoPE on the full head dim, no logit soft-cap, sqrt(width) embedding scale, no
 biases) over SpeechSSM-2B's 32,768 units and data/training settings (configs/speechssm_2b.py):
 2,048,993,280 parameters (Gemma-2B's 2,506,172,416 with its 256,000-token vocabulary). Import
-Gemma-2B's blocks with `tools/convert_gemma.py` (avjax.convert.gemma); the unit embedding is
-new.
+Gemma-2B's blocks as the paper does: convert a local HF Gemma-2B directory with
+`tools/convert_gemma.py --hf_dir=... --out=G` and train with `--config.train.init_from=G
+--config.train.init_skip='^embedding$'` (the unit embedding stays fresh).
 """
 
 from __future__ import annotations

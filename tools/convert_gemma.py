@@ -7,8 +7,11 @@ model.safetensors, sharded safetensors, or pytorch_model.bin); nothing is downlo
 safetensors are read tensor by tensor. Writes `OUT/params` (orbax) and `OUT/model.json` (read
 both back with `avjax.convert.gemma.load_converted`). `--check` also runs transformers' PyTorch
 model (CPU, float32) and ours on random tokens and prints the max absolute logit difference.
-The result initialises SpeechTransformer-2B (`configs/speechtransformer.py:2b`) through
-`config.train.init_from` once its vocabulary is replaced by the speech units.
+The result initialises SpeechTransformer-2B as in the paper (its blocks and final norm; the
+32,768-unit embedding stays fresh):
+
+  python -m avjax.main --config=configs/speechtransformer.py:2b --workdir=W \
+      --config.train.init_from=/models/avjax_gemma2b --config.train.init_skip='^embedding$'
 """
 
 from __future__ import annotations
