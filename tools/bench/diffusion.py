@@ -1,0 +1,201 @@
+r"""Benchmark: DDIM sampling time per step, our DF-3DFace denoiser + `avjax.nn.diffusion`
+(one jitted `lax.scan`) beside the same network in PyTorch + diffusers' `DDIMScheduler`.
+
+  python tools/bench/diffusion.py                       # width 128, 4 layers, 4 x 150 frames
+  python tools/bench/diffusion.py --steps=50 --json=diffusion.json
+
+The PyTorch network has the same layers and sizes (input / audio / timestep projections,
+per block: modulated RMSNorm, bidirectional self-attention, the windowed audio
+cross-attention, gated MLP; output projection), its own random weights (this is a timing
+comparison, not a parity test: the parity of the scheduler numbers is tested in
+tests/test_nn_diffusion.py) and runs under `torch.inference_mode`, eager, float32, on the
+same CPU threads. Per-step time = (sampling time) / steps, median of `--repeats` after a
+warm-up (compilation excluded from ours). Prints a table and writes JSON rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from avjax.models import df3dface  # noqa: E402
+from avjax.nn import diffusion  # noqa: E402
+
+
+def _ours(cfg, batch: int, frames: int, steps: int, repeats: int) -> float:
+    model = df3dface.DF3DFace(cfg)
+    x = jnp.zeros((batch, frames, cfg.dim))
+    audio = jnp.zeros((batch, frames, cfg.feat_dim))
+    ones = jnp.ones((batch, frames))
+    params = model.init(
+        jax.random.PRNGKey(0), x, jnp.zeros((batch,), jnp.int32), audio, ones, ones
+    )["params"]
+    params = jax.tree.map(
+        lambda p: getattr(p, "value", p), params, is_leaf=lambda p: hasattr(p, "value")
+    )
+    sched = diffusion.make_schedule("cosine", 1000)
+    ts = jnp.asarray(diffusion.inference_timesteps(1000, steps, "trailing"))
+
+    @jax.jit
+    def run(params, audio, rng, ts):
+        def fn(xt, t):
+            return model.apply({"params": params}, xt, t, audio, ones, ones)
+
+        return diffusion.sample(fn, x.shape, rng, sched, ts, prediction_type="sample")
+
+    jax.block_until_ready(run(params, audio, jax.random.PRNGKey(0), ts))
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(params, audio, jax.random.PRNGKey(r + 1), ts))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / steps
+
+
+def _torch_net(cfg):
+    import torch
+    from torch import nn
+
+    w, h = cfg.width, cfg.num_heads
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mod = nn.ModuleList([nn.Linear(w, 2 * w) for _ in range(3)])
+            self.norm = nn.ModuleList([nn.RMSNorm(w) for _ in range(3)])
+            self.qkv, self.out = nn.Linear(w, 3 * w, bias=False), nn.Linear(w, w)
+            self.xq, self.xkv = nn.Linear(w, w, bias=False), nn.Linear(w, 2 * w, bias=False)
+            self.xout = nn.Linear(w, w)
+            self.up, self.down = nn.Linear(w, 2 * cfg.mlp_width), nn.Linear(cfg.mlp_width, w)
+
+        def _m(self, i, x, temb):
+            shift, scale = self.mod[i](temb)[:, None].chunk(2, -1)
+            return self.norm[i](x) * (1 + scale) + shift
+
+        def _heads(self, z):
+            b, t, _ = z.shape
+            return z.view(b, t, h, w // h).transpose(1, 2)
+
+        def forward(self, x, a, temb, sync_mask):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(self._m(0, x, temb)).chunk(3, -1)
+            o = torch.nn.functional.scaled_dot_product_attention(*map(self._heads, (q, k, v)))
+            x = x + self.out(o.transpose(1, 2).reshape(b, t, w))
+            ka, va = self.xkv(a).chunk(2, -1)
+            q = self.xq(self._m(1, x, temb))
+            o = torch.nn.functional.scaled_dot_product_attention(
+                self._heads(q), self._heads(ka), self._heads(va), attn_mask=sync_mask
+            )
+            x = x + self.xout(o.transpose(1, 2).reshape(b, t, w))
+            g, u = self.up(self._m(2, x, temb)).chunk(2, -1)
+            return x + self.down(torch.nn.functional.gelu(g, approximate="tanh") * u)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.aud = nn.Linear(cfg.dim, w), nn.Linear(cfg.feat_dim, w)
+            self.t1, self.t2 = nn.Linear(w, w), nn.Linear(w, w)
+            self.blocks = nn.ModuleList([Block() for _ in range(cfg.num_layers)])
+            self.norm, self.outp = nn.RMSNorm(w), nn.Linear(w, cfg.dim)
+
+        def forward(self, x, t, audio, sync_mask):
+            half = w // 2
+            freqs = torch.exp(-np.log(10_000.0) * torch.arange(half) / half)
+            args = t.float()[:, None] * freqs[None]
+            temb = self.t2(
+                torch.nn.functional.silu(self.t1(torch.cat([args.cos(), args.sin()], -1)))
+            )
+            a = self.aud(audio)
+            hdn = self.inp(x) + a
+            for blk in self.blocks:
+                hdn = blk(hdn, a, temb, sync_mask)
+            return self.outp(self.norm(hdn))
+
+    return Net().eval()
+
+
+def _reference(cfg, batch: int, frames: int, steps: int, repeats: int) -> float:
+    import torch
+    from diffusers import DDIMScheduler
+
+    net = _torch_net(cfg)
+    sched = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="sample",
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
+    audio = torch.zeros(batch, frames, cfg.feat_dim)
+    pos = torch.arange(frames)
+    sync = ((pos[:, None] - pos[None]).abs() <= cfg.sync_window)[None, None]
+
+    def run(seed):
+        sched.set_timesteps(steps)
+        x = torch.randn(batch, frames, cfg.dim, generator=torch.Generator().manual_seed(seed))
+        for t in sched.timesteps:
+            out = net(x, t.expand(batch), audio, sync)
+            x = sched.step(out, t, x).prev_sample
+        return x
+
+    with torch.inference_mode():
+        run(0)
+        times = []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            run(r + 1)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--frames", type=int, default=150)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default="")
+    a = p.parse_args()
+    cfg = df3dface.DF3DFaceConfig(
+        dim=a.dim,
+        feat_dim=320,
+        width=a.width,
+        num_layers=a.layers,
+        num_heads=4,
+        mlp_width=3 * a.width,
+    )
+    ours = _ours(cfg, a.batch, a.frames, a.steps, a.repeats)
+    ref = _reference(cfg, a.batch, a.frames, a.steps, a.repeats)
+    row = {
+        "width": a.width,
+        "layers": a.layers,
+        "batch": a.batch,
+        "frames": a.frames,
+        "steps": a.steps,
+        "ours_ms_per_step": ours * 1e3,
+        "torch_diffusers_ms_per_step": ref * 1e3,
+        "ratio": ours / ref,
+        "backend": jax.default_backend(),
+    }
+    print(f"{'ours (jax scan)':>22} {'torch+diffusers':>16} {'ratio':>6}")
+    print(f"{ours * 1e3:>19.2f} ms {ref * 1e3:>13.2f} ms {ours / ref:>6.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([row], f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
