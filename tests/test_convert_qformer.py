@@ -59,6 +59,10 @@ def _hf_out(model, q, e, mask=None):
     return out.last_hidden_state.numpy()
 
 
+# one compile per architecture, shared by every call (cheaper than op-by-op dispatch)
+_APPLY = jax.jit(lambda m, v, *args: m.apply(v, *args), static_argnums=0)
+
+
 def _tool(name):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location(name, os.path.join(repo, "tools", name + ".py"))
@@ -76,8 +80,8 @@ def test_qformer_equals_transformers(freq, text):
     assert crossing == ([0, 1, 2] if freq == 1 else [0, 2])
     ref, ref_masked = _hf_out(hf, q, e), _hf_out(hf, q, e, mask)
     assert np.abs(ref - ref_masked).max() > 1e-2  # the mask matters
-    np.testing.assert_allclose(model.apply(variables, q, e), ref, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(model.apply(variables, q, e, mask), ref_masked, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_APPLY(model, variables, q, e), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_APPLY(model, variables, q, e, mask), ref_masked, atol=1e-4, rtol=0)
     init = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), q, e))
     assert jax.tree.map(lambda x: x.shape, init) == jax.tree.map(lambda x: x.shape, variables)
 
@@ -89,7 +93,7 @@ def test_blip2_prefix_errors_and_tool(tmp_path):
     whole = {"qformer." + k: v for k, v in hf.state_dict().items()}
     whole["query_tokens"] = torch.zeros(1, QUERIES, WIDTH)
     model, variables = from_hf_qformer(whole, {"qformer_config": cfg.to_dict()})
-    np.testing.assert_allclose(model.apply(variables, q, e), ref, atol=1e-4)
+    np.testing.assert_allclose(_APPLY(model, variables, q, e), ref, atol=1e-4)
 
     sd = hf.state_dict()
     missing = {k: v for k, v in sd.items() if "layer.2.crossattention.attention.key.bias" not in k}
@@ -102,15 +106,15 @@ def test_blip2_prefix_errors_and_tool(tmp_path):
     with pytest.raises(ValueError, match=r"key.weight has shape \[32, 8\], expected \[32, 24\]"):
         from_hf_qformer(bad, cfg)
     with pytest.raises(ValueError, match="encoder_width=24"):
-        model.apply(variables, q, e[..., :8])
+        _APPLY(model, variables, q, e[..., :8])
 
     hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "avjax")
     hf.save_pretrained(hf_dir)
     loaded, loaded_vars = load_hf_qformer(hf_dir)
-    np.testing.assert_allclose(loaded.apply(loaded_vars, q, e), ref, atol=1e-4)
+    np.testing.assert_allclose(_APPLY(loaded, loaded_vars, q, e), ref, atol=1e-4)
     argv = ["--hf_dir", hf_dir, "--out", out, "--check", "--check_queries", "4"]
     diff = _tool("convert_qformer").main(argv + ["--check_source", "6"])
     assert diff is not None and diff <= 1e-4
     model2, variables2 = load_converted(out)
     assert model2.fields() == model.fields()
-    np.testing.assert_allclose(model2.apply(variables2, q, e), ref, atol=1e-4)
+    np.testing.assert_allclose(_APPLY(model2, variables2, q, e), ref, atol=1e-4)

@@ -68,6 +68,10 @@ def _hf_encoder(model, feats):
         return model.encoder(torch.as_tensor(feats)).last_hidden_state.numpy()
 
 
+# one compile per architecture, shared by every call (cheaper than op-by-op dispatch)
+_APPLY = jax.jit(lambda m, v, *args: m.apply(v, *args), static_argnums=0)
+
+
 def _tool(name):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location(name, os.path.join(repo, "tools", name + ".py"))
@@ -80,7 +84,7 @@ def test_encoder_equals_transformers(hf_whisper):
     cfg, hf = hf_whisper
     feats = _features()
     model, variables = from_hf_whisper_encoder(hf.state_dict(), cfg)
-    ours = np.asarray(model.apply(variables, feats))
+    ours = np.asarray(_APPLY(model, variables, feats))
     ref = _hf_encoder(hf, feats)
     assert ours.shape == ref.shape == (2, POSITIONS, 32)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
@@ -91,7 +95,7 @@ def test_encoder_equals_transformers(hf_whisper):
     hf_positions = hf.encoder.embed_positions.weight.detach().numpy()
     np.testing.assert_allclose(sinusoids(POSITIONS, 32), hf_positions, atol=1e-6)
     # shorter inputs (which transformers refuses) use the first positions
-    assert model.apply(variables, feats[:, :, :10]).shape == (2, 5, 32)
+    assert jax.eval_shape(model.apply, variables, feats[:, :, :10]).shape == (2, 5, 32)
 
 
 def test_generation_checkpoint_prefix_and_errors(hf_whisper):
@@ -100,7 +104,7 @@ def test_generation_checkpoint_prefix_and_errors(hf_whisper):
     sd["proj_out.weight"] = torch.zeros(50, 32)
     feats = _features(1)
     model, variables = from_hf_whisper_encoder(sd, cfg)
-    np.testing.assert_allclose(model.apply(variables, feats), _hf_encoder(hf, feats), atol=1e-4)
+    np.testing.assert_allclose(_APPLY(model, variables, feats), _hf_encoder(hf, feats), atol=1e-4)
 
     missing = {k: v for k, v in sd.items() if "layers.1.fc2.bias" not in k}
     with pytest.raises(KeyError, match=r"missing \['layers.1.fc2.bias'\]"):
@@ -109,9 +113,9 @@ def test_generation_checkpoint_prefix_and_errors(hf_whisper):
     with pytest.raises(ValueError, match=r"conv2.weight has shape \[32, 32, 5\]"):
         from_hf_whisper_encoder(bad, cfg)
     with pytest.raises(ValueError, match="17 mel bins"):
-        model.apply(variables, np.zeros((1, 17, 24), np.float32))
+        _APPLY(model, variables, np.zeros((1, 17, 24), np.float32))
     with pytest.raises(ValueError, match="max_source_positions=12"):
-        model.apply(variables, np.zeros((1, MELS, 26), np.float32))
+        _APPLY(model, variables, np.zeros((1, MELS, 26), np.float32))
 
 
 def test_saved_directory_and_tool(hf_whisper, tmp_path):
@@ -121,12 +125,12 @@ def test_saved_directory_and_tool(hf_whisper, tmp_path):
     feats = _features(2)
     ref = _hf_encoder(hf, feats)
     model, variables = load_hf_whisper_encoder(hf_dir)
-    np.testing.assert_allclose(model.apply(variables, feats), ref, atol=1e-4)
+    np.testing.assert_allclose(_APPLY(model, variables, feats), ref, atol=1e-4)
     diff = _tool("convert_whisper").main(["--hf_dir", hf_dir, "--out", out, "--check"])
     assert diff is not None and diff <= 1e-4
     model2, variables2 = load_converted(out)
     assert model2.fields() == model.fields()
-    np.testing.assert_allclose(model2.apply(variables2, feats), ref, atol=1e-4)
+    np.testing.assert_allclose(_APPLY(model2, variables2, feats), ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("mels", [80, 128])

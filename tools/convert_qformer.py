@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> float | None:
 
 def _check(hf_dir: str, model: Any, variables: Any, queries: int, source: int) -> float:
     """Max |ours - transformers'| on random queries `[2, queries, width]` and states."""
+    import jax
     import numpy as np
     import torch
     import transformers
@@ -71,7 +72,7 @@ def _check(hf_dir: str, model: Any, variables: Any, queries: int, source: int) -
     e = rng.standard_normal((2, source, model.encoder_width)).astype(np.float32)
     with torch.no_grad():
         ref = hf(torch.as_tensor(q), encoder_hidden_states=torch.as_tensor(e))
-    ours = model.apply(variables, q, e)
+    ours = jax.jit(model.apply)(variables, q, e)
     diff = float(np.abs(np.asarray(ours) - ref.last_hidden_state.numpy()).max())
     print(f"check: max |Q-Former output - transformers'| = {diff:.3g} ({queries} queries)")
     return diff

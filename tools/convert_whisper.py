@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> float | None:
     feats = feats.astype(np.float32)
     with torch.no_grad():
         ref = hf.encoder(torch.as_tensor(feats)).last_hidden_state.numpy()
-    ours = model.apply(variables, feats)
+    ours = jax.jit(model.apply)(variables, feats)
     diff = float(np.abs(np.asarray(ours) - ref).max())
     print(f"check: max |encoder output - transformers'| = {diff:.3g} over {feats.shape} features")
     return diff
