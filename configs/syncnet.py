@@ -1,27 +1,43 @@
 r"""Wav2Lip's lip-sync expert at CPU scale, with LSE-C / LSE-D and AV-offset evaluation.
 
 The expert (`avjax.models.syncnet`): 5 lower-half face frames stacked on channels and an
-80 x 16 mel window (0.2 s) -> unit embeddings -> cosine = P(sync), BCE on in-sync vs shifted
+80 x 16 mel window (0.2 s) -> unit embeddings -> a learned affine map of their cosine = the
+sync logit (`model.similarity="cosine"`: Wav2Lip's P(sync) = cosine), BCE on in-sync vs shifted
 pairs drawn on the device from clip batches (`video [B, T, H, W, 3]` uint8 at 25 fps,
-`audio [B, T * 640]` at 16 kHz). Evaluation (`sync` evaluator, `avjax.tasks.syncnet`):
-held-out accuracy on in-sync / shifted pairs, LSE-D / LSE-C (joonson/syncnet_python's
-protocol, `avjax.eval.lse`) of held-out clips in sync and with the audio delayed 8 frames,
-and the offsets recovered for clips shifted by -5..+5 frames.
+`audio [B, T * 640]` at 16 kHz). Evaluation (`avjax.tasks.syncnet.sync_eval` through the
+`task` evaluator, options in `config.sync_eval`): held-out accuracy on in-sync / shifted
+pairs, LSE-D / LSE-C (joonson/syncnet_python's protocol, `avjax.eval.lse`) of held-out clips
+in sync and with the audio delayed 8 frames, and the offsets recovered for clips shifted by
+-5..+5 frames.
 
-Data: procedural talking faces (`SyntheticAVClips`: 40 identities, 8 held out; syllables with
-formant-shaped harmonics, pauses and unvoiced bursts; the mouth opens and widens with them),
-built in memory in a few seconds; the embedded AV corpus replaces it when wired in.
+Data (`config.data.name`): "procedural" (default): in-memory talking faces
+(`avjax.tasks.syncnet.SyntheticAVClips`: 40 identities, 8 held out; syllables of
+formant-shaped harmonics with pauses and unvoiced bursts; the mouth opens and widens with
+them), 160 train + 32 held-out clips of 2 s at 48 x 48, made in ~0.25 s per clip on an idle
+core (about 1 minute; nothing is written). "synthetic": the embedded AV corpus of
+`avjax.data.video.av_data` (built in the cache on first use; `view=lrs3` sentences), or a
+real corpus: `--config.data.name=lrs3|lrs2|lrw|grid|dir --config.data.manual_dir=DIR`.
 
   python -m avjax.main --config=configs/syncnet.py --workdir=workdir/syncnet
   python -m avjax.main --config=configs/syncnet.py --workdir=workdir/syncnet --mode=eval
 
-Expected: see the numbers below (measured on 2 shared CPU cores).
+`--mode=eval` writes `sync/accuracy` (held-out in-sync vs shifted pairs, 4 draws per clip),
+`sync/insync_lse_d|lse_c`, `sync/shifted_lse_d|lse_c` (audio delayed 8 frames),
+`sync/insync_offset_exact` and `sync/offset_exact|offset_within_1` over `offset_trials`
+(8 clips x shifts -5..+5; exact = the offset found is -shift, syncnet_python's sign).
+
+Not yet measured: on the shared 2-core machine this was written on (load ~20), a step of
+batch 16 took ~30 s, so the 600-step run could not be timed; the first 25 steps gave train
+accuracy 0.505 (chance). Fill in time, accuracy, LSE and offsets from a quiet machine.
+SyncNet v2 weights (`syncnet_v2.model`) import with `avjax.convert.syncnet.load_syncnet_v2`
+for LSE as papers report it (`avjax.eval.lse.lse` + `syncnet_mfcc`, 224 x 224 face crops).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from avjax.data.video import av_data
 from avjax.train.sharding import DEFAULT_RULES
 
 
@@ -30,14 +46,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "syncnet"
     c.seed = 0
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"
-    c.data.identities = 40
-    c.data.heldout_identities = 8
-    c.data.train_clips = 160
-    c.data.eval_clips = 32
-    c.data.num_frames = 50  # 2 s at 25 fps
-    c.data.face_size = 48
+    # Data: clip batches `video [B, T, S, S, C]` uint8 + `audio [B, T * 640]`. "procedural":
+    # in-memory talking faces (`data.procedural`); any av_data name (synthetic = the embedded
+    # AV corpus, lrs3 | lrs2 | lrw | grid | dir from data.manual_dir) uses those fields.
+    c.data = av_data.default_config()
+    c.data.name = "procedural"
+    c.data.view = "lrs3"  # name=synthetic: sentences (long enough for offsets of +-15 frames)
+    c.data.num_frames = 50  # 2 s at 25 fps (>= 36)
+    c.data.image_size = 48
+    c.data.crop_size = 48  # the face size the data module hands over
+    c.data.grayscale = False  # Wav2Lip's expert sees RGB
+    c.data.hflip = 0.0
+    c.data.procedural = {
+        "identities": 40,
+        "heldout_identities": 8,
+        "train_clips": 160,
+        "eval_clips": 32,
+    }
 
     c.model = ml_collections.ConfigDict()
     c.model.face_size = 48  # faces are resized to this; the expert sees the lower half

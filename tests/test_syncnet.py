@@ -145,8 +145,8 @@ def test_syncnet_v2_import_round_trip(tmp_path):
     assert report == {"unmapped": ["extra.head.weight"], "missing": []}
 
     rng = np.random.default_rng(0)
-    lips = rng.uniform(0, 255, (2, 5, 224, 224, 3)).astype(np.float32)
-    mfcc = rng.standard_normal((2, 13, 20)).astype(np.float32) * 10
+    lips = rng.uniform(0, 255, (1, 5, 224, 224, 3)).astype(np.float32)
+    mfcc = rng.standard_normal((1, 13, 20)).astype(np.float32) * 10
     v, a = SyncNetV2().apply(variables, jnp.asarray(lips), jnp.asarray(mfcc))
     with torch.no_grad():
         tv, ta = net(torch.from_numpy(lips).permute(0, 4, 1, 2, 3), torch.from_numpy(mfcc)[:, None])
@@ -198,8 +198,8 @@ def _config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
-    c.data.update(identities=6, heldout_identities=2, train_clips=16, eval_clips=8)
-    c.data.update(num_frames=40, face_size=32)
+    c.data.procedural.update(identities=6, heldout_identities=2, train_clips=16, eval_clips=8)
+    c.data.update(num_frames=40, crop_size=32)
     c.model.update(face_size=32, width=4)
     c.train.update(steps=4, batch_size=8, log_every=2, eval_every=4, checkpoint_every=4)
     c.train.update(warmup_steps=1, async_checkpoints=False)

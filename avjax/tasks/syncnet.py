@@ -3,9 +3,10 @@ AV offsets it recovers (joonson/syncnet_python's protocol, `avjax.eval.lse`).
 
 Batches are clips: `{"video": [batch, frames, H, W, 3] uint8 face crops at 25 fps,
 "audio": [batch, frames * 640] float32 at 16 kHz}`; the model draws its in-sync / shifted
-pairs from them on the device (`avjax.models.syncnet`). The data come from
-`SyntheticAVClips` below (procedural talking faces whose mouth follows synthetic syllables),
-the fallback until the embedded AV corpus is wired in.
+pairs from them on the device (`avjax.models.syncnet`). `config.data.name="procedural"`:
+`SyntheticAVClips` below (procedural talking faces whose mouth follows synthetic syllables,
+made in memory in seconds); any other name: `avjax.data.video.av_data.AVData` (the embedded
+AV corpus `synthetic`, or lrs3 / lrs2 / lrw / grid / dir from `config.data.manual_dir`).
 """
 
 from __future__ import annotations
@@ -139,8 +140,9 @@ class _Clips(grain.sources.RandomAccessDataSource):
 
 @dataclasses.dataclass
 class SyntheticAVClips:
-    """Procedural talking-face clips, speakers held out (`config.data`: `identities`,
-    `heldout_identities`, `train_clips`, `eval_clips`, `num_frames`, `face_size`).
+    """Procedural talking-face clips, speakers held out (`config.data.procedural`:
+    `identities`, `heldout_identities`, `train_clips`, `eval_clips`; `config.data`:
+    `num_frames`, `crop_size` = the face size).
 
     Deterministic in `seed`: nothing is written, so read-only runs rebuild the same clips.
     """
@@ -166,9 +168,9 @@ class SyntheticAVClips:
     def _split(self, split: str) -> list[dict[str, np.ndarray]]:
         """The clips of `train` (training identities) or `heldout` (the others), made once."""
         if split not in self._clips:
-            dc = self.data
+            dc = self.data.procedural
             n_id, n_held = int(dc.identities), int(dc.heldout_identities)
-            t, s = int(dc.num_frames), int(dc.face_size)
+            t, s = int(self.data.num_frames), int(self.data.crop_size)
             if split == "train":
                 ids = [i % (n_id - n_held) for i in range(int(dc.train_clips))]
             else:
@@ -179,15 +181,15 @@ class SyntheticAVClips:
 
     def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
         """Facts of the clips (made lazily: evaluation never synthesises the train split)."""
-        dc = self.data
-        if int(dc.num_frames) < 2 * 15 + 6:
-            raise ValueError(f"config.data.num_frames={dc.num_frames}: LSE needs >= 36")
+        dc = self.data.procedural
+        if int(self.data.num_frames) < 2 * 15 + 6:
+            raise ValueError(f"config.data.num_frames={self.data.num_frames}: use >= 36")
         return {
             "train_clips": int(dc.train_clips),
             "heldout_clips": int(dc.eval_clips),
             "train_identities": int(dc.identities) - int(dc.heldout_identities),
             "heldout_identities": int(dc.heldout_identities),
-            "seconds_per_clip": int(dc.num_frames) / 25.0,
+            "seconds_per_clip": int(self.data.num_frames) / 25.0,
         }
 
     def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
@@ -208,7 +210,7 @@ class SyntheticAVClips:
         return out
 
     def dummy_batch(self) -> Batch:
-        t, s = int(self.data.num_frames), int(self.data.face_size)
+        t, s = int(self.data.num_frames), int(self.data.crop_size)
         return {
             "video": np.zeros((self.batch_size, t, s, s, 3), np.uint8),
             "audio": np.zeros((self.batch_size, t * 640), np.float32),
@@ -225,7 +227,12 @@ class SyncNetTask(Task):
     name = "syncnet"
 
     def __init__(self, config, workdir):
-        self.data = SyntheticAVClips.from_config(config, workdir)
+        if config.data.name == "procedural":
+            self.data = SyntheticAVClips.from_config(config, workdir)
+        else:  # the embedded AV corpus (`synthetic`) or a real one (lrs3, lrs2, lrw, grid, dir)
+            from avjax.data.video.av_data import AVData
+
+            self.data = AVData.from_config(config, workdir)
         super().__init__(config, workdir)
 
     def build_model(self) -> nn.Module:
@@ -284,7 +291,8 @@ def heldout_clips(task: Task) -> list[tuple[np.ndarray, np.ndarray]]:
     for batch in task.eval_batches(jax.process_index(), jax.process_count()):
         lengths = batch.get("length", np.full(len(batch["video"]), batch["video"].shape[1]))
         for video, audio, n in zip(batch["video"], batch["audio"], lengths, strict=True):
-            clips.append((video[: int(n)], audio[: int(n) * lse.SAMPLES_PER_FRAME]))
+            if int(n) > lse.WINDOW_FRAMES + 1:  # at least two LSE windows
+                clips.append((video[: int(n)], audio[: int(n) * lse.SAMPLES_PER_FRAME]))
     return clips
 
 
@@ -304,17 +312,21 @@ def expert_lse(
     embed_face, embed_audio = _embedders(model)
     mel = np.asarray(syncnet_lib.wav2lip_mel(jnp.asarray(audio[None])))  # [1, steps, 80]
 
+    chunk = 32  # windows per call, padded: one compiled shape per clip size
+
+    def starts(s: int, e: int) -> jax.Array:
+        return jnp.minimum(jnp.arange(s, s + chunk), e - 1)
+
     def vid(s: int, e: int) -> np.ndarray:
-        starts = jnp.arange(s, e)
-        clip = jnp.broadcast_to(jnp.asarray(video)[None], (e - s, *video.shape))
-        return np.asarray(embed_face(params, syncnet_lib.face_windows(clip, starts, face_size)))
+        clip = jnp.broadcast_to(jnp.asarray(video)[None], (chunk, *video.shape))
+        faces = syncnet_lib.face_windows(clip, starts(s, e), face_size)
+        return np.asarray(embed_face(params, faces))[: e - s]
 
     def aud(s: int, e: int) -> np.ndarray:
-        starts = jnp.arange(s, e)
-        m = jnp.broadcast_to(jnp.asarray(mel), (e - s, *mel.shape[1:]))
-        return np.asarray(embed_audio(params, syncnet_lib.mel_windows(m, starts)))
+        m = jnp.broadcast_to(jnp.asarray(mel), (chunk, *mel.shape[1:]))
+        return np.asarray(embed_audio(params, syncnet_lib.mel_windows(m, starts(s, e))))[: e - s]
 
-    return lse.lse(vid, aud, video.shape[0], len(audio), batch=32)
+    return lse.lse(vid, aud, video.shape[0], len(audio), batch=chunk)
 
 
 def _heldout_accuracy(task: Task, model: nn.Module, params: Any, repeats: int) -> float:
