@@ -29,7 +29,15 @@ ttaid_report.{md,json}:
   python -m avjax.main --config=configs/ttaid.py --workdir=W/meta_transfer --mode=eval \
       --config.stage=meta_transfer --config.eval.compare=pretrain=W/pretrain,meta_aux=W/meta_aux
 
-Measured on 2 shared CPU cores: see the numbers below (MEASURED).
+Measured (tiny shapes only, 2 CPU cores shared with ~8 other jobs; the default config's
+runtime and PSNR are NOT measured yet): the three stages at crop 16, 4 features, 4 steps
+each, then --mode=eval with a comparison run and --mode=sample on 3 images, end to end in
+~2 minutes (mostly compilation); the untrained-scale numbers are meaningless (PSNR ~7.6 dB at
+init, before the primary head's output conv was zero-initialised; it now starts as the
+identity). Whether test-time adaptation helps the meta-transfer model more than the plainly
+pretrained one (the paper's claim) is not established at this scale: run the three stages
+and the eval command above and read the TTA-gain column of ttaid_report.md. The paper's
+test-time lr (1e-5) barely moves a CPU-scale model; try --config.tta.lr=1e-3.
 """
 
 from __future__ import annotations
