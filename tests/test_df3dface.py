@@ -91,7 +91,9 @@ def test_ddim_50_steps_is_one_compiled_scan(trained):
     batch = task.dummy_batch()
     params = model.init(jax.random.PRNGKey(0), **task.model_inputs(batch))["params"]
     params = jax.tree.map(
-        lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
+        lambda x: getattr(x, "value", x) + 0.02,  # (the output layer starts at zero)
+        params,
+        is_leaf=lambda x: hasattr(x, "value"),
     )
     run = task.sampler(model, 50, 1.0)
     audio = jnp.zeros((2, 12, batch["audio"].shape[-1]))
