@@ -24,11 +24,11 @@ from avjax.convert.qformer import from_hf_qformer, load_converted, load_hf_qform
 WIDTH, ENC, QUERIES, SOURCE = 32, 24, 5, 7
 
 
-def _hf_qformer(freq, text=False, seed=0):
+def _hf_qformer(freq, text=False, seed=0, layers=3):
     cfg = transformers.Blip2QFormerConfig(
         vocab_size=30,
         hidden_size=WIDTH,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=48,
         encoder_hidden_size=ENC,
@@ -71,16 +71,19 @@ def _tool(name):
     return module
 
 
-@pytest.mark.parametrize("freq,text", [(1, False), (2, True)], ids=["cross_every", "cross_every2"])
-def test_qformer_equals_transformers(freq, text):
-    cfg, hf = _hf_qformer(freq, text)
+@pytest.mark.parametrize(
+    "freq,text,layers", [(1, False, 2), (2, True, 3)], ids=["cross_every", "cross_every2"]
+)
+def test_qformer_equals_transformers(freq, text, layers):
+    cfg, hf = _hf_qformer(freq, text, layers=layers)
     q, e, mask = _inputs()
     model, variables = from_hf_qformer(hf.state_dict(), cfg)
-    crossing = [i for i in range(3) if "cross_attn" in variables["params"][f"layers_{i}"]]
-    assert crossing == ([0, 1, 2] if freq == 1 else [0, 2])
+    crossing = [i for i in range(layers) if "cross_attn" in variables["params"][f"layers_{i}"]]
+    assert crossing == ([0, 1] if freq == 1 else [0, 2])
     ref, ref_masked = _hf_out(hf, q, e), _hf_out(hf, q, e, mask)
     assert np.abs(ref - ref_masked).max() > 1e-2  # the mask matters
-    np.testing.assert_allclose(_APPLY(model, variables, q, e), ref, atol=1e-4, rtol=0)
+    everything = np.ones_like(mask)  # one compile per architecture: always pass a mask
+    np.testing.assert_allclose(_APPLY(model, variables, q, e, everything), ref, atol=1e-4, rtol=0)
     np.testing.assert_allclose(_APPLY(model, variables, q, e, mask), ref_masked, atol=1e-4, rtol=0)
     init = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), q, e))
     assert jax.tree.map(lambda x: x.shape, init) == jax.tree.map(lambda x: x.shape, variables)
@@ -88,12 +91,13 @@ def test_qformer_equals_transformers(freq, text):
 
 def test_blip2_prefix_errors_and_tool(tmp_path):
     cfg, hf = _hf_qformer(2, seed=1)
-    q, e, _ = _inputs(1)
+    q, e, mask = _inputs(1)
+    all_keys = np.ones_like(mask)
     ref = _hf_out(hf, q, e)
     whole = {"qformer." + k: v for k, v in hf.state_dict().items()}
     whole["query_tokens"] = torch.zeros(1, QUERIES, WIDTH)
     model, variables = from_hf_qformer(whole, {"qformer_config": cfg.to_dict()})
-    np.testing.assert_allclose(_APPLY(model, variables, q, e), ref, atol=1e-4)
+    np.testing.assert_allclose(_APPLY(model, variables, q, e, all_keys), ref, atol=1e-4)
 
     sd = hf.state_dict()
     missing = {k: v for k, v in sd.items() if "layer.2.crossattention.attention.key.bias" not in k}
@@ -111,10 +115,10 @@ def test_blip2_prefix_errors_and_tool(tmp_path):
     hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "avjax")
     hf.save_pretrained(hf_dir)
     loaded, loaded_vars = load_hf_qformer(hf_dir)
-    np.testing.assert_allclose(_APPLY(loaded, loaded_vars, q, e), ref, atol=1e-4)
+    np.testing.assert_allclose(_APPLY(loaded, loaded_vars, q, e, all_keys), ref, atol=1e-4)
     argv = ["--hf_dir", hf_dir, "--out", out, "--check", "--check_queries", "4"]
     diff = _tool("convert_qformer").main(argv + ["--check_source", "6"])
     assert diff is not None and diff <= 1e-4
     model2, variables2 = load_converted(out)
     assert model2.fields() == model.fields()
-    np.testing.assert_allclose(_APPLY(model2, variables2, q, e), ref, atol=1e-4)
+    np.testing.assert_allclose(_APPLY(model2, variables2, q, e, all_keys), ref, atol=1e-4)
