@@ -170,11 +170,8 @@ def test_stages_resume_exactly_and_chain(stages, tmp_path):
     # stage 2 started from stage 1's params: the body moved on from them, but not far
     first, second = _params(stages / "meta_aux"), _params(stages / "meta_transfer")
     assert any(not np.array_equal(a, b) for a, b in zip(first, second, strict=True))
-    rel = [
-        np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-8)
-        for a, b in zip(first, second, strict=True)
-    ]
-    assert max(rel) < 0.5
+    # 4 Adam steps of lr <= 1e-3 move every parameter by less than ~4e-3
+    assert max(float(np.abs(a - b).max()) for a, b in zip(first, second, strict=True)) < 0.01
     with open(stages / "meta_transfer" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert any("inner_last" in r for r in rows) and any("eval_loss" in r for r in rows)
