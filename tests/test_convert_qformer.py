@@ -15,9 +15,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (torch and transformers are in the test extra)
+import transformers  # noqa: E402
 
 from avjax.convert.qformer import from_hf_qformer, load_converted, load_hf_qformer  # noqa: E402
 
