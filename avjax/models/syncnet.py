@@ -83,9 +83,9 @@ def sync_expert(cfg: Any) -> SyncExpert:
     """The expert `config.model` describes (`width`, `deep`, `norm_groups`, `similarity`,
     `dtype`)."""
     w, deep = int(cfg.width), bool(cfg.deep)
-    return SyncExpert(
-        _face_layers(w, deep),
-        _audio_layers(w, deep),
+    return SyncExpert(  # tuples: the module stays hashable (jit caches keyed on it)
+        tuple(_face_layers(w, deep)),
+        tuple(_audio_layers(w, deep)),
         norm_groups=int(cfg.norm_groups),
         similarity=str(cfg.similarity),
         dtype=jnp.dtype(cfg.dtype),
