@@ -158,6 +158,8 @@ def test_non_logmel_units_on_the_default_corpus_fail_before_building(tmp_path):
     # Log-mel workdirs keep the compatibility stamp they had; other features are part of it.
     assert "features" not in get_task(_config(tmp_path), "w").compatibility()["units"]
     assert get_task(cfg, "w").compatibility()["units"]["features"] == "mfcc"
+    # Workdirs from before `model.out_init_scale` existed keep theirs: it only shapes the init.
+    assert "out_init_scale" not in get_task(cfg, "w").compatibility()["model"]
 
 
 @pytest.mark.parametrize("bad", ["corrupt", "empty"])

@@ -21,6 +21,10 @@ from avjax.tasks.base import Batch, Metrics, Task
 _choose_splits = pipeline.choose_splits  # (moved to avjax.data.pipeline)
 
 
+# Model fields that change only how fresh parameters are drawn, never the checkpoint's meaning.
+INIT_ONLY = ("out_init_scale",)
+
+
 class SpeechSSMTask(Task):
     """Spoken LM over 25 Hz speech units with the Griffin backbone.
 
@@ -61,7 +65,8 @@ class SpeechSSMTask(Task):
     def compatibility(self) -> dict[str, Any]:
         return {
             "task": self.name,
-            "model": self.config.model.to_dict(),
+            # `out_init_scale` only shapes a fresh init: workdirs from before it resume
+            "model": {k: v for k, v in self.config.model.to_dict().items() if k not in INIT_ONLY},
             **self.data.compatibility(),  # the units: other units make the weights meaningless
             "seed": int(self.config.seed),
         }
