@@ -221,3 +221,16 @@ def test_sample_mode_gets_the_checkpoint_batch_statistics(runs, monkeypatch):
     cfg.mesh.data = -1  # main.run's mesh spans every device; restore reshards the checkpoint
     summary = main.run(cfg, str(workdir), "sample")
     assert summary == {"collections": ["batch_stats", "params"], "finite": True}
+
+
+def test_loss_context_apply_without_collections_returns_the_output():
+    """A model with params only: `ctx.apply` gives `(output, {})` in training as in eval."""
+    import flax.linen as nn
+
+    from avjax.tasks.base import LossContext
+
+    model, x = nn.Dense(3), np.ones((2, 4), np.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    for train in (True, False):
+        out, state = LossContext(train, jax.random.key(1)).apply(model, params, x)
+        assert out.shape == (2, 3) and state == {}

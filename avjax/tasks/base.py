@@ -46,7 +46,7 @@ class LossContext:
         new_model_state)`. In training every non-param collection is mutable (and returned
         updated); in eval they are read only and returned unchanged."""
         variables = {"params": params, **self.model_state}
-        mutable = list(self.model_state) if self.train else False
+        mutable = list(self.model_state) if self.train and self.model_state else False
         out = model.apply(variables, *args, rngs=dict(self.rngs), mutable=mutable, **kwargs)
         if not mutable:
             return out, dict(self.model_state)
