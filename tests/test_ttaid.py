@@ -151,12 +151,6 @@ def _params(workdir):
     return jax.tree.leaves(task_lib.load_workdir_params(str(workdir)))
 
 
-_MESH_BUG = pytest.mark.skip(
-    reason="meta stages fail on the 8-device data mesh (XLA conv feature_group_count, "
-    "vmap over a sharded meta-batch); to fix"
-)
-
-
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("ttaid")
@@ -168,7 +162,6 @@ def stages(tmp_path_factory):
     return root
 
 
-@_MESH_BUG
 def test_stages_resume_exactly_and_chain(stages, tmp_path):
     straight = tmp_path / "straight"
     avjax_main.run(_cli_config("meta_aux"), str(straight), "train")
@@ -184,7 +177,6 @@ def test_stages_resume_exactly_and_chain(stages, tmp_path):
     assert any("inner_last" in r for r in rows) and any("eval_loss" in r for r in rows)
 
 
-@_MESH_BUG
 def test_cli_sample_and_eval_report(stages, tmp_path):
     from PIL import Image
 

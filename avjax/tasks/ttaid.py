@@ -247,10 +247,14 @@ class TTAIDTask(Task):
             loss = l1 + float(self.config.meta.aux_weight) * aux if ctx.train else l1
             metrics = {"weight": jnp.float32(b), "l1": l1 * b, "aux": aux * b}
             return loss * b, metrics, dict(ctx.model_state)
-        per_task = jax.vmap(
-            lambda n, c: meta_objective(model, params, n[None], c[None], stage, self.config.meta)
+        # One task (image) at a time: `vmap` would batch each task's adapted kernels into a
+        # grouped convolution, which XLA's SPMD partitioner rejects on a sharded meta-batch.
+        outer, m = jax.lax.map(
+            lambda nc: meta_objective(
+                model, params, nc[0][None], nc[1][None], stage, self.config.meta
+            ),
+            (noisy, clean),
         )
-        outer, m = per_task(noisy, clean)
         metrics = {"weight": jnp.float32(b), **{k: jnp.sum(v) for k, v in m.items()}}
         return jnp.sum(outer), metrics, dict(ctx.model_state)
 
