@@ -9,9 +9,11 @@ Train (the first run builds a 2-hour espeak-ng story corpus in ~12 s, cached in
 
   python -m avjax.main --config=configs/speechssm.py --workdir=workdir/speechssm
 
-Expected (measured on 2 CPU cores, 1.24M parameters): held-out loss 2.44 / 2.19 / 2.17 /
-2.28 nats per unit at steps 100 / 200 / 300 / 400 (train loss 0.75 at 400: 12 epochs of
-162k units overfit; stop at 300 for the best held-out loss), against a unigram entropy of
+Expected (measured on 2 CPU cores, 1.24M parameters, RecurrentGemma's output-projection
+init `model.out_init_scale="rg"`): held-out loss 2.45 / 2.18 / 2.13 / 2.22 nats per unit at
+steps 100 / 200 / 300 / 400 (train loss 0.84 at 400: 12 epochs of 162k units overfit; stop at
+300 for the best held-out loss; with the earlier unit-variance init, "unit": 2.44 / 2.19 /
+2.17 / 2.28), against a unigram entropy of
 the units of 5.29 nats (both in the log, workdir/speechssm/metrics.jsonl and data_facts.json).
 
 Sample a minute (or 16: --config.sample.seconds=960) continuing a held-out prompt:
