@@ -36,7 +36,10 @@ def test_compatibility_stamps_of_existing_workdirs_are_unchanged():
     ssm = get_task(_load("speechssm"), "/nowhere")
     assert ssm.compatibility() == {
         "task": "speechssm",
-        "model": _load("speechssm").model.to_dict(),
+        # `out_init_scale` (added later) only shapes a fresh init: not part of the stamp
+        "model": {
+            k: v for k, v in _load("speechssm").model.to_dict().items() if k != "out_init_scale"
+        },
         "units": UNITS,
         "seed": 0,
     }
