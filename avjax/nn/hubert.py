@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from avjax.nn import axes
 from avjax.nn.layers import dense
+from avjax.nn.norms import layer_norm
 
 NEG_INF = -2.3819763e38
 
@@ -152,18 +153,6 @@ ACTIVATIONS = {
 }
 
 
-def _layer_norm(eps: float, axis_name: str = axes.EMBED, name: str | None = None) -> nn.LayerNorm:
-    """LayerNorm (float32 statistics, two-pass variance) with logically named scale/bias."""
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=jnp.float32,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)),
-        name=name,
-    )
-
-
 def _valid_mask(lengths: jax.Array | None, frames: int) -> jax.Array | None:
     """`[batch, frames]` bool (True = valid) from `lengths [batch]`, or None."""
     if lengths is None:
@@ -211,7 +200,7 @@ class ConvLayer(nn.Module):
         if self.norm == "group":
             y = ChannelNorm(name="layer_norm")(y, mask)
         elif self.norm == "layer":
-            y = _layer_norm(1e-5, name="layer_norm")(y)
+            y = layer_norm(1e-5, name="layer_norm")(y)
         return ACTIVATIONS[self.activation](y).astype(self.dtype or x.dtype)
 
 
@@ -381,8 +370,8 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         attn = Attention(cfg, self.dtype, name="attention")
         ff = FeedForward(cfg, self.dtype, name="feed_forward")
-        ln1 = _layer_norm(cfg.layer_norm_eps, name="layer_norm")
-        ln2 = _layer_norm(cfg.layer_norm_eps, name="final_layer_norm")
+        ln1 = layer_norm(cfg.layer_norm_eps, name="layer_norm")
+        ln2 = layer_norm(cfg.layer_norm_eps, name="final_layer_norm")
         dtype = self.dtype or x.dtype
         if cfg.do_stable_layer_norm:
             x = x + attn(ln1(x).astype(dtype), mask)
@@ -430,7 +419,7 @@ class HubertEncoder(nn.Module):
         t = x.shape[1]
         mask = _valid_mask(frame_lengths, t)
         if cfg.feat_proj_layer_norm:
-            x = _layer_norm(cfg.layer_norm_eps, name="feature_projection_layer_norm")(x)
+            x = layer_norm(cfg.layer_norm_eps, name="feature_projection_layer_norm")(x)
         x = dense(cfg.hidden_size, (None, axes.EMBED), dtype=self.dtype, name="feature_projection")(
             x.astype(dtype)
         )
@@ -438,7 +427,7 @@ class HubertEncoder(nn.Module):
             x = jnp.where(mask[..., None], x, 0.0)
         x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         x = x + PositionalConvEmbedding(cfg, self.dtype, name="pos_conv_embed")(x)
-        final_ln = _layer_norm(cfg.layer_norm_eps, name="encoder_layer_norm")
+        final_ln = layer_norm(cfg.layer_norm_eps, name="encoder_layer_norm")
         if not cfg.do_stable_layer_norm:
             x = final_ln(x).astype(dtype)
         n = cfg.num_hidden_layers if num_layers is None else int(num_layers)
