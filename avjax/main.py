@@ -84,11 +84,12 @@ def run(config, workdir: str, mode: str, stop_after: int | None = None) -> dict:
 
     from avjax.eval import evaluators
     from avjax.io import as_path
-    from avjax.tasks import get_task
+    from avjax.tasks import get_task, task_class
     from avjax.train import checkpoint as ckpt_lib
     from avjax.train import loop
     from avjax.train.sharding import apply_preset, make_mesh
 
+    task_class(config)  # imports the task's module: evaluators it registers become known
     evals = evaluators.from_config(config)  # config.evals: unknown types fail before any work
     if mode == "eval" and evaluators.uses_heldout_loss(evals) and config.train.eval_batches <= 0:
         raise ValueError(

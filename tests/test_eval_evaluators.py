@@ -127,3 +127,24 @@ def test_eval_mode_runs_every_evaluator(tmp_path, toy_registered):
     assert report == tmp_path / "eval" / "step_2" / "rep" / "report.txt"
     assert report.read_text().startswith("step 2: loss ")
     json.dumps(summary)  # what main logs
+
+
+def test_evaluators_a_task_module_registers_are_known_to_main(tmp_path, monkeypatch):
+    """`config.evals` may name a type that only the task's own module registers: main imports
+    that module before it checks the evaluators (here it then stops for want of a checkpoint,
+    not for an unknown evaluator type)."""
+    (tmp_path / "task_with_evaluator.py").write_text(
+        "from avjax.eval import evaluators\n"
+        "from toy_task import ToyTask\n\n"
+        "@evaluators.register('only_in_task_module')\n"
+        "def _score(ctx, options):\n"
+        "    return {'score': 1.0}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(REGISTRY, "toy_ev", "task_with_evaluator:ToyTask")
+    cfg = toy_config(steps=2)
+    cfg.task = "toy_ev"
+    cfg.evals = _evals(mine={"type": "only_in_task_module"})
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        avjax_main.run(cfg, str(tmp_path / "w"), "eval")
+    assert "only_in_task_module" in evaluators.known_types()

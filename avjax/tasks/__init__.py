@@ -18,10 +18,16 @@ REGISTRY = {
 }
 
 
-def get_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
-    """The Task named by `config.task`."""
+def task_class(config: ml_collections.ConfigDict) -> type[Task]:
+    """The Task class named by `config.task`; importing its module also registers the
+    evaluators that module defines, so `config.evals` may name them."""
     name = config.get("task")
     if name not in REGISTRY:
         raise ValueError(f"config.task={name!r} is not a known task; known: {sorted(REGISTRY)}")
     module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)(config, workdir)
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
+    """The Task named by `config.task`."""
+    return task_class(config)(config, workdir)
