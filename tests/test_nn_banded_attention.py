@@ -99,3 +99,19 @@ def test_traffic_breakdown_sees_the_attention_core():
         assert traffic[name]["attention"] > 0 and traffic[name]["matmul"] > 0
     # O(T x window) against O(T^2): the banded core moves several times fewer bytes.
     assert traffic["banded"]["attention"] < 0.5 * traffic["dense"]["attention"], traffic
+
+
+def test_layer_output_has_the_model_width_when_heads_do_not_divide_it():
+    """width 14 over 3 heads (head_dim 4): the output projection maps the 12 head features
+    back to the 14-wide residual stream, not to heads * head_dim."""
+    import flax.linen as nn
+
+    from avjax.nn.attention import LocalAttention
+
+    layer = LocalAttention(width=14, num_heads=3, window=4)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 14))
+    pos = jnp.tile(jnp.arange(6), (2, 1))
+    variables = layer.init(jax.random.key(1), x, pos)
+    out, _ = layer.apply(variables, x, pos)
+    assert out.shape == (2, 6, 14)
+    assert nn.unbox(variables)["params"]["out"]["kernel"].shape == (12, 14)

@@ -76,7 +76,7 @@ class DenoiserBlock(nn.Module):
         hd = c.width // c.num_heads
         h = _modulate(x, temb, "attn", c.dtype)
         q, k, v = project_qkv(h, pos, c.num_heads, c.num_heads, hd, c.dtype)
-        x = x + project_out(attend(q, k, v, self_mask), c.dtype)
+        x = x + project_out(attend(q, k, v, self_mask), c.dtype, features=c.width)
         if c.use_audio:
             h = _modulate(x, temb, "sync", c.dtype)
             b, t, _ = h.shape

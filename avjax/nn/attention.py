@@ -105,15 +105,22 @@ def project_qkv(
     return q, k, v.reshape(b, t, num_kv_heads, head_dim)
 
 
-def project_out(out: jax.Array, dtype: jnp.dtype | None = None, scale: float = 1.0) -> jax.Array:
+def project_out(
+    out: jax.Array,
+    dtype: jnp.dtype | None = None,
+    scale: float = 1.0,
+    features: int | None = None,
+) -> jax.Array:
     """The output projection (dense submodule "out", with bias) of the heads `out [batch,
-    time, heads, head_dim]` -> `[batch, time, heads * head_dim]`; inside `nn.compact`.
-    `scale` is the variance scale of its fan-in normal kernel."""
+    time, heads, head_dim]` -> `[batch, time, features]` (the model width; default
+    `heads * head_dim`, which is the width of every Griffin); inside `nn.compact`. `scale` is
+    the variance scale of its fan-in normal kernel."""
     b, t, h, d = out.shape
     out = nn.with_logical_constraint(
         out.reshape(b, t, h * d), (axes.BATCH, axes.LENGTH, axes.HEADS)
     )
-    return dense(h * d, (axes.HEADS, axes.EMBED), scale=scale, dtype=dtype, name="out")(out)
+    width = h * d if features is None else features
+    return dense(width, (axes.HEADS, axes.EMBED), scale=scale, dtype=dtype, name="out")(out)
 
 
 def sequence_mask(segment_pos: jax.Array, window: int | None = None) -> jax.Array:
@@ -222,7 +229,8 @@ class AttentionLayer(nn.Module):
             out, new_cache = self._decode(q, k, v, cache)
         else:
             out, new_cache = self._sequence(q, k, v, segment_pos, return_cache)
-        return project_out(out, self.dtype, getattr(self, "out_scale", 1.0)), new_cache
+        out = project_out(out, self.dtype, getattr(self, "out_scale", 1.0), self.width)
+        return out, new_cache
 
     def _decode(
         self, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any
