@@ -29,7 +29,9 @@ A model trained without audio (the other baseline): --config.model.use_audio=Fal
 
 Real corpora: --config.data.name=vocaset --config.data.manual_dir=DIR (VOCASET's
 data_verts.npy, raw_audio_fixed.pkl, templates.pkl, subj_seq_to_idx.pkl; its 8/2/2 subject
-splits; 60 fps taken every 2nd frame), or --config.data.name=folder (DIR/<subject>/<name>.npy
+splits; 60 fps taken every 2nd frame), --config.data.name=biwi (vertices_npy/<subj>_e<NN>.npy,
+wav/, templates.pkl as FaceFormer prepares BIWI; 25 fps; its seen/unseen subject splits), or
+--config.data.name=folder (DIR/<subject>/<name>.npy
 [T, V, 3] + <name>.wav, data.fps; the last data.heldout_speakers subjects held out). Meshes
 without triangles are not rendered.
 
@@ -56,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "default"  # default | vocaset | folder
+    c.data.name = "default"  # default | vocaset | biwi | folder
     c.data.minutes = 20.0  # embedded corpus size (name="default")
     c.data.num_speakers = 12
     c.data.heldout_speakers = 2  # the last speakers (default) / subjects (folder) held out

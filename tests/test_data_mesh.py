@@ -61,6 +61,27 @@ def test_vocaset_layout_loads_with_its_splits(tmp_path):
         vocaset.load_vocaset(root)
 
 
+def test_biwi_layout_loads_with_faceformer_splits(tmp_path):
+    root = vocaset.write_biwi_fixture(tmp_path / "biwi", frames=25, num_vertices=300)
+    seqs = {s.name: s for s in vocaset.load_biwi(root)}
+    # F2 (seen): sentence 1 trains, 33 validates, 40 is in no split; M1 (unseen) tests on 37.
+    assert {n: s.split for n, s in seqs.items()} == {
+        "F2_e01": "train",
+        "F2_e33": "val",
+        "M1_e37": "test",
+    }
+    assert all(s.fps == 25.0 and s.vertices.shape == (25, 300, 3) for s in seqs.values())
+    assert seqs["M1_e37"].speaker == "M1" and abs(len(seqs["F2_e01"].audio) / 16000 - 1) < 0.01
+    facts = _data(tmp_path, name="biwi", manual_dir=str(root), pca_dim=2).prepare()
+    assert facts["vertices"] == 300 and facts["fps"] == 25.0 and facts["train_sequences"] == 1
+    (root / "wav" / "F2_e33.wav").unlink()
+    with pytest.raises(FileNotFoundError, match=r"F2_e33.npy has no audio .*F2_e33.wav"):
+        vocaset.load_biwi(root)
+    (root / "templates.pkl").write_bytes(pickle.dumps(pickle.Pickler))
+    with pytest.raises(vocaset.UnsafePickleError, match="templates.pkl"):
+        vocaset.load_biwi(root)
+
+
 def _data(tmp_path, **kw):
     dc = ml_collections.ConfigDict(
         dict(

@@ -279,10 +279,14 @@ class MeshData:
             raise ValueError(f"config.data.name={dc.name!r} needs config.data.manual_dir")
         if dc.name == "vocaset":
             return vocaset.load_vocaset(dc.manual_dir, int(dc.vocaset_stride)), None, None
+        if dc.name == "biwi":
+            return vocaset.load_biwi(dc.manual_dir), None, None
         if dc.name == "folder":
             seqs = vocaset.load_folder(dc.manual_dir, float(dc.fps), int(dc.heldout_speakers))
             return seqs, None, None
-        raise ValueError(f"config.data.name={dc.name!r}; expected default | vocaset | folder")
+        raise ValueError(
+            f"config.data.name={dc.name!r}; expected default | vocaset | biwi | folder"
+        )
 
     def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
         """Loads (building the default corpus if needed) and encodes every sequence; fits the

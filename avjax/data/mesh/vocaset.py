@@ -12,6 +12,17 @@ test); frames are taken every `stride` (2: 60 -> 30 fps). Its pickles are read w
 `safe_load_pickle`, a restricted unpickler that admits only numpy arrays / scalars / dtypes
 and plain containers and refuses anything else with an error naming the file.
 
+BIWI (Fanelli et al., 2010) in the layout FaceFormer / CodeTalker train from (the tracked
+`faces/*.vl` converted to arrays once), in `manual_dir`:
+
+  vertices_npy/<subject>_e<NN>.npy   [T, 23370 * 3] float vertices at 25 fps
+  wav/<subject>_e<NN>.wav            its audio (44.1 kHz as released; resampled to 16 kHz)
+  templates.pkl                      {subject: [23370, 3] neutral mesh}
+
+Splits as FaceFormer: subjects F2 F3 F4 M3 M4 M5 give train (sentences 1-32) and val
+(33-36); the unseen subjects F1 F5 F6 F7 F8 M1 M2 M6 give test (sentences 37-40, BIWI-Test-B).
+A sentence without its audio is an error naming both files.
+
 A folder of sequences (the form 3D-HDTF takes when its meshes are reconstructed):
 
   manual_dir/<subject>/<name>.npy   [T, V, 3] vertices (or [T, V*3]) at `fps`
@@ -46,6 +57,16 @@ VOCASET_SPLITS: dict[str, tuple[str, ...]] = {
     "val": ("FaceTalk_170811_03275_TA", "FaceTalk_170908_03277_TA"),
     "test": ("FaceTalk_170809_00138_TA", "FaceTalk_170731_00024_TA"),
 }
+BIWI_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "seen": ("F2", "F3", "F4", "M3", "M4", "M5"),
+    "unseen": ("F1", "F5", "F6", "F7", "F8", "M1", "M2", "M6"),
+}
+BIWI_SENTENCES: dict[str, range] = {
+    "train": range(1, 33),
+    "val": range(33, 37),
+    "test": range(37, 41),
+}
+BIWI_FPS = 25.0
 VOCASET_FILES = ("data_verts.npy", "raw_audio_fixed.pkl", "templates.pkl", "subj_seq_to_idx.pkl")
 
 # (module, name) pairs a VOCASET pickle may reference: numpy's array reconstruction.
@@ -150,6 +171,55 @@ def load_vocaset(manual_dir: str | epath.Path, stride: int = 2) -> list[MeshSequ
     return out
 
 
+def _biwi_split(subject: str, sentence: int) -> str | None:
+    """FaceFormer's BIWI split of (subject, sentence number), or None if outside every split."""
+    group = "train" if subject in BIWI_SUBJECTS["seen"] else None
+    if subject in BIWI_SUBJECTS["unseen"]:
+        group = "test"
+    if group == "train" and sentence in BIWI_SENTENCES["val"]:
+        return "val"
+    return group if group and sentence in BIWI_SENTENCES[group] else None
+
+
+def _vertex_array(path: epath.Path) -> np.ndarray:
+    """`[T, V, 3]` from a `[T, V, 3]` or `[T, V*3]` .npy (memory-mapped); error naming it."""
+    arr = np.load(path, mmap_mode="r")
+    if arr.ndim == 2 and arr.shape[1] % 3 == 0:
+        arr = arr.reshape(arr.shape[0], -1, 3)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"{path}: shape {arr.shape}; expected [T, V, 3] or [T, V*3]")
+    return arr
+
+
+def load_biwi(manual_dir: str | epath.Path) -> list[MeshSequence]:
+    """BIWI's sequences in FaceFormer's layout and splits (see the module docstring)."""
+    root = epath.Path(manual_dir)
+    verts_dir, wav_dir = root / "vertices_npy", root / "wav"
+    if not verts_dir.is_dir() or not (root / "templates.pkl").exists():
+        raise FileNotFoundError(
+            f"BIWI in {root}: expected vertices_npy/<subject>_e<NN>.npy, wav/<same>.wav and "
+            "templates.pkl"
+        )
+    safe_load_pickle(root / "templates.pkl")  # checked; identities are generated, not given
+    out = []
+    for npy in sorted(verts_dir.glob("*.npy")):
+        subject, _, number = npy.stem.rpartition("_e")
+        if not number.isdigit():
+            raise ValueError(f"{npy}: expected a name <subject>_e<NN>.npy")
+        split = _biwi_split(subject, int(number))
+        if split is None:
+            continue
+        wav_path = wav_dir / f"{npy.stem}.wav"
+        if not wav_path.exists():
+            raise FileNotFoundError(f"{npy} has no audio {wav_path}")
+        arr = _vertex_array(npy)
+        wav = load_audio(str(wav_path), SAMPLE_RATE)
+        out.append(MeshSequence(lambda a=arr: a, wav, subject, split, npy.stem, BIWI_FPS))
+    if not out:
+        raise ValueError(f"BIWI in {root}: no sequence of the subjects {BIWI_SUBJECTS}")
+    return out
+
+
 def load_folder(
     manual_dir: str | epath.Path, fps: float = 30.0, heldout_subjects: int = 1
 ) -> list[MeshSequence]:
@@ -168,11 +238,7 @@ def load_folder(
             wav_path = npy.with_suffix(".wav")
             if not wav_path.exists():
                 raise FileNotFoundError(f"{npy} has no audio {wav_path}")
-            arr = np.load(npy, mmap_mode="r")
-            if arr.ndim == 2 and arr.shape[1] % 3 == 0:
-                arr = arr.reshape(arr.shape[0], -1, 3)
-            if arr.ndim != 3 or arr.shape[2] != 3:
-                raise ValueError(f"{npy}: shape {arr.shape}; expected [T, V, 3] or [T, V*3]")
+            arr = _vertex_array(npy)
             wav = load_audio(str(wav_path), SAMPLE_RATE)
             out.append(
                 MeshSequence(lambda a=arr: a, wav, subject, split, f"{subject}/{npy.stem}", fps)
@@ -223,4 +289,41 @@ def write_vocaset_fixture(
         ("subj_seq_to_idx.pkl", index),
     ):
         (root / name).write_bytes(pickle.dumps(obj, protocol=2))
+    return root
+
+
+def write_biwi_fixture(
+    root: str | epath.Path,
+    names: tuple[str, ...] = ("F2_e01", "F2_e33", "M1_e37", "F2_e40"),
+    frames: int = 30,
+    num_vertices: int = 300,
+    seed: int = 0,
+) -> epath.Path:
+    """A small BIWI in FaceFormer's layout (25 fps `[T, V*3]` vertices, 44.1 kHz WAVs,
+    templates.pkl) with moving lips and a tone that follows them (tests, examples)."""
+    import soundfile as sf
+
+    root = epath.Path(root)
+    (root / "vertices_npy").mkdir(parents=True, exist_ok=True)
+    (root / "wav").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 0.05, (num_vertices, 3)).astype(np.float32)
+    lips = np.argsort(base[:, 1])[: num_vertices // 30]
+    templates = {}
+    for k, name in enumerate(names):
+        subject = name.rpartition("_e")[0]
+        templates.setdefault(subject, base + rng.normal(0, 0.005, base.shape).astype(np.float32))
+        t = np.arange(frames) / BIWI_FPS
+        opening = 0.5 + 0.5 * np.sin(2 * np.pi * (1.5 + k) * t)
+        v = np.repeat(templates[subject][None], frames, 0)
+        v[:, lips, 1] -= 0.01 * opening[:, None]
+        np.save(root / "vertices_npy" / f"{name}.npy", v.reshape(frames, -1))
+        n = int(frames / BIWI_FPS * 44100)
+        env = np.interp(np.arange(n) / 44100, t, opening)
+        sf.write(
+            root / "wav" / f"{name}.wav",
+            env * np.sin(2 * np.pi * 220 * np.arange(n) / 44100) * 0.5,
+            44100,
+        )
+    (root / "templates.pkl").write_bytes(pickle.dumps(templates, protocol=2))
     return root
