@@ -47,83 +47,103 @@ import ml_collections
 from avjax.train.sharding import DEFAULT_RULES
 
 
+def _data() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.name = "default"  # default | sidd_small | sidd_val | polyu | nam
+    d.manual_dir = ""  # the benchmark in its published layout
+    d.skip_bad = False  # skip (and count) unreadable / unpaired / mismatched pairs
+    d.heldout_fraction = 0.1  # benchmarks: the last pairs held out
+    d.crop = 32  # training crop (the paper: 128)
+    d.noise = "auto"  # auto (synthetic; camera in meta_transfer) | a noise family
+    return d
+
+
+def _model() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.features = 16  # full-resolution channels (the paper: 32)
+    m.scale_step = 8  # more channels per level down (the paper: 16)
+    m.body_blocks = 1  # residual blocks per level, encoder and decoder
+    m.head_blocks = 2
+    m.mask_blocks = 3
+    return m
+
+
+def _meta_and_tta() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    meta = ml_collections.ConfigDict()
+    meta.inner_lr = 1e-3
+    meta.inner_steps = 5  # meta_transfer (meta_aux: 1)
+    meta.aux_weight = 10.0  # meta_transfer inner loss weight; pretrain: aux loss weight
+    meta.outer_weight = 10.0  # meta_transfer outer L1 weight
+    meta.mask_tv = 1e-2  # meta_aux: weight of the mask smoothness term in the outer loss
+    meta.first_order = False  # stop gradients through the inner gradients
+
+    tta = ml_collections.ConfigDict()
+    tta.steps = 5
+    tta.lr = 1e-5  # the paper's; larger rates move a CPU-scale model more
+    tta.optimizer = "adam"  # adam | sgd
+    tta.tile = 128  # images larger than this are adapted and denoised in tiles
+    tta.overlap = 16
+    return meta, tta
+
+
+def _train() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.steps = 100
+    t.batch_size = 4  # the meta-batch: one task per crop
+    t.grad_accum = 1
+    t.lr = 1e-3
+    t.final_lr_frac = 0.1
+    t.warmup_steps = 10
+    t.weight_decay = 0.0
+    t.b1 = 0.9
+    t.b2 = 0.999
+    t.clip_norm = 1.0
+    t.log_every = 10
+    t.eval_every = 100
+    t.eval_batches = 2
+    t.checkpoint_every = 100
+    t.keep_checkpoints = 2
+    t.async_checkpoints = True
+    t.reset_data_iterator = False
+    t.init_from = ""  # a params-only checkpoint (the loop's); see config.init_from
+    t.init_skip = ""
+    t.ema_decay = 0.0
+    t.eval_with_ema = False
+    return t
+
+
+def _mesh() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.preset = ""
+    m.data = -1
+    m.fsdp = 1
+    m.sequence = 1
+    m.tensor = 1
+    m.dcn_data = 1
+    return m
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "ttaid"
     c.seed = 0
     c.stage = "meta_aux"  # pretrain | meta_aux | meta_transfer
     c.init_from = ""  # a workdir whose newest checkpoint's params start this run
-
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "default"  # default | sidd_small | sidd_val | polyu | nam
-    c.data.manual_dir = ""  # the benchmark in its published layout
-    c.data.skip_bad = False  # skip (and count) unreadable / unpaired / mismatched pairs
-    c.data.heldout_fraction = 0.1  # benchmarks: the last pairs held out
-    c.data.crop = 48  # training crop (the paper: 128)
-    c.data.noise = "auto"  # auto (synthetic; camera in meta_transfer) | a noise family
-
-    c.model = ml_collections.ConfigDict()
-    c.model.features = 16  # full-resolution channels (the paper: 32)
-    c.model.scale_step = 8  # more channels per level down (the paper: 16)
-    c.model.body_blocks = 1  # residual blocks per level, encoder and decoder
-    c.model.head_blocks = 2
-    c.model.mask_blocks = 3
-
-    c.meta = ml_collections.ConfigDict()
-    c.meta.inner_lr = 1e-3
-    c.meta.inner_steps = 5  # meta_transfer (meta_aux: 1)
-    c.meta.aux_weight = 10.0  # meta_transfer inner loss weight; pretrain: aux loss weight
-    c.meta.outer_weight = 10.0  # meta_transfer outer L1 weight
-    c.meta.mask_tv = 1e-2  # meta_aux: weight of the mask smoothness term in the outer loss
-    c.meta.first_order = False  # stop gradients through the inner gradients
-
-    c.tta = ml_collections.ConfigDict()
-    c.tta.steps = 5
-    c.tta.lr = 1e-5  # the paper's; larger rates move a CPU-scale model more
-    c.tta.optimizer = "adam"  # adam | sgd
-    c.tta.tile = 128  # images larger than this are adapted and denoised in tiles
-    c.tta.overlap = 16
+    c.data = _data()
+    c.model = _model()
+    c.meta, c.tta = _meta_and_tta()
 
     c.eval = ml_collections.ConfigDict()
     c.eval.families = "gaussian,speckle,salt_pepper,camera"
     c.eval.size = 96  # central crop of each held-out photograph
     c.eval.compare = ""  # label=workdir,...: more runs in the ablation report
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 100
-    c.train.batch_size = 8  # the meta-batch: one task per crop
-    c.train.grad_accum = 1
-    c.train.lr = 1e-3
-    c.train.final_lr_frac = 0.1
-    c.train.warmup_steps = 10
-    c.train.weight_decay = 0.0
-    c.train.b1 = 0.9
-    c.train.b2 = 0.999
-    c.train.clip_norm = 1.0
-    c.train.log_every = 10
-    c.train.eval_every = 50
-    c.train.eval_batches = 2
-    c.train.checkpoint_every = 50
-    c.train.keep_checkpoints = 2
-    c.train.async_checkpoints = True
-    c.train.reset_data_iterator = False
-    c.train.init_from = ""  # a params-only checkpoint (the loop's); see config.init_from
-    c.train.init_skip = ""
-    c.train.ema_decay = 0.0
-    c.train.eval_with_ema = False
-
+    c.train = _train()
     c.evals = ml_collections.ConfigDict()
     c.evals.eval = {"type": "loss", "prefix": "eval_"}
     c.evals.eval.every = c.train.get_ref("eval_every")
     c.evals.denoise = {"type": "task", "every": 0, "prefix": ""}
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.preset = ""
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.sequence = 1
-    c.mesh.tensor = 1
-    c.mesh.dcn_data = 1
+    c.mesh = _mesh()
     c.sharding_rules = DEFAULT_RULES
 
     c.sample = ml_collections.ConfigDict()

@@ -155,11 +155,11 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--paper", action="store_true", help="32 features (+16), 2 blocks per level")
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--crop", type=int, default=48)
+    ap.add_argument("--crop", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tta_steps", type=int, default=5)
     ap.add_argument("--tta_lr", type=float, default=1e-5)
@@ -168,41 +168,48 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    feats, step = (32, 16) if args.paper else (16, 8)
+    args.features, args.scale_step = (32, 16) if args.paper else (16, 8)
     args.blocks = 2 if args.paper else 1
     args.head_blocks, args.mask_blocks = 2, 3
-    torch.manual_seed(0)
-    net = ttaid_lib.TTAIDNet(feats, step, args.blocks, args.head_blocks, args.mask_blocks)
-    rng = np.random.default_rng(0)
+    return args
+
+
+def _build(args, rng: np.random.Generator):
+    """Our network, its (perturbed) params, their torch copies and a `[1, size, size, 3]`
+    image; prints the max abs difference of the two denoisers' outputs on it."""
+    net = ttaid_lib.TTAIDNet(
+        args.features, args.scale_step, args.blocks, args.head_blocks, args.mask_blocks
+    )
     img = rng.random((1, args.size, args.size, 3)).astype(np.float32)
     params = jax.jit(lambda x: net.init(jax.random.key(0), x))(jnp.asarray(img))["params"]
     params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params)
     params = jax.tree.map(lambda x: x + 0.01 * jnp.ones_like(x), params)  # non-zero head out
     tp = torch_params(params)
-    x_t = torch.tensor(img.transpose(0, 3, 1, 2).copy())
-    ours_out = np.asarray(
-        net.apply({"params": params}, jnp.asarray(img), method="denoise")["clean"]
-    )
+    ours = np.asarray(net.apply({"params": params}, jnp.asarray(img), method="denoise")["clean"])
     with torch.no_grad():
-        ref_out = t_denoise(tp, x_t, args.blocks, args.head_blocks)[0].numpy().transpose(0, 2, 3, 1)
-    diff = float(np.abs(ours_out - ref_out).max())
+        x_t = torch.tensor(img.transpose(0, 3, 1, 2).copy())
+        ref = t_denoise(tp, x_t, args.blocks, args.head_blocks)[0].numpy().transpose(0, 2, 3, 1)
+    diff = float(np.abs(ours - ref).max())
     print(f"denoiser outputs: max |ours - torch| = {diff:.2e}")
+    return net, params, tp, img, diff
 
+
+def _tta_row(args, net, params, tp, img) -> dict:
+    """Test-time adaptation of one image (5 Adam steps + denoise), ours vs torch."""
     tc = ml_collections.ConfigDict(
         {"steps": args.tta_steps, "lr": args.tta_lr, "optimizer": "adam"}
     )
     fn = task_lib.adaptation_fn(net, tc)
-    rows = [
-        {
-            "what": f"tta {args.size}x{args.size} ({args.tta_steps} Adam steps + denoise)",
-            "ours_s": _median_time(
-                lambda: jax.block_until_ready(fn(params, jnp.asarray(img))), args.repeats
-            ),
-            "torch_s": _median_time(lambda: torch_tta(tp, x_t, args), args.repeats),
-        }
-    ]
-    noisy = rng.random((args.batch, args.crop, args.crop, 3)).astype(np.float32)
-    clean = rng.random((args.batch, args.crop, args.crop, 3)).astype(np.float32)
+    x, x_t = jnp.asarray(img), torch.tensor(img.transpose(0, 3, 1, 2).copy())
+    return {
+        "what": f"tta {args.size}x{args.size} ({args.tta_steps} Adam steps + denoise)",
+        "ours_s": _median_time(lambda: jax.block_until_ready(fn(params, x)), args.repeats),
+        "torch_s": _median_time(lambda: torch_tta(tp, x_t, args), args.repeats),
+    }
+
+
+def _ours_meta_step(args, net, params):
+    """Our jitted meta-transfer step (tasks mapped one at a time, as the task does)."""
     meta = ml_collections.ConfigDict(
         {
             "inner_lr": args.inner_lr,
@@ -216,10 +223,10 @@ def main() -> None:
     tx = optax.adam(1e-4)
 
     def loss_fn(p, n, c):
-        per = jax.vmap(
-            lambda a, b: task_lib.meta_objective(net, p, a[None], b[None], "meta_transfer", meta)[0]
-        )
-        return jnp.mean(per(n, c))
+        per = lambda nc: task_lib.meta_objective(  # noqa: E731
+            net, p, nc[0][None], nc[1][None], "meta_transfer", meta
+        )[0]
+        return jnp.mean(jax.lax.map(per, (n, c)))
 
     @jax.jit
     def step(p, s, n, c):
@@ -227,7 +234,15 @@ def main() -> None:
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, loss
 
-    state = [params, tx.init(params)]
+    return step, tx.init(params)
+
+
+def _meta_row(args, net, params, tp, rng: np.random.Generator) -> dict:
+    """One second-order meta-transfer training step, ours vs torch."""
+    noisy = rng.random((args.batch, args.crop, args.crop, 3)).astype(np.float32)
+    clean = rng.random((args.batch, args.crop, args.crop, 3)).astype(np.float32)
+    step, opt_state = _ours_meta_step(args, net, params)
+    state = [params, opt_state]
     jn, jc = jnp.asarray(noisy), jnp.asarray(clean)
 
     def ours_meta():
@@ -237,32 +252,35 @@ def main() -> None:
     tp_train = {k: v.clone().requires_grad_(True) for k, v in tp.items()}
     topt = torch.optim.Adam(tp_train.values(), lr=1e-4)
     tn, tcl = (torch.tensor(a.transpose(0, 3, 1, 2).copy()) for a in (noisy, clean))
-    rows.append(
-        {
-            "what": f"meta step ({args.batch} x {args.crop}^2, {args.inner_steps} inner steps)",
-            "ours_s": _median_time(ours_meta, args.repeats),
-            "torch_s": _median_time(
-                lambda: torch_meta_step(tp_train, topt, tn, tcl, args), args.repeats
-            ),
-        }
-    )
+    return {
+        "what": f"meta step ({args.batch} x {args.crop}^2, {args.inner_steps} inner steps)",
+        "ours_s": _median_time(ours_meta, args.repeats),
+        "torch_s": _median_time(
+            lambda: torch_meta_step(tp_train, topt, tn, tcl, args), args.repeats
+        ),
+    }
+
+
+def main() -> None:
+    args = _parse_args()
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    net, params, tp, img, diff = _build(args, rng)
+    rows = [_tta_row(args, net, params, tp, img), _meta_row(args, net, params, tp, rng)]
     print(f"{'what':<52}{'ours (s)':>10}{'torch (s)':>11}{'ratio':>8}")
     for r in rows:
         r["ratio"] = r["ours_s"] / r["torch_s"]
         print(f"{r['what']:<52}{r['ours_s']:>10.3f}{r['torch_s']:>11.3f}{r['ratio']:>8.2f}")
     if args.json:
+        summary = {
+            "features": args.features,
+            "max_abs_diff": diff,
+            "rows": rows,
+            "torch_threads": torch.get_num_threads(),
+            "devices": str(jax.devices()),
+        }
         with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "features": feats,
-                    "max_abs_diff": diff,
-                    "rows": rows,
-                    "torch_threads": torch.get_num_threads(),
-                    "devices": str(jax.devices()),
-                },
-                f,
-                indent=2,
-            )
+            json.dump(summary, f, indent=2)
 
 
 if __name__ == "__main__":

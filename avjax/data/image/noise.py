@@ -103,6 +103,10 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())), np.float32) / 255.0
 
 
+ISO_RANGE = (800.0, 12800.0)  # held-out 96 x 96 crops: ~31 dB at 800, ~22 dB at 12800
+JPEG_RANGE = (60, 90)
+
+
 def camera(
     img: np.ndarray,
     rng: np.random.Generator,
@@ -111,18 +115,22 @@ def camera(
 ) -> np.ndarray:
     """Realistic camera noise on a clean sRGB image `[H, W, 3]` (H, W even).
 
-    `iso` in [100, 3200] (log-uniform unless given) sets the shot noise (variance
-    `shot * x`, `shot = 1.5e-4 * iso / 100`) and read noise (`read = (shot / 4)^2`) of the
-    linear raw signal; white-balance gains are sampled (red 1.9-2.4, blue 1.5-1.9);
-    JPEG quality uniform in [70, 95] unless given.
+    `iso` log-uniform in `ISO_RANGE` unless given sets the shot noise of the linear raw
+    signal (variance `shot * x`, `shot = 1.5e-4 * iso / 100`); the read-noise variance
+    follows the log-linear fit of "unprocessing" (Brooks et al., 2019),
+    `exp(2.18 log(shot) + 1.2 + N(0, 0.26^2))`; white-balance gains are sampled (red
+    1.9-2.4, blue 1.5-1.9); JPEG quality uniform in `JPEG_RANGE` unless given. Held-out
+    96 x 96 crops score ~26 dB PSNR on average (SIDD's sRGB pairs: ~24-30 dB).
     """
-    iso = float(np.exp(rng.uniform(np.log(100.0), np.log(3200.0)))) if iso is None else iso
-    quality = int(rng.integers(70, 96)) if jpeg_quality is None else jpeg_quality
+    lo, hi = np.log(ISO_RANGE[0]), np.log(ISO_RANGE[1])
+    iso = float(np.exp(rng.uniform(lo, hi))) if iso is None else iso
+    quality = int(rng.integers(JPEG_RANGE[0], JPEG_RANGE[1] + 1))
+    quality = quality if jpeg_quality is None else jpeg_quality
     gains = np.array([rng.uniform(1.9, 2.4), 1.0, rng.uniform(1.5, 1.9)], np.float32)
     lin = _inverse_tone(np.clip(img, 0.0, 1.0) ** 2.2)
     raw = mosaic(lin / gains[None, None])
     shot = 1.5e-4 * iso / 100.0
-    read = (shot / 4.0) ** 2
+    read = float(np.exp(2.18 * np.log(shot) + 1.2 + rng.normal(0.0, 0.26)))
     noisy = raw + rng.normal(0.0, 1.0, raw.shape) * np.sqrt(np.maximum(shot * raw + read, 0))
     rgb = np.clip(demosaic(noisy) * gains[None, None], 0.0, 1.0)
     srgb = _tone(rgb) ** (1.0 / 2.2)
