@@ -1,0 +1,83 @@
+"""Beam preparation stages (avjax.data.beam) on the DirectRunner: outputs equal the
+single-process path's, and reruns redo only what is missing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from avjax.data import tfds as corpora
+from avjax.data import token_store, tokenize
+from avjax.data import units as units_lib
+from avjax.data.tfds import testing
+
+pytest.importorskip("apache_beam")
+
+from avjax.data.beam import tokens as beam_tokens  # noqa: E402
+
+SPLITS = {"train-clean-100": [("19", "198", 3), ("103", "1240", 3)], "dev-clean": [("84", "1", 2)]}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A LibriSpeech-layout folder, its TFDS build (single process) and a fitted tokenizer."""
+    root = tmp_path_factory.mktemp("beam")
+    testing.write_librispeech(str(root / "m"), SPLITS, seconds=0.5)
+    builder = corpora.build("librispeech", root / "m", root / "tfds")
+    source = builder.as_data_source(split="train_clean_100")
+    feats = [units_lib.unit_features(tokenize.to_float(source[i]["audio"])) for i in range(6)]
+    tok = units_lib.UnitTokenizer.fit(feats, num_units=8, iters=3)
+    tok.save(str(root / "tokenizer"))
+    return root, builder, tok
+
+
+def _shard_bytes(out, split):
+    done, missing = tokenize.split_status(out, split)
+    assert not missing
+    return {os.path.basename(p): open(p, "rb").read() for p in done}
+
+
+def test_tokens_stage_equals_single_process_and_reruns_only_missing_shards(corpus, tmp_path):
+    root, builder, tok = corpus
+    splits = ["train_clean_100", "dev_clean"]
+    ref = str(tmp_path / "ref")
+    for split in splits:
+        tokenize.tokenize_split(
+            builder.as_data_source(split=split), tok, ref, split, num_shards=3, progress=False
+        )
+    out = str(tmp_path / "beam")
+    src = beam_tokens.TfdsSource("librispeech", str(root / "tfds"))
+    ids = {s: beam_tokens.source_id_for(builder, str(root / "tfds"), s) for s in splits}
+    kw = dict(source_ids=ids, num_shards=3, runner="DirectRunner")
+    rep = beam_tokens.run_tokens(
+        {s: src for s in splits}, str(root / "tokenizer"), out, num_workers=2, **kw
+    )
+    assert len(rep["shards_written"]) == 5 and rep["shards_skipped"] == 0  # dev: 2 examples
+    for split in splits:
+        assert _shard_bytes(out, split) == _shard_bytes(ref, split)
+    with open(os.path.join(out, beam_tokens.REPORT)) as f:
+        assert json.load(f)["key"] == rep["key"]
+    # The token store training opens holds the documents, joined per chapter.
+    path = os.path.join(out, rep["fields"]["splits"]["train_clean_100"]["store"]["path"])
+    assert path == token_store.store_path(out, "train_clean_100")
+    store = token_store.TokenStore.open(path)
+    docs = tokenize.documents(tokenize.read_split(ref, "train_clean_100"))
+    assert store.doc_ids == [d for d, _, _ in docs] == ["19-198", "103-1240"]
+    for a, (_, _, units) in zip(store, docs, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), units)
+
+    # A lost shard (and a killed writer's leftover): the rerun redoes that shard only.
+    lost = tokenize.shard_path(out, "train_clean_100", 1, 3)
+    before = {p: os.stat(p).st_mtime_ns for s in splits for p in tokenize.split_status(out, s)[0]}
+    os.remove(lost)
+    os.remove(tokenize.done_path(lost))
+    open(lost + ".tmp-deadbeef", "wb").write(b"half")
+    again = beam_tokens.run_tokens({s: src for s in splits}, str(root / "tokenizer"), out, **kw)
+    assert again["shards_written"] == [["train_clean_100", 1]] and again["shards_skipped"] == 4
+    assert not os.path.exists(lost + ".tmp-deadbeef")
+    assert _shard_bytes(out, "train_clean_100") == _shard_bytes(ref, "train_clean_100")
+    for p, t in before.items():
+        assert (os.stat(p).st_mtime_ns == t) == (p != lost), p
+    # Same inputs, same key (the shards' markers hold timings, the key does not depend on them).
+    assert again["key"] == rep["key"]
