@@ -128,3 +128,34 @@ def test_crops_stage_equals_single_process_skips_bad_videos_and_reruns_missing(t
     assert list(again["error"]) == [jobs[3][0]] and again["key"] == rep["key"]
     assert (out / "clip0" / "info.json").stat().st_mtime_ns == stamp
     assert sorted(os.listdir(out / "clip1")) == sorted(crops.OUTPUT_FILES)
+
+
+def test_tfds_stage_builds_the_same_dataset_training_reads(tmp_path):
+    from avjax.data.beam import tfds_build
+
+    manual = tmp_path / "m"
+    paths = testing.write_librispeech(str(manual), {"dev-clean": [("84", "1", 3), ("7", "2", 2)]})
+    with open(paths[1], "wb") as f:
+        f.write(b"corrupt")  # 84-1-0001: skipped with skip_bad, listed
+    ref = corpora.build("librispeech", manual, tmp_path / "ref", skip_bad=True)
+    kw = dict(cache=str(tmp_path / "cache"), skip_bad=True)
+    rep = tfds_build.build_tfds("librispeech", str(manual), num_workers=2, **kw)
+    assert rep["built"] and rep["splits"] == {"dev_clean": 4}
+    assert [m.split(":")[0] for m in rep["skipped"]["dev-clean"]] == [paths[1]]
+    assert rep["data_dir"] == tfds_build.default_data_dir(
+        str(tmp_path / "cache"), "librispeech", str(manual), skip_bad=True
+    )
+    # Training's loader opens it as it is (no rebuild), with the single-process examples.
+    got = corpora.build("librispeech", "", rep["data_dir"]).as_data_source(split="dev_clean")
+    want = ref.as_data_source(split="dev_clean")
+    assert (
+        [g["id"] for g in got]
+        == [w["id"] for w in want]
+        == [b"7-2-0000", b"7-2-0001", b"84-1-0000", b"84-1-0002"]
+    )
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for k in g:
+            np.testing.assert_array_equal(g[k], w[k])
+    again = tfds_build.build_tfds("librispeech", str(manual), **kw)
+    assert not again["built"] and again["key"] == rep["key"]
