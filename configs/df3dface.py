@@ -26,6 +26,8 @@ ground truth); diversity across samples (identity, pose in degrees, lip vs upper
   python -m avjax.main --config=configs/df3dface.py --workdir=workdir/df3dface --mode=eval
 
 A model trained without audio (the other baseline): --config.model.use_audio=False.
+HuBERT conditioning as in the paper (a local HF directory, nothing downloaded):
+--config.data.audio_features=hubert --config.data.hubert_dir=DIR [--config.data.hubert_layer=12].
 
 Real corpora: --config.data.name=vocaset --config.data.manual_dir=DIR (VOCASET's
 data_verts.npy, raw_audio_fixed.pkl, templates.pkl, subj_seq_to_idx.pkl; its 8/2/2 subject
@@ -69,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.representation = "pca"  # pca | vertices (V * 3 offsets)
     c.data.pca_dim = 64
     c.data.window = 64  # frames per training window
+    c.data.audio_features = "logmel"  # logmel | hubert (the paper's; needs hubert_dir)
+    c.data.hubert_dir = ""  # a local HF HuBERT directory (config.json + weights)
+    c.data.hubert_layer = 12  # its layer whose output conditions the denoiser
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 128

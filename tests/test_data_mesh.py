@@ -125,3 +125,44 @@ def test_default_corpus_windows_and_representation(tmp_path):
     np.testing.assert_array_equal(again.repr.mean, data.repr.mean)
     spk = corpus_lib.load_corpus(next((tmp_path / "cache").glob("mesh_corpus-*")))
     assert {s.speaker for s in spk} == {"spk00", "spk01", "spk02"}
+
+
+def test_hubert_features_condition_the_mesh_frames(tmp_path):
+    """data.audio_features=hubert: layer-L HuBERT frames of a local HF directory, interpolated
+    to the mesh frame times; the batches carry hidden_size features."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.HubertConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        conv_dim=(8, 8),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+    )
+    transformers.HubertModel(cfg).eval().save_pretrained(tmp_path / "hub")
+    root = vocaset.write_biwi_fixture(tmp_path / "biwi", frames=25, num_vertices=60)
+    data = _data(tmp_path, name="biwi", manual_dir=str(root), pca_dim=2)
+    data.data.update(dict(audio_features="hubert", hubert_dir=str(tmp_path / "hub")))
+    data.data.hubert_layer = 1
+    data.prepare()
+    assert data.feature_dim == 16 and data.dummy_batch()["audio"].shape[-1] == 16
+    batch = next(iter(data.train_dataset(0, 1)))
+    assert batch["audio"].shape == (4, 16, 16) and np.isfinite(batch["audio"]).all()
+    held = data.heldout_features(0)
+    assert held.shape == (data.heldout[0].num_frames, 16) and held.std() > 0.1
+    assert "hubert_dir" in data.compatibility()["mesh_data"]
+
+
+def test_interpolate_frames_is_linear_in_time():
+    from avjax.data.mesh.mesh_data import interpolate_frames
+
+    feats = np.arange(10, dtype=np.float32)[:, None] * [1.0, -2.0]  # 50 Hz ramp
+    out = interpolate_frames(feats, 50.0, 7, 30.0)
+    np.testing.assert_allclose(out[:, 0], np.minimum(np.arange(7) * 50 / 30, 9), rtol=1e-6)
+    np.testing.assert_allclose(out[:, 1], -2 * out[:, 0], rtol=1e-6)

@@ -20,7 +20,7 @@ from absl import logging
 
 from avjax.data.audio import load_audio
 from avjax.data.mesh import render
-from avjax.data.mesh.mesh_data import FEATURE_DIM, MeshData, audio_envelope
+from avjax.data.mesh.mesh_data import MeshData, audio_envelope
 from avjax.eval import mesh_metrics
 from avjax.io import as_path, write_text_atomic
 from avjax.models import df3dface as model_lib
@@ -46,7 +46,7 @@ class DF3DFaceTask(Task):
         return model_lib.DF3DFace(
             model_lib.DF3DFaceConfig(
                 dim=self.data.repr.dim,
-                feat_dim=FEATURE_DIM,
+                feat_dim=self.data.feature_dim,
                 width=int(m.width),
                 num_layers=int(m.num_layers),
                 num_heads=int(m.num_heads),

@@ -14,11 +14,14 @@ feature statistics) is fitted once and saved as `<workdir>/mesh_repr.npz`; sampl
 evaluation load it (never refit). Identity and head pose are part of every frame's mesh (no
 template is subtracted per speaker), so a model of these codes generates them too.
 
-Speech features are log-mel (`avjax.data.logmel`, 100 Hz): for mesh frame k the four mel
-frames from k / fps on, stacked (`[frames, 320]`), normalised by training statistics.
+Speech features (`data.audio_features`) are log-mel by default (`avjax.data.logmel`, 100 Hz):
+for mesh frame k the four mel frames from k / fps on, stacked (`[frames, 320]`); or, as the
+paper conditions, HuBERT (`"hubert"`: layer `data.hubert_layer` of the HF HuBERT checkpoint
+in the local `data.hubert_dir`, 50 Hz frames linearly interpolated to the mesh frame times,
+`[frames, hidden_size]`). Either is normalised by training statistics.
 
-Batches: `x [batch, window, dim]`, `audio [batch, window, 320]` float32, `mask [batch,
-window]` float32 (0 = padding past a short sequence's end).
+Batches: `x [batch, window, dim]`, `audio [batch, window, feature_dim]` float32, `mask
+[batch, window]` float32 (0 = padding past a short sequence's end).
 """
 
 from __future__ import annotations
@@ -49,6 +52,16 @@ def audio_features(wav: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
     start = np.round(np.arange(num_frames) * 100.0 / fps).astype(int)
     idx = np.clip(start[:, None] + np.arange(4)[None], 0, len(mel) - 1)
     return mel[idx].reshape(num_frames, FEATURE_DIM)
+
+
+def interpolate_frames(feats: np.ndarray, rate: float, num_frames: int, fps: float) -> np.ndarray:
+    """`feats [F, D]` at `rate` Hz -> `[num_frames, D]` at `fps`, linear in time (the ends
+    are held)."""
+    pos = np.clip(np.arange(num_frames) * rate / fps, 0, len(feats) - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(feats) - 1)
+    w = (pos - lo)[:, None]
+    return ((1 - w) * feats[lo] + w * feats[hi]).astype(np.float32)
 
 
 def audio_envelope(wav: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
@@ -90,7 +103,7 @@ def _heuristic_regions(mean: np.ndarray, sample: np.ndarray) -> Regions:
 @dataclasses.dataclass
 class MeshRepr:
     """Frames <-> model vectors. mean `[V, 3]`; basis `[k, V*3]` (PCA) or None (vertices);
-    scale `[dim]`; audio feature mean / std `[320]`; regions."""
+    scale `[dim]`; audio feature mean / std `[feature_dim]`; regions."""
 
     mean: np.ndarray
     basis: np.ndarray | None
@@ -172,7 +185,7 @@ def fit_repr(
     max_frames: int = 3000,
 ) -> MeshRepr:
     """Fits the mean mesh, PCA basis (`representation="pca"`) and scales on training frames
-    (`seqs`, with their raw speech features `feats`, each `[T, 320]`)."""
+    (`seqs`, with their raw speech features `feats`, each `[T, feature_dim]`)."""
     if representation not in ("pca", "vertices"):
         raise ValueError(f"data.representation={representation!r}; expected pca | vertices")
     rng = np.random.default_rng(seed)
@@ -250,6 +263,7 @@ class MeshData:
     num_eval_batches: int = 1
     read_only: bool = False
     _prepared: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    _hubert_model: Any = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config: Any, workdir: str) -> MeshData:
@@ -301,7 +315,7 @@ class MeshData:
         if not train or not held:
             raise ValueError(f"data.name={dc.name!r}: {len(train)} train, {len(held)} held out")
         raw = {
-            split: [audio_features(s.audio, s.num_frames, s.fps) for s in group]
+            split: [self._features(s.audio, s.num_frames, s.fps) for s in group]
             for split, group in (("train", train), ("test", held))
         }
         path = as_path(self.workdir) / REPR_FILE
@@ -356,17 +370,50 @@ class MeshData:
         return self._get("heldout")
 
     def heldout_features(self, i: int) -> np.ndarray:
-        """Normalised speech features `[T, 320]` of held-out sequence i."""
+        """Normalised speech features `[T, feature_dim]` of held-out sequence i."""
         return self._get("feats")["test"][i]
 
     def features_of(self, wav: np.ndarray, fps: float) -> np.ndarray:
-        """Normalised features `[T, 320]` of any 16 kHz audio (T = its duration x fps)."""
+        """Normalised features `[T, feature_dim]` of any 16 kHz audio (T = its duration x fps)."""
         n = max(1, int(len(wav) / 16000 * fps))
-        return (audio_features(wav, n, fps) - self.repr.feat_mean) / self.repr.feat_std
+        return (self._features(wav, n, fps) - self.repr.feat_mean) / self.repr.feat_std
+
+    @property
+    def feature_dim(self) -> int:
+        """Speech feature width: 320 (log-mel) or the HuBERT hidden size."""
+        if self.data.get("audio_features", "logmel") == "hubert":
+            return int(self._hubert().config.hidden_size)
+        return FEATURE_DIM
+
+    def _hubert(self) -> Any:
+        if self._hubert_model is None:
+            from avjax.data.features import HubertFeatures
+
+            if not self.data.get("hubert_dir"):
+                raise ValueError("data.audio_features='hubert' needs data.hubert_dir")
+            self._hubert_model = HubertFeatures(
+                self.data.hubert_dir, int(self.data.get("hubert_layer", 12))
+            )
+        return self._hubert_model
+
+    def _features(self, wav: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
+        """Raw speech features `[num_frames, feature_dim]` of 16 kHz audio."""
+        kind = self.data.get("audio_features", "logmel")
+        if kind == "logmel":
+            return audio_features(wav, num_frames, fps)
+        if kind == "hubert":
+            h = self._hubert()
+            return interpolate_frames(h(np.asarray(wav, np.float32)), h.frame_rate, num_frames, fps)
+        raise ValueError(f"data.audio_features={kind!r}; expected logmel | hubert")
 
     def compatibility(self) -> dict[str, Any]:
         keys = ("name", "manual_dir", "minutes", "representation", "pca_dim", "num_speakers")
-        return {"mesh_data": {k: self.data.get(k) for k in keys}}
+        out = {k: self.data.get(k) for k in keys}
+        if self.data.get("audio_features", "logmel") != "logmel":  # old stamps stay valid
+            out.update(
+                {k: self.data.get(k) for k in ("audio_features", "hubert_dir", "hubert_layer")}
+            )
+        return {"mesh_data": out}
 
     def _windows(self, split: str) -> _Windows:
         w = int(self.data.window)
@@ -395,6 +442,6 @@ class MeshData:
         w, d = int(self.data.window), self.repr.dim
         return {
             "x": np.zeros((self.batch_size, w, d), np.float32),
-            "audio": np.zeros((self.batch_size, w, FEATURE_DIM), np.float32),
+            "audio": np.zeros((self.batch_size, w, self.feature_dim), np.float32),
             "mask": np.ones((self.batch_size, w), np.float32),
         }
