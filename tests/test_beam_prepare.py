@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from avjax.data import tfds as corpora
 from avjax.data import token_store, tokenize
@@ -18,6 +19,7 @@ pytest.importorskip("apache_beam")
 
 from avjax.data.beam import tokens as beam_tokens  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = {"train-clean-100": [("19", "198", 3), ("103", "1240", 3)], "dev-clean": [("84", "1", 2)]}
 
 
@@ -159,3 +161,44 @@ def test_tfds_stage_builds_the_same_dataset_training_reads(tmp_path):
             np.testing.assert_array_equal(g[k], w[k])
     again = tfds_build.build_tfds("librispeech", str(manual), **kw)
     assert not again["built"] and again["key"] == rep["key"]
+
+
+def _load_tool(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_cli_tokens_of_a_folder_and_the_dataflow_recipe(corpus, tmp_path, capsys):
+    root, _, tok = corpus
+    audio = tmp_path / "audio"
+    for i in range(3):
+        os.makedirs(audio / f"spk{i % 2}", exist_ok=True)
+        sf.write(audio / f"spk{i % 2}" / f"u{i}.wav", testing.tone(0.4, i), 16000)
+    out = tmp_path / "units"
+    prepare = _load_tool(os.path.join(REPO, "tools", "prepare.py"))
+    args = ["--stage=tokens", f"--dir={audio}", f"--tokenizer={root / 'tokenizer'}"]
+    rep = prepare.main([*args, f"--out={out}", "--num_workers=1", "--config.data.num_shards=2"])
+    assert len(rep["shards_written"]) == 2 and json.loads(capsys.readouterr().out) == rep
+    records = list(tokenize.read_split(str(out), "audio"))
+    assert [r["id"] for r in records] == [
+        tokenize.DirSource(audio)[i]["id"] for i in range(3)
+    ] and all(len(r["units"]) == 10 for r in records)
+    with pytest.raises(SystemExit):
+        prepare.main([*args, f"--out={out}", "--config.model.width=3"])  # not a data field
+
+    launch = _load_tool(os.path.join(REPO, "launch", "prepare_dataflow.py"))
+    flags = ["--project=p", "--region=europe-west4", "--bucket=gs://b/beam", "--dry_run"]
+    assert launch.main([*flags, "--gpu=nvidia-l4", "--", *args, "--out=/mnt/units"]) == 0
+    build, run = capsys.readouterr().out.strip().splitlines()
+    assert "-m build --sdist" in build
+    for flag in (
+        "tools/prepare.py --stage=tokens",
+        "--runner=DataflowRunner",
+        "--temp_location=gs://b/beam/tmp",
+        "--region=europe-west4",
+        "worker_accelerator=type:nvidia-l4;count:1",
+        "--extra_package=",
+    ):
+        assert flag in run, (flag, run)
