@@ -202,3 +202,45 @@ def test_prepare_cli_tokens_of_a_folder_and_the_dataflow_recipe(corpus, tmp_path
         "--extra_package=",
     ):
         assert flag in run, (flag, run)
+
+
+def test_hubert_features_batched_on_device_equal_the_unbatched_ones(tmp_path):
+    import transformers
+
+    from avjax.data import features
+    from avjax.data.beam import hubert_batch
+
+    cfg = transformers.HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        conv_dim=(16, 16, 16),
+        conv_stride=(5, 2, 2),
+        conv_kernel=(10, 3, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )
+    transformers.HubertModel(cfg).eval().save_pretrained(tmp_path / "hub")
+    ex = features.get_extractor(
+        "hubert", hubert_dir=tmp_path / "hub", layer=1, max_chunk_seconds=0.2
+    )
+    h = features._hubert(ex.spec["hubert_dir"], 1, 0.2)
+    wavs = [testing.tone(s, i) for i, s in enumerate((0.5, 0.12, 0.05, 0.3, 0.9))]  # 0.05: no unit
+    got = hubert_batch.batched_unit_features(h, wavs, batch_size=4)
+    for g, w in zip(got, wavs, strict=True):
+        want = ex(w)
+        assert g.shape == want.shape == (len(w) // 640, 32 * 32)
+        np.testing.assert_allclose(g, want, atol=2e-5, rtol=0)
+    # Through tokenize_split: the same units as the unbatched tokenizer, 2 encoder calls.
+    tok = units_lib.UnitTokenizer.fit(
+        [ex(w) for w in wavs], num_units=4, iters=3, extractor=ex.spec
+    )
+    source = [{"audio": w, "id": str(i)} for i, w in enumerate(wavs)]
+    batched = hubert_batch.BatchedTokenizer(tok, source, range(5), batch_size=3)
+    tokenize.tokenize_split(source, batched, tmp_path / "b", "s", num_shards=1, progress=False)
+    tokenize.tokenize_split(source, tok, tmp_path / "u", "s", num_shards=1, progress=False)
+    assert batched.calls == 2
+    assert _shard_bytes(tmp_path / "b", "s") == _shard_bytes(tmp_path / "u", "s")
+    with pytest.raises(RuntimeError, match="out of the shard's order"):
+        hubert_batch.BatchedTokenizer(tok, source, range(5), 2).encode(wavs[1])

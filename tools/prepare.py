@@ -18,9 +18,10 @@ this tool does not know goes to Beam. `launch/prepare_dataflow.py` prints a Data
 
 `--config` is a training config (`path[:arg]`) with `--config.data.<field>=value` overrides;
 the stages read `data.name, manual_dir, builder_config, skip_bad, cache_dir, num_shards,
-join_documents` from it, so the outputs land where that training run looks: the TFDS build
-in `<cache>/tfds/<name>-<fingerprint>` and the tokens in
-`<workdir>/units/tokens-<tokenizer fingerprint>` (with `--workdir`). Every stage is
+join_documents` from it (and `data.hubert_batch_size`, default 1: HuBERT chunks encoded per
+device call in stage `tokens`, see `avjax/data/beam/hubert_batch.py`), so the outputs land
+where that training run looks: the TFDS build in `<cache>/tfds/<name>-<fingerprint>` and
+the tokens in `<workdir>/units/tokens-<tokenizer fingerprint>` (with `--workdir`). Every stage is
 idempotent (a rerun redoes only missing outputs) and writes `prepare-<stage>.json` (the
 artifact key and the run's report) into its output folder. Prints the report.
 """
@@ -46,6 +47,7 @@ DATA_DEFAULTS = {
     "cache_dir": "",
     "num_shards": 0,
     "join_documents": True,
+    "hubert_batch_size": 1,
 }
 
 
@@ -169,6 +171,7 @@ def _tokens(p: Any, data: dict[str, Any], args: Any, run: dict[str, Any]) -> dic
         num_shards=int(data["num_shards"]),
         consolidate=not args.no_consolidate,
         join_documents=bool(data["join_documents"]),
+        hubert_batch_size=int(data["hubert_batch_size"]),
         **run,
     )
 

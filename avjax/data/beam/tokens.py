@@ -93,8 +93,10 @@ class TokenizeShardFn:
         out_dir: str,
         num_shards: dict[str, int],
         source_ids: dict[str, str],
+        hubert_batch_size: int = 1,
     ):
         self.sources = sources
+        self.hubert_batch_size = int(hubert_batch_size)
         self.tokenizer_dir = tokenizer_dir
         self.out_dir = out_dir
         self.num_shards = num_shards
@@ -118,14 +120,20 @@ class TokenizeShardFn:
         if self._tok is None:
             self.setup()
         c0 = time.process_time()
+        source, tok, n = self._source(split), self._tok, self.num_shards[split]
+        if self.hubert_batch_size > 1 and tok.features == "hubert":
+            from avjax.data.beam.hubert_batch import BatchedTokenizer
+
+            rows = range(*tokenize.shard_bounds(len(source), n)[shard])
+            tok = BatchedTokenizer(tok, source, rows, self.hubert_batch_size)
         stats = tokenize.tokenize_split(
-            self._source(split),
-            self._tok,
+            source,
+            tok,
             self.out_dir,
             split,
-            num_shards=self.num_shards[split],
+            num_shards=n,
             process_index=shard,
-            process_count=self.num_shards[split],
+            process_count=n,
             source_id=self.source_ids[split],
             progress=False,
         )
@@ -160,6 +168,7 @@ def run_tokens(
     beam_args: list[str] | None = None,
     consolidate: bool = True,
     join_documents: bool = True,
+    hubert_batch_size: int = 1,
 ) -> dict[str, Any]:
     """Tokenises every split of `sources` into `out_dir/<split>/` with Beam; returns the report.
 
@@ -172,6 +181,9 @@ def run_tokens(
       num_shards: per split (0: ~2,000 examples per shard), as `tokenize.tokenize_split`.
       runner, num_workers, beam_args: see `avjax.data.beam.pipeline_options`.
       consolidate: also write each split's token store (`token_store.consolidate`).
+      hubert_batch_size: > 1 with a HuBERT tokenizer: utterances' chunks are encoded in
+        batches of this many on the worker's device (`avjax.data.beam.hubert_batch`; units
+        may then differ from the unbatched path's at k-means boundaries).
 
     The report (also in `out_dir/prepare-tokens.json`) holds `key` and `fields` (the artifact
     key of what is in `out_dir`), `shards_written`, `shards_skipped`, audio hours, CPU
@@ -186,7 +198,9 @@ def run_tokens(
     counts = {s: len(_open_here(src, s)) for s, src in sources.items()}
     shards = {s: effective_num_shards(n, num_shards) for s, n in counts.items()}
     elements = [(s, i) for s in sorted(shards) for i in range(shards[s])]
-    fn = TokenizeShardFn(dict(sources), tokenizer_dir, out_dir, shards, dict(source_ids))
+    fn = TokenizeShardFn(
+        dict(sources), tokenizer_dir, out_dir, shards, dict(source_ids), hubert_batch_size
+    )
     stats_path = os.path.join(out_dir, ".prepare-tokens-stats.json")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
