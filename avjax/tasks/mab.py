@@ -1,0 +1,236 @@
+"""MAB task: lip reading and speech from silent video with the visual-audio memory.
+
+Composes the AV data module (`avjax.data.video.av_data.AVData`, with `mel=True`: grey mouth
+crops `video [B, T, S, S, 1]` uint8, log-mel `mel [B, 4T, 80]` at 100 Hz, word `label [B]`,
+`length [B]`), the model (`avjax.models.mab.MAB`), the paper's loss
+(`avjax.models.mab.mab_losses`) and the evaluation below.
+
+Training feeds the real audio (train branch + memory losses); the held-out loss and
+`--mode=eval` feed the video alone (the test-time branch). `evaluate` (the `task` evaluator)
+writes under `<workdir>/eval/step_<N>/`: `report.json` (word accuracy of the test branch on
+the held-out speakers; with the speech head STOI / ESTOI of the decoded held-out clips
+against their real audio, and the mel L1), `addressing_words.png` (the source addressing of
+the memory averaged per word class: rows words, columns slots) and
+`addressing_<WORD>.png` (frames x slots) for the first `eval.heatmap_words` words.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from avjax.data.video.av_data import AVData
+from avjax.io import as_path
+from avjax.models import mab as mab_lib
+from avjax.tasks.base import Batch, LossContext, Metrics, Task
+
+
+def build_mab(mc: Any, num_classes: int) -> mab_lib.MAB:
+    """`MAB` from `config.model` (`num_classes` from the data's vocabulary when
+    `model.num_classes == 0` and `model.classify`)."""
+    return mab_lib.MAB(
+        num_classes=num_classes if mc.classify else 0,
+        mel_bins=int(mc.mel_bins) if mc.speech else 0,
+        stem_features=int(mc.stem_features),
+        widths=tuple(mc.widths),
+        blocks=tuple(mc.blocks),
+        audio_channels=tuple(mc.audio_channels),
+        backend=mc.backend,
+        gru_hidden=int(mc.gru_hidden),
+        gru_layers=int(mc.gru_layers),
+        tcn_widths=tuple(mc.tcn_widths),
+        use_memory=bool(mc.use_memory),
+        num_slots=int(mc.num_slots),
+        radius=float(mc.radius),
+        memory_heads=int(mc.memory_heads),
+        front_dropout=float(mc.front_dropout),
+        fusion_dropout=float(mc.fusion_dropout),
+        dtype=jnp.dtype(mc.dtype),
+    )
+
+
+class MABTask(Task):
+    """Multi-modality Associative Bridging (`avjax.models.mab`) on an AV corpus."""
+
+    name = "mab"
+    rng_streams = ("dropout",)
+
+    def __init__(self, config, workdir):
+        if not config.data.mel:
+            raise ValueError("config.data.mel must be True for MAB (the audio memory reads mel)")
+        self.data = AVData.from_config(config, workdir)
+        super().__init__(config, workdir)
+
+    # --- model ------------------------------------------------------------------------------
+    def num_classes(self) -> int:
+        """`model.num_classes`, or (0) the size of the data's word vocabulary."""
+        n = int(self.config.model.num_classes)
+        if n:
+            return n
+        self.data.prepare()
+        return max(len(self.data.vocabulary), 1)
+
+    def build_model(self) -> nn.Module:
+        return build_mab(self.config.model, self.num_classes())
+
+    def model_inputs(self, batch: Batch) -> dict[str, Any]:
+        mel = batch["mel"] if self.config.model.use_memory else None
+        return {"video": batch["video"], "lengths": batch["length"], "mel": mel}
+
+    def mel_target(self, batch: Batch) -> jax.Array:
+        """The speech head's target: log-mel normalised by `model.mel_mean` / `mel_std`."""
+        mc = self.config.model
+        return (jnp.asarray(batch["mel"], jnp.float32) - float(mc.mel_mean)) / float(mc.mel_std)
+
+    def apply_loss(
+        self, model: nn.Module, params: Any, batch: Batch, ctx: LossContext
+    ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
+        inputs = self.model_inputs(batch)
+        if not ctx.train:
+            inputs["mel"] = None  # evaluation: video only (the test-time branch)
+        out, state = ctx.apply(model, params, **inputs, train=ctx.train)
+        target = self.mel_target(batch) if self.config.model.speech else None
+        terms = mab_lib.mab_losses(
+            out, batch["label"], batch["length"], target, float(self.config.model.mel_weight)
+        )
+        b = batch["video"].shape[0]
+        metrics = {"weight": jnp.asarray(b, jnp.float32)}
+        for k, v in terms.items():
+            metrics["accuracy" if k == "correct" else k] = v
+        return terms["loss"], metrics, state
+
+    def tokens_per_batch(self, batch: Batch) -> int:
+        return int(np.sum(batch["length"]))
+
+    def compatibility(self) -> dict[str, Any]:
+        return {
+            "task": self.name,
+            "model": self.config.model.to_dict(),
+            **self.data.compatibility(),
+        }
+
+    def evaluate(self, model, params, step, eval_loss) -> dict[str, Any]:
+        """Word accuracy, STOI / ESTOI (speech head) and addressing heat maps (module doc)."""
+        return evaluate_heldout(self, model, params, step)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+@functools.cache
+def _predictor(model: nn.Module) -> Any:
+    def predict(variables, video, lengths):
+        out = model.apply(variables, video, lengths, None, train=False)
+        addr = None if out.bridge is None else out.bridge.source_addressing
+        return out.test.logits, out.test.mel, addr
+
+    return jax.jit(predict)
+
+
+def _heldout_outputs(task: MABTask, model: nn.Module, params: Any) -> dict[str, Any]:
+    """Predictions, test-branch mels and per-example addressings over the held-out batches."""
+    predict = _predictor(model)
+    variables = task.variables(params)
+    rows: dict[str, list] = {"label": [], "pred": [], "mel": [], "addr": [], "audio": []}
+    rows["length"] = []
+    for batch in task.eval_batches(jax.process_index(), jax.process_count()):
+        logits, mel, addr = predict(variables, batch["video"], batch["length"])
+        rows["label"].append(batch["label"])
+        rows["length"].append(batch["length"])
+        rows["audio"].append(batch["audio"])
+        if logits is not None:
+            rows["pred"].append(np.asarray(jnp.argmax(logits, -1)))
+        if mel is not None:
+            rows["mel"].append(np.asarray(mel))
+        if addr is not None:
+            rows["addr"].append(np.asarray(addr))
+    return {k: np.concatenate(v) if v else None for k, v in rows.items()}
+
+
+def _speech_scores(task: MABTask, rows: dict[str, Any], out_dir: Any) -> dict[str, float]:
+    """STOI / ESTOI of held-out clips decoded from the predicted mel (Griffin-Lim vocoder)."""
+    from avjax.data import vocoder
+    from avjax.eval import av_metrics
+
+    mc = task.config.model
+    n = min(int(task.config.eval.speech_clips), len(rows["mel"]))
+    stoi, estoi = [], []
+    for i in range(n):
+        frames = 4 * int(rows["length"][i])
+        log_mel = rows["mel"][i][:frames] * float(mc.mel_std) + float(mc.mel_mean)
+        wav = vocoder.mel_to_wav(log_mel, n_iter=int(task.config.eval.griffin_lim_iters))
+        clean = rows["audio"][i][: len(wav)]
+        stoi.append(av_metrics.stoi(clean, wav))
+        estoi.append(av_metrics.estoi(clean, wav))
+        if i == 0:
+            from avjax.data import audio as audio_lib
+
+            audio_lib.write_wav(str(out_dir / "speech_0.wav"), wav, 16000)
+    return {"stoi": float(np.mean(stoi)), "estoi": float(np.mean(estoi)), "speech_clips": n}
+
+
+def _heatmaps(task: MABTask, rows: dict[str, Any], out_dir: Any) -> int:
+    """Writes the addressing heat maps (PNG); returns the number of word classes drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vocab = task.data.vocabulary
+    addr, labels, lengths = rows["addr"], rows["label"], rows["length"]
+    words = sorted({int(x) for x in labels if x >= 0})
+    if not words:
+        return 0
+    per_word = []
+    for w in words:
+        sel = [i for i in range(len(labels)) if labels[i] == w]
+        per_word.append(np.mean([addr[i][: lengths[i]].mean(0) for i in sel], axis=0))
+    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.12 * len(words))))
+    ax.imshow(np.stack(per_word), aspect="auto", cmap="viridis")
+    ax.set_xlabel("memory slot")
+    ax.set_ylabel("word")
+    if len(words) <= 40:
+        ax.set_yticks(range(len(words)), [vocab[w] for w in words], fontsize=6)
+    fig.tight_layout()
+    fig.savefig(str(out_dir / "addressing_words.png"), dpi=100)
+    plt.close(fig)
+    for w in words[: int(task.config.eval.heatmap_words)]:
+        i = int(np.flatnonzero(labels == w)[0])
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.imshow(addr[i][: lengths[i]], aspect="auto", cmap="viridis")
+        ax.set_title(f"{vocab[w]}: source addressing")
+        ax.set_xlabel("memory slot")
+        ax.set_ylabel("frame")
+        fig.tight_layout()
+        fig.savefig(str(out_dir / f"addressing_{vocab[w]}.png"), dpi=80)
+        plt.close(fig)
+    return len(words)
+
+
+def evaluate_heldout(task: MABTask, model: nn.Module, params: Any, step: int) -> dict[str, Any]:
+    """Held-out evaluation from video only; writes report.json and the heat maps."""
+    from avjax.eval import av_metrics
+
+    rows = _heldout_outputs(task, model, params)
+    out_dir = as_path(task.workdir) / "eval" / f"step_{step}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"clips": int(len(rows["label"]))}
+    labelled = rows["label"] >= 0
+    if rows["pred"] is not None and labelled.any():
+        summary["word_accuracy"] = av_metrics.word_accuracy(
+            list(rows["pred"][labelled]), list(rows["label"][labelled])
+        )
+        summary["chance"] = 1.0 / max(len(task.data.vocabulary), 1)
+    if rows["mel"] is not None:
+        summary.update(_speech_scores(task, rows, out_dir))
+    if rows["addr"] is not None:
+        summary["heatmap_words"] = _heatmaps(task, rows, out_dir)
+    summary["use_memory"] = bool(task.config.model.use_memory)
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,169 @@
+r"""Multi-modality Associative Bridging through Memory (MAB, ICCV 2021) at CPU scale.
+
+Lip reading of word clips from grey mouth crops with an audio memory recalled from video
+(`avjax.models.mab`, `avjax.tasks.mab`): visual front (3D stem + ResNet per frame), audio
+front (2D convs over log-mel at 4x the video rate, training only), the associative bridge
+(`avjax.nn.memory`), test-time branch fusion([f_v, recalled]) and train-only branch
+fusion([f_v, f_a]), a 2-layer BiGRU back-end, a word classifier. Loss: CE(test branch) +
+CE(train branch) + KL(bridge) + reconstruction, all weight 1.
+
+Data: the embedded AV corpus (`avjax.data.video.av_corpus`, built in the cache on first use:
+~130 CPU-seconds), its LRW view (1,000 word clips of 29 frames over 125 words; 32 train
+speakers, the 4 `val` speakers held out; chance 0.8 %), the mouth region
+`roi=(0.25, 0.45, 0.75, 0.95)` resized to 36 and cropped to 32. A real corpus:
+`--config.data.name=lrw --config.data.manual_dir=DIR` (or lrs2 | lrs3 | grid | dir).
+
+Variants (`--config=configs/mab.py:VARIANT`):
+  (default)  lip reading, tiny widths, BiGRU back-end.
+  nomemory   the same model and data without the memory (the paper's ablation).
+  speech     speech from silent video: a mel decoder head (L1 on normalised log-mel, both
+             branches) instead of the classifier; eval decodes with Griffin-Lim and reports
+             STOI / ESTOI against the held-out audio.
+  tcn        MS-TCN back-end (168 slots at paper size).
+  paper      the paper's sizes: 112 x 112 crops of 29 frames, ResNet-18 (64..512), audio
+             front 128/256, BiGRU 2 x 512, 88 slots, r = 16, batch 320, SGD nesterov
+             lr 0.1 (here AdamW-free SGD is not wired: AdamW lr 3e-4), on LRW.
+
+  python -m avjax.main --config=configs/mab.py --workdir=workdir/mab
+  python -m avjax.main --config=configs/mab.py --workdir=workdir/mab --mode=eval
+  python -m avjax.main --config=configs/mab.py:nomemory --workdir=workdir/mab_nomem
+
+`--mode=eval` writes `word_accuracy` (test branch, video only, held-out speakers),
+`eval/step_<N>/report.json` and PNG heat maps of the memory addressing per word class.
+
+Measured: see the end of this docstring (filled from a measured run) or "not yet measured".
+Not yet measured.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from avjax.data.video import av_data
+from avjax.train.sharding import DEFAULT_RULES
+
+
+def _model() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.classify = True  # word classifier head (lip reading)
+    m.num_classes = 0  # 0: the data's vocabulary size
+    m.speech = False  # mel decoder head (speech from silent video)
+    m.mel_bins = 80
+    m.mel_mean = -6.0  # log-mel normalisation of the speech head's target
+    m.mel_std = 4.0
+    m.mel_weight = 1.0
+    m.stem_features = 8  # paper: 64
+    m.widths = (8, 16, 32, 64)  # paper: (64, 128, 256, 512)
+    m.blocks = (1, 1, 1, 1)  # paper: (2, 2, 2, 2) (ResNet-18)
+    m.audio_channels = (8, 16)  # paper: (128, 256)
+    m.backend = "gru"  # gru | tcn
+    m.gru_hidden = 64  # paper: 512
+    m.gru_layers = 2
+    m.tcn_widths = (96, 96)  # paper: (768,) * 4
+    m.use_memory = True
+    m.num_slots = 32  # paper: 88 (BiGRU), 168 (MS-TCN)
+    m.radius = 16.0
+    m.memory_heads = 1
+    m.front_dropout = 0.3
+    m.fusion_dropout = 0.5
+    m.dtype = "float32"
+    return m
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "mab"
+    c.seed = 0
+
+    c.data = av_data.default_config()
+    c.data.view = "lrw"
+    c.data.num_frames = 29
+    c.data.roi = (0.25, 0.45, 0.75, 0.95)
+    c.data.image_size = 36
+    c.data.crop_size = 32
+    c.data.grayscale = True
+    c.data.mel = True
+    c.data.hflip = 0.5
+    c.data.spec_freq_masks = 1
+    c.data.spec_time_masks = 1
+    c.data.spec_mask_width = 10
+
+    c.model = _model()
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 16
+    c.train.grad_accum = 1
+    c.train.lr = 2e-3
+    c.train.final_lr_frac = 0.05
+    c.train.warmup_steps = 50
+    c.train.weight_decay = 1e-4
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.clip_norm = 5.0
+    c.train.log_every = 50
+    c.train.eval_every = 250
+    c.train.eval_batches = 4
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoints = True
+    c.train.reset_data_iterator = False
+    c.train.init_from = ""
+    c.train.init_skip = ""
+    c.train.ema_decay = 0.0
+    c.train.eval_with_ema = False
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.heatmap_words = 8
+    c.eval.speech_clips = 16
+    c.eval.griffin_lim_iters = 16
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.eval = {"type": "loss", "prefix": "eval_"}
+    c.evals.eval.every = c.train.get_ref("eval_every")
+    c.evals.mab = {"type": "task", "every": 0, "prefix": "mab/"}
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.preset = ""
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.sequence = 1
+    c.mesh.tensor = 1
+    c.mesh.dcn_data = 1
+    c.sharding_rules = DEFAULT_RULES
+
+    for v in (x for x in variant.split(",") if x):
+        _VARIANTS[v](c)
+    return c
+
+
+def _nomemory(c: ml_collections.ConfigDict) -> None:
+    c.model.use_memory = False
+
+
+def _speech(c: ml_collections.ConfigDict) -> None:
+    c.model.classify = False
+    c.model.speech = True
+    c.data.hflip = 0.0
+    c.data.spec_freq_masks = c.data.spec_time_masks = 0
+
+
+def _tcn(c: ml_collections.ConfigDict) -> None:
+    c.model.backend = "tcn"
+
+
+def _paper(c: ml_collections.ConfigDict) -> None:
+    c.data.image_size, c.data.crop_size = 122, 112
+    c.data.erase_prob = 0.5
+    m = c.model
+    m.stem_features, m.widths, m.blocks = 64, (64, 128, 256, 512), (2, 2, 2, 2)
+    m.audio_channels, m.gru_hidden = (128, 256), 512
+    m.tcn_widths = (768,) * 4
+    m.num_slots = 168 if m.backend == "tcn" else 88
+    m.dtype = "bfloat16"
+    c.train.batch_size = 320
+    c.train.steps = 200 * 488_766 // 320  # 200 epochs of LRW's 488,766 train clips
+    c.train.lr = 3e-4
+
+
+_VARIANTS = {"nomemory": _nomemory, "speech": _speech, "tcn": _tcn, "paper": _paper}
