@@ -11,6 +11,7 @@ from avjax.tasks.base import Task
 # name -> "module:class"; imported lazily so one model's dependencies never load another's.
 REGISTRY = {
     "df3dface": "avjax.tasks.df3dface:DF3DFaceTask",
+    "mab": "avjax.tasks.mab:MABTask",
     "speechssm": "avjax.tasks.speechssm:SpeechSSMTask",
     "speechtransformer": "avjax.tasks.speechtransformer:SpeechTransformerTask",
     "syncnet": "avjax.tasks.syncnet:SyncNetTask",
