@@ -36,7 +36,7 @@ SpeechTransformer-2B, the paper's baseline (Gemma-2B-initialised), is the `2b` v
 
 Gemma-2B's shapes and layout (18 layers, width 2048, 8 query heads with 1 KV head of dim 256,
 GeGLU MLP 16,384, RoPE on the full head dim, no logit soft-cap, sqrt(width) embedding scale, no
-biases) over SpeechSSM-2B's 32,768 units and data/training settings (configs/speechssm_2b.py):
+biases) over SpeechSSM-2B's 32,768 units and data/training settings (configs/speechssm.py:2b):
 2,048,993,280 parameters (Gemma-2B's 2,506,172,416 with its 256,000-token vocabulary). Import
 Gemma-2B's blocks as the paper does: convert a local HF Gemma-2B directory with
 `tools/convert_gemma.py --hf_dir=... --out=G` and train with `--config.train.init_from=G
@@ -51,13 +51,14 @@ import os
 import ml_collections
 
 
-def _sibling_config(name: str) -> ml_collections.ConfigDict:
-    """configs/<name>.py's config (loaded by path, whatever the working directory)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_{name}_config", path)
+def _speechssm_config(arg: str | None) -> ml_collections.ConfigDict:
+    """configs/speechssm.py:`arg`'s config, whose data and training this baseline shares
+    (loaded by path, whatever the working directory)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speechssm.py")
+    spec = importlib.util.spec_from_file_location("_speechssm_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg)
 
 
 def _gemma_2b_model(m: ml_collections.ConfigDict) -> None:
@@ -82,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     "2b" = SpeechTransformer-2B (Gemma-2B shapes, SpeechSSM-2B's data and training)."""
     if arg not in (None, "", "2b"):
         raise ValueError(f"configs/speechtransformer.py:{arg}: expected no argument or '2b'")
-    c = _sibling_config("speechssm_2b" if arg == "2b" else "speechssm")
+    c = _speechssm_config(arg)
     c.task = "speechtransformer"
     m = ml_collections.ConfigDict()
     m.width = 128

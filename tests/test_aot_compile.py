@@ -32,3 +32,27 @@ def test_report_on_cpu_devices():
     assert r["params_bytes_per_chip"] < 0.5 * 4 * r["params"]
     # The compiler's FLOPs and the analytic count agree within a factor of two.
     assert 0.5 < r["flops_per_step"] / r["analytic_flops_per_step"] < 2.0, r
+
+
+def test_speechssm_2b_is_a_variant_of_the_speechssm_config():
+    """`configs/speechssm.py:2b` is SpeechSSM-2B (RecurrentGemma-2B's backbone, 26 layers,
+    2.11B parameters over 32,768 units); an unknown variant is refused by name."""
+    import flax.linen as nn
+    import numpy as np
+
+    from avjax.models.speechssm import speechssm
+
+    module = _load("configs/speechssm.py", "cfg2b")
+    cfg = module.get_config("2b")
+    assert cfg.data.num_units == 32_768 and cfg.data.seq_len == 6000
+    assert cfg.model.num_layers == 26 and cfg.model.width == 2560
+    assert cfg.mesh.preset == "fsdp_tp" and cfg.train.batch_size == 128
+    assert module.get_config().model.num_layers == 6  # the CPU default is untouched
+    model = speechssm(cfg.model, cfg.data.num_units)
+    tokens = np.zeros((1, 4), np.int32)
+    pos = np.arange(4, dtype=np.int32)[None]
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, pos))["params"]
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(boxed)))
+    assert 2.10e9 < n < 2.12e9
+    with pytest.raises(ValueError, match="speechssm.py:7b"):
+        module.get_config("7b")

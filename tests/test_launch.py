@@ -132,7 +132,7 @@ def test_tpu_run_passes_every_argument_on_intact():
         f"--config.data.manual_dir={WEIRD}",
         "--mode=sample",
         WORKDIR="gs://b/run 1",
-        CONFIG="configs/speechssm_2b.py",
+        CONFIG="configs/speechssm.py:2b",
         EXTRA="--config.train.steps=10",
         **TPU,
     )
@@ -147,7 +147,7 @@ def test_tpu_run_passes_every_argument_on_intact():
     assert before[-1] == ".venv/bin/python" and remote.rstrip().endswith("2>&1 &")
     parsed = _parse_with_avjax_flags(args)
     assert parsed == {
-        "config_file": "configs/speechssm_2b.py",
+        "config_file": "configs/speechssm.py:2b",
         "workdir": "gs://b/run 1",
         "mode": "sample",
         "manual_dir": WEIRD,

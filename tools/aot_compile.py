@@ -1,7 +1,7 @@
 r"""Ahead-of-time fit check: compile a config's real train step for a TPU topology, on a CPU.
 
   pip install -e '.[tpu]'     # libtpu, for TPU topologies without a TPU
-  python tools/aot_compile.py --config=configs/speechssm_2b.py --topology=v5e:16x16 \
+  python tools/aot_compile.py --config=configs/speechssm.py:2b --topology=v5e:16x16 \
       --json=aot.json
 
 Compiles the sharded train step (same code as training) for the topology's devices and prints
