@@ -621,7 +621,7 @@ class TransformerLM(nn.Module):
         scanned = nn.scan(
             block_cls,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},  # LoRA dropout per layer
             in_axes=(nn.broadcast, 0),
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: axes.LAYERS},
