@@ -4,13 +4,19 @@ optimizers -> exact resume after a stop -> eval -> sample (MP4 with audio)."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from avjax.data.video import av_corpus
 from avjax.nn import wav2lip
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 32  # face size in these tests
 
 
@@ -87,3 +93,148 @@ def test_decoder_skips_connect_at_every_scale():
         assert float(jnp.abs(g).sum()) > 0, f"skip {i} ({g.shape}) does not reach the output"
     g_x = jax.grad(lambda x: total(code, enc.apply(ve, x)))(x)
     assert float(jnp.abs(g_x).sum()) > 0
+
+
+# --- the task end to end ------------------------------------------------------------------------
+
+
+def _load_config(name: str, arg: str = ""):
+    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", f"{REPO}/configs/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _tiny_data(c, cache: str) -> None:
+    c.data.update(name="synthetic", view="lrw", cache_dir=cache, num_frames=29)
+    c.data.update(image_size=S, crop_size=S, grayscale=False, hflip=0.0, read_threads=1)
+    c.data.synthetic = dataclasses.asdict(av_corpus.TINY)
+
+
+def _expert_config(cache: str):
+    c = _load_config("syncnet")
+    _tiny_data(c, cache)
+    c.data.num_frames = 29
+    c.model.update(face_size=S, width=4)
+    c.train.update(steps=1, batch_size=8, log_every=1, eval_every=0, checkpoint_every=1)
+    c.train.update(warmup_steps=0, async_checkpoints=False)
+    return c
+
+
+def _stf_config(cache: str, expert: str, steps: int = 3):
+    c = _load_config("synctalkface")
+    _tiny_data(c, cache)
+    c.model.update(id_base=4, max_width=16, dim=16, audio_base=4, lip_base=4, disc_base=4)
+    c.model.update(residual=0, num_slots=8, sync_expert_workdir=expert)
+    c.train.update(steps=steps, batch_size=8, log_every=1, eval_every=0, checkpoint_every=100)
+    c.train.update(warmup_steps=0, async_checkpoints=False)
+    c.stf_eval.clips = 2
+    return c
+
+
+def _state(workdir: str):
+    import orbax.checkpoint as ocp
+
+    from avjax.train import checkpoint as ckpt_lib
+
+    step = ckpt_lib.latest_step(workdir)
+    return step, ocp.StandardCheckpointer().restore(
+        ckpt_lib.checkpoint_dir(workdir) / str(step) / "state"
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny sync expert (1 step), then SyncTalkFace straight for 3 steps and stopped after
+    1 + resumed: `(cache, expert workdir, straight workdir, resumed workdir)`."""
+    from avjax import main
+
+    root = tmp_path_factory.mktemp("stf")
+    cache, expert = str(root / "cache"), str(root / "expert")
+    assert main.run(_expert_config(cache), expert, "train")["step"] == 1
+    straight, resumed = str(root / "straight"), str(root / "resumed")
+    assert main.run(_stf_config(cache, expert), straight, "train")["step"] == 3
+    assert main.run(_stf_config(cache, expert), resumed, "train", stop_after=1)["step"] == 1
+    assert main.run(_stf_config(cache, expert), resumed, "train")["step"] == 3
+    return cache, expert, straight, resumed
+
+
+def test_resume_restores_both_optimizers_exactly(trained):
+    _, _, straight, resumed = trained
+    (step_a, a), (step_b, b) = _state(straight), _state(resumed)
+    assert step_a == step_b == 3
+    assert set(a["opt_state"]) == {"generator", "discriminator"}
+    assert set(a["params"]) == {"generator", "discriminator"}
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) > 0
+    for (path, x), y in zip(la, lb, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_eval_and_sample(trained, tmp_path):
+    from avjax import main
+    from avjax.data.audio import write_wav
+    from avjax.data.video import io as vio
+
+    cache, expert, straight, _ = trained
+    out = main.run(_stf_config(cache, expert), straight, "eval")
+    assert out["step"] == 3 and out["stf/clips"] == 2
+    assert 0 < out["stf/psnr"] < 60 and -1 <= out["stf/ssim"] <= 1
+    for k in ("gen_lse_c", "gen_lse_d", "real_lse_c", "real_lse_d"):
+        assert np.isfinite(out[f"stf/{k}"]), k
+    assert os.path.getsize(out["stf/contact_sheet"]) > 0
+    assert np.isfinite(out["eval_loss"])
+
+    wav = str(tmp_path / "speech.wav")
+    t = np.arange(16000) / 16000.0
+    write_wav(wav, (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 3 * t) > 0)))
+    face = str(tmp_path / "face.png")
+    from PIL import Image
+
+    Image.fromarray(np.full((48, 48, 3), 128, np.uint8)).save(face)
+    c = _stf_config(cache, expert)
+    c.sample.update(audio=wav, video=face)
+    res = main.run(c, straight, "sample")
+    assert res["frames"] == 25
+    frames, audio, info = vio.read_video(res["video"])
+    assert frames.shape[1:] == (S, S, 3) and abs(len(frames) - 25) <= 1
+    assert len(audio) > 15000 and np.abs(audio).max() > 0.05  # the audio stream is muxed in
+    side = vio.read_video(res["side_by_side"])[0]
+    assert side.shape[2] > 2 * S
+
+
+def test_windows_masks_and_mel_alignment():
+    from avjax.models import synctalkface as stf
+    from avjax.tasks import synctalkface as task_lib
+
+    x = jnp.ones((2, 5, 8, 8, 3))
+    assert float(stf.mask_lower_half(x)[..., 4:, :, :].sum()) == 0
+    assert float(stf.mask_lower_half(x)[..., :4, :, :].min()) == 1
+    assert float(stf.mask_upper_half(x)[..., :4, :, :].sum()) == 0
+    assert stf.lower_half(x).shape == (2, 5, 4, 8, 3)
+    # Frame ids painted into the video: windows are 5 consecutive frames, the reference window
+    # is >= 5 frames away, in the valid part of each clip.
+    n, b = 29, 8
+    video = np.broadcast_to(
+        np.arange(n, dtype=np.uint8)[None, :, None, None, None], (b, n, 4, 4, 3)
+    )
+    length = np.array([29, 29, 14, 16, 29, 20, 29, 15], np.int32)  # >= 14: a far reference
+    batch = {"video": video, "audio": np.zeros((b, n * 640), np.float32), "length": length}
+    for seed in range(3):
+        w = task_lib.sample_windows(jax.random.key(seed), batch)
+        ids = np.round((np.asarray(w["faces"][:, :, 0, 0, 0]) + 1) * 127.5).astype(int)
+        refs = np.round((np.asarray(w["reference"][:, :, 0, 0, 0]) + 1) * 127.5).astype(int)
+        np.testing.assert_array_equal(np.diff(ids, axis=1), 1)
+        assert (ids[:, -1] < length).all() and (refs[:, -1] < length).all()
+        assert (np.abs(refs[:, 0] - ids[:, 0]) >= 5).all()
+        assert w["mel"].shape == (b, 5, 80, 16) and w["sync_mel"].shape == (b, 80, 16)
+    # A click at frame f is in the middle of frame f's mel window and at the start of the
+    # sync window of a 5-frame window starting at f.
+    audio = np.zeros((1, n * 640), np.float32)
+    f = 10
+    audio[0, f * 640 + 320 : f * 640 + 330] = 1.0
+    mel = task_lib.padded_mel(jnp.asarray(audio))
+    win = np.asarray(task_lib.frame_mels(mel, jnp.array([f])))[0, 0].mean(0)  # [16]
+    assert 6 <= int(np.argmax(win)) <= 9
+    sync = np.asarray(task_lib.window_mel(mel, jnp.array([f])))[0].mean(0)
+    assert int(np.argmax(sync)) <= 2

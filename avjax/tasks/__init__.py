@@ -15,6 +15,7 @@ REGISTRY = {
     "speechssm": "avjax.tasks.speechssm:SpeechSSMTask",
     "speechtransformer": "avjax.tasks.speechtransformer:SpeechTransformerTask",
     "syncnet": "avjax.tasks.syncnet:SyncNetTask",
+    "synctalkface": "avjax.tasks.synctalkface:SyncTalkFaceTask",
     "ttaid": "avjax.tasks.ttaid:TTAIDTask",
 }
 

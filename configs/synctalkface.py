@@ -1,0 +1,136 @@
+r"""SyncTalkFace (Park et al., AAAI 2022): talking faces from audio with an Audio-Lip Memory.
+
+The model (`avjax.models.synctalkface`): identity encoder on masked target + reference
+frames, audio encoder on each frame's 0.2 s mel window, lip encoder (training only), the
+audio-lip memory (96 slots, r = 16; audio keys, lip values; L_store, L_align), and a U-Net
+decoder from the recalled lip features (and, in training, the real ones). A GAN: the
+`generator` and Wav2Lip's visual-quality `discriminator` are two parts with their own Adam
+states (lr 1e-4 / 5e-4, betas (0.5, 0.999)), checkpointed and resumed together. Losses (the
+paper's weights, `config.loss`): L1 x 10 on both outputs, audio-visual sync x 0.2 (Wav2Lip's
+expert, FROZEN, from `model.sync_expert_workdir`), visual-visual sync x 0.2, GAN x 0.2,
+memory x 0.2.
+
+Data: the embedded AV corpus (`av_data`, `view=lrw`: 29-frame word clips of 40 speakers, 8
+held out), RGB face crops at 32 x 32 (default) / 128 x 128 (`:paper`).
+
+  # 1. the sync expert on the same corpus (its checkpoint is loaded frozen)
+  python -m avjax.main --config=configs/syncnet.py --workdir=workdir/syncnet \
+      --config.data.name=synthetic --config.data.view=lrw --config.data.num_frames=29 ...
+  # 2. SyncTalkFace, and the ablation without the sync losses (same run length)
+  python -m avjax.main --config=configs/synctalkface.py --workdir=workdir/stf \
+      --config.model.sync_expert_workdir=workdir/syncnet
+  python -m avjax.main --config=configs/synctalkface.py:nosync --workdir=workdir/stf_nosync
+  python -m avjax.main --config=configs/synctalkface.py --workdir=workdir/stf --mode=eval \
+      --config.model.sync_expert_workdir=workdir/syncnet
+  python -m avjax.main --config=configs/synctalkface.py --workdir=workdir/stf --mode=sample \
+      --config.sample.audio=speech.wav --config.sample.video=face.mp4   # or face.png
+
+`--mode=eval` writes `stf/psnr`, `stf/ssim`, `stf/psnr_lower_half` of held-out clips
+regenerated from their audio, `stf/gen_lse_c|lse_d` and `stf/real_lse_c|lse_d` (the expert's
+LSE of generated and real held-out clips), `stf/lmd` with `stf_eval.lmd=True` (dlib), and
+`eval/contact_<step>.png` (real frames above generated). `--mode=sample` writes
+`samples/synctalkface_<step>.mp4` (with the audio) and `..._side_by_side.mp4`.
+
+`:paper`: 128 x 128, batch 40 x 5 frames, full widths (paper scale; for accelerators).
+
+Not yet measured: the default run's time and its numbers (LSE-C generated vs real, and vs
+`:nosync`) were not measured on the shared 2-core machine this was written on; see the
+report of the commit that adds this file.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from avjax.data.video import av_data
+from avjax.train.sharding import DEFAULT_RULES
+
+
+def _model(paper: bool) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.id_base = 16 if paper else 8  # identity encoder width at full resolution
+    m.max_width = 512 if paper else 64
+    m.dim = 512 if paper else 64  # audio / lip feature and memory slot size
+    m.audio_base = 32 if paper else 8
+    m.lip_base = 64 if paper else 16
+    m.disc_base = 32 if paper else 8
+    m.residual = 2 if paper else 1
+    m.norm_groups = 8 if paper else 4
+    m.num_slots = 96
+    m.radius = 16.0
+    m.sync_expert_workdir = ""  # a configs/syncnet.py workdir: its expert, frozen
+    m.dtype = "float32"
+    return m
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in ("", "nosync", "paper"):
+        raise ValueError(f"configs/synctalkface.py:{arg}: expected '', 'nosync' or 'paper'")
+    paper = arg == "paper"
+    c = ml_collections.ConfigDict()
+    c.task = "synctalkface"
+    c.seed = 0
+
+    c.data = av_data.default_config()
+    c.data.name = "synthetic"  # or lrs2 | lrs3 | lrw | grid | dir with data.manual_dir
+    c.data.view = "lrw"
+    c.data.num_frames = 29
+    c.data.image_size = 128 if paper else 32
+    c.data.crop_size = 128 if paper else 32  # no random crop: the face box is the frame
+    c.data.grayscale = False
+    c.data.hflip = 0.0
+
+    c.model = _model(paper)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.l1 = 10.0
+    c.loss.av_sync = 0.2
+    c.loss.vv_sync = 0.2
+    c.loss.gan = 0.2
+    c.loss.memory = 0.2
+    c.loss.sync = arg != "nosync"  # False: neither sync loss (the ablation)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100_000 if paper else 1500
+    c.train.batch_size = 40 if paper else 16
+    c.train.grad_accum = 1
+    c.train.lr = 1e-4 if paper else 5e-4
+    c.train.final_lr_frac = 1.0
+    c.train.warmup_steps = 0 if paper else 20
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.5
+    c.train.b2 = 0.999
+    c.train.clip_norm = 0.0
+    c.train.parts = {"discriminator": {"lr": 5e-4 if paper else 1e-3}}
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoints = True
+    c.train.reset_data_iterator = False
+    c.train.init_from = ""
+    c.train.init_skip = ""
+    c.train.ema_decay = 0.0
+    c.train.eval_with_ema = False
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.eval = {"type": "loss", "prefix": "eval_"}
+    c.evals.eval.every = c.train.get_ref("eval_every")
+    c.evals.stf = {"type": "task", "every": 0, "prefix": "stf/"}
+    c.stf_eval = {"clips": 16, "lmd": False}
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.audio = ""  # a WAV (any rate; resampled to 16 kHz)
+    c.sample.video = ""  # an MP4 of a face, or a PNG / JPEG face image
+    c.sample.max_seconds = 10.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.preset = ""
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.sequence = 1
+    c.mesh.tensor = 1
+    c.mesh.dcn_data = 1
+    c.sharding_rules = DEFAULT_RULES
+    return c
