@@ -147,3 +147,43 @@ def test_load_hf_dir_sharded_and_tool_check(tmp_path):
     np.testing.assert_allclose(
         np.asarray(_FULL(model2, variables2, tokens)), ref, atol=1e-4, rtol=0
     )
+
+
+def test_lora_merge_export_reloads_in_transformers(tmp_path):
+    """A LoRA-adapted (and a QLoRA NF4-based) model, merged and exported with `save_hf_llama`,
+    reloads in `LlamaForCausalLM.from_pretrained` with our logits; the export inverts import."""
+    from avjax.convert.llama import save_hf_llama, to_hf_llama
+    from avjax.nn.lora import LoraConfig, LoraModel, add_adapters, merge_lora
+    from avjax.nn.quant import quantize_params
+
+    cfg, hf = _hf_model(kv_heads=2, tied=False, llama3=True, seed=7)
+    model, variables = from_hf_llama(hf.state_dict(), cfg)
+    exported = to_hf_llama(variables, model.config)  # the plain round trip is exact
+    ref_sd = hf.state_dict()
+    assert set(exported) == set(ref_sd)
+    for k, x in exported.items():
+        np.testing.assert_array_equal(x, ref_sd[k].numpy(), err_msg=k)
+    stacked = dict(variables["params"])  # a scan_layers stack exports the same tensors
+    blocks = [stacked.pop(f"blocks_{i}") for i in range(model.num_layers)]
+    stacked["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+    np.testing.assert_array_equal(
+        to_hf_llama({"params": stacked}, model.config)["model.layers.1.mlp.up_proj.weight"],
+        exported["model.layers.1.mlp.up_proj.weight"],
+    )
+
+    tokens = _tokens(seed=8)
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, target=r"(attention/(q|k|v|out)|ffw_down)$")
+    params = add_adapters(model, variables["params"], lora, jax.random.key(0), tokens)
+    params = jax.tree_util.tree_map_with_path(  # trained-looking, non-zero B
+        lambda p, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(p) else x, params
+    )
+    for name, base in (("lora", params), ("qlora_nf4", quantize_params(params, "nf4", block=32))):
+        ours = np.asarray(_FULL(LoraModel(model, lora), {"params": base}, tokens))
+        assert np.abs(ours - _hf_logits(hf, tokens)).max() > 1e-2  # the adapters matter
+        out = save_hf_llama({"params": merge_lora(base, lora)}, model.config, tmp_path / name)
+        reloaded = transformers.LlamaForCausalLM.from_pretrained(out, local_files_only=True)
+        diff = float(np.abs(_hf_logits(reloaded.float().eval(), tokens) - ours).max())
+        print(f"{name}: max |transformers(exported) - ours adapted| = {diff:.3g}")
+        assert diff <= 1e-4
+    with pytest.raises(ValueError, match="merge"):
+        to_hf_llama({"params": params}, model.config)

@@ -302,3 +302,167 @@ def load_converted(
     if fields.get("rope_scaling") is not None:
         fields["rope_scaling"] = Llama3RopeScaling(*fields["rope_scaling"])
     return DecoderConfig(**fields).make(**options), {"params": params}
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: our TransformerLM params -> a HF LlamaForCausalLM directory.
+
+
+def hf_llama_config(cfg: DecoderConfig, max_position_embeddings: int = 8192) -> dict[str, Any]:
+    """The `config.json` dict of HF `LlamaForCausalLM` for a Llama-layout `cfg`.
+
+    RoPE is written as `rope_theta` + `rope_scaling` (read by transformers 4.x and 5.x).
+    Raises `ValueError` when `cfg` is not Llama's layout (e.g. a Gemma or SpeechTransformer).
+    """
+    layout = DecoderConfig.llama(
+        vocab_size=1, width=1, mlp_width=1, num_heads=1, num_layers=1, num_kv_heads=1
+    )
+    for name in ("rope_fraction", "mlp_activation", "use_bias", "embed_scale", "logit_softcap"):
+        if getattr(cfg, name) != getattr(layout, name):
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not Llama's layout")
+    if cfg.norm_offset:
+        raise ValueError("norm_offset=True ((1 + w) RMSNorm) is not Llama's layout")
+    scaling = None
+    if cfg.rope_scaling is not None:
+        factor, low, high, original = Llama3RopeScaling(*cfg.rope_scaling)
+        scaling = {
+            "rope_type": "llama3",
+            "factor": float(factor),
+            "low_freq_factor": float(low),
+            "high_freq_factor": float(high),
+            "original_max_position_embeddings": int(original),
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.width,
+        "intermediate_size": cfg.mlp_width,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim or cfg.width // cfg.num_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "max_position_embeddings": int(max_position_embeddings),
+        "rope_theta": float(cfg.rope_theta),
+        "rope_scaling": scaling,
+        "torch_dtype": "float32",
+    }
+
+
+def _layer_params(params: Mapping[str, Any], cfg: DecoderConfig) -> Iterator[Mapping[str, Any]]:
+    """Each block's params, from `blocks_i` or sliced from a `scan_layers` stack `layers`."""
+    if "layers" in params:
+        stack = params["layers"]
+        for i in range(cfg.num_layers):
+            yield _tree_index(stack, i)
+    else:
+        for i in range(cfg.num_layers):
+            yield params[f"blocks_{i}"]
+
+
+def _tree_index(tree: Any, i: int) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _tree_index(v, i) for k, v in tree.items()}
+    return tree[i]
+
+
+def _check_exportable(params: Any, path: str = "") -> None:
+    """Raises on LoRA adapters or quantised kernels: `merge_lora` (which also dequantises)
+    must run first."""
+    if isinstance(params, Mapping):
+        for k, v in params.items():
+            if k in ("lora_a", "lora_b"):
+                raise ValueError(f"{path}{k}: LoRA adapters; merge them (avjax.nn.lora.merge_lora)")
+            _check_exportable(v, f"{path}{k}/")
+    elif not hasattr(params, "shape") or not hasattr(params, "dtype"):
+        raise ValueError(
+            f"{path.rstrip('/')}: {type(params).__name__} is not an array; "
+            "dequantise (avjax.nn.lora.merge_lora / nn.quant.dequantize_params)"
+        )
+
+
+def iter_hf_llama(variables: Mapping[str, Any], cfg: DecoderConfig) -> Iterator[tuple[str, Any]]:
+    """`(HF name, float32 numpy [out, in] / [d])` one tensor at a time (the inverse of
+    `convert_state_dict`; see the module doc for the names)."""
+    params = variables.get("params", variables)
+    _check_exportable(params)
+
+    def arr(x: Any) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(x, np.float32))
+
+    yield "model.embed_tokens.weight", arr(params["embedding"])
+    for i, blk in enumerate(_layer_params(params, cfg)):
+        p, attn, mlp = f"model.layers.{i}.", blk["attention"], blk["mlp"]
+        yield p + "input_layernorm.weight", arr(blk["pre_attention_norm"]["scale"])
+        for n in ("q", "k", "v"):
+            yield p + f"self_attn.{n}_proj.weight", arr(np.asarray(attn[n]["kernel"]).T)
+        yield p + "self_attn.o_proj.weight", arr(np.asarray(attn["out"]["kernel"]).T)
+        yield p + "post_attention_layernorm.weight", arr(blk["pre_mlp_norm"]["scale"])
+        up = np.asarray(mlp["ffw_up_w"])
+        yield p + "mlp.gate_proj.weight", arr(up[0].T)
+        yield p + "mlp.up_proj.weight", arr(up[1].T)
+        yield p + "mlp.down_proj.weight", arr(np.asarray(mlp["ffw_down"]["kernel"]).T)
+    yield "model.norm.weight", arr(params["final_norm"]["scale"])
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", arr(np.asarray(params["lm_head"]).T)
+
+
+def to_hf_llama(variables: Mapping[str, Any], cfg: DecoderConfig) -> dict[str, np.ndarray]:
+    """The HF `LlamaForCausalLM` state dict (float32 numpy) of our params (merged, float)."""
+    return dict(iter_hf_llama(variables, cfg))
+
+
+def save_hf_llama(
+    variables: Mapping[str, Any],
+    cfg: DecoderConfig,
+    path: str,
+    max_shard_bytes: int = 4 << 30,
+    max_position_embeddings: int = 8192,
+) -> str:
+    """Writes a HF Llama directory: `config.json` + `model.safetensors` (or shards of at most
+    `max_shard_bytes` with `model.safetensors.index.json`), float32. Tensors are converted
+    one shard at a time; the directory is written under a temporary name and moved into place.
+    `LlamaForCausalLM.from_pretrained(path)` then gives our logits. Returns `path`."""
+    from safetensors.numpy import save_file
+
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; choose a new directory for the export")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=False)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    files: list[str] = []
+    weight_map: dict[str, str] = {}
+    size = total = 0
+
+    def flush(last: bool) -> None:
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shards[-1], os.path.join(tmp, name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shards[-1]})
+        if not last:
+            shards[-1] = {}
+
+    for name, x in iter_hf_llama(variables, cfg):
+        if size and size + x.nbytes > max_shard_bytes:
+            flush(last=False)
+            size = 0
+        shards[-1][name] = x
+        size += x.nbytes
+        total += x.nbytes
+    flush(last=True)
+    if len(files) == 1:
+        os.rename(os.path.join(tmp, files[0]), os.path.join(tmp, "model.safetensors"))
+    else:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_llama_config(cfg, max_position_embeddings), f, indent=2)
+    os.rename(tmp, path)
+    return path
