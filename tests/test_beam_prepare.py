@@ -141,7 +141,8 @@ def test_tfds_stage_builds_the_same_dataset_training_reads(tmp_path):
         f.write(b"corrupt")  # 84-1-0001: skipped with skip_bad, listed
     ref = corpora.build("librispeech", manual, tmp_path / "ref", skip_bad=True)
     kw = dict(cache=str(tmp_path / "cache"), skip_bad=True)
-    rep = tfds_build.build_tfds("librispeech", str(manual), num_workers=2, **kw)
+    threads = ["--direct_running_mode=multi_threading"]  # 2 workers without 2 process starts
+    rep = tfds_build.build_tfds("librispeech", str(manual), num_workers=2, beam_args=threads, **kw)
     assert rep["built"] and rep["splits"] == {"dev_clean": 4}
     assert [m.split(":")[0] for m in rep["skipped"]["dev-clean"]] == [paths[1]]
     assert rep["data_dir"] == tfds_build.default_data_dir(
@@ -237,10 +238,10 @@ def test_hubert_features_batched_on_device_equal_the_unbatched_ones(tmp_path):
         [ex(w) for w in wavs], num_units=4, iters=3, extractor=ex.spec
     )
     source = [{"audio": w, "id": str(i)} for i, w in enumerate(wavs)]
-    batched = hubert_batch.BatchedTokenizer(tok, source, range(5), batch_size=3)
+    batched = hubert_batch.BatchedTokenizer(tok, source, range(5), batch_size=4)
     tokenize.tokenize_split(source, batched, tmp_path / "b", "s", num_shards=1, progress=False)
     tokenize.tokenize_split(source, tok, tmp_path / "u", "s", num_shards=1, progress=False)
     assert batched.calls == 2
     assert _shard_bytes(tmp_path / "b", "s") == _shard_bytes(tmp_path / "u", "s")
     with pytest.raises(RuntimeError, match="out of the shard's order"):
-        hubert_batch.BatchedTokenizer(tok, source, range(5), 2).encode(wavs[1])
+        hubert_batch.BatchedTokenizer(tok, source, range(5), 4).encode(wavs[1])

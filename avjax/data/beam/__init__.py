@@ -44,11 +44,13 @@ def pipeline_options(
     runner: str = "DirectRunner", num_workers: int = 1, beam_args: list[str] | None = None
 ) -> Any:
     """`PipelineOptions` for `runner`; with the DirectRunner and `num_workers > 1`, that many
-    local worker processes (`direct_running_mode=multi_processing`). `beam_args` are extra
+    local worker processes (`direct_running_mode=multi_processing`, unless `beam_args` set
+    `--direct_running_mode=multi_threading`, say). `beam_args` are extra
     Beam flags (e.g. `--project=... --region=... --temp_location=gs://...` for Dataflow)."""
     beam = require_beam()
     kwargs: dict[str, Any] = {"runner": runner}
     if runner == "DirectRunner":
         kwargs["direct_num_workers"] = max(1, int(num_workers))
-        kwargs["direct_running_mode"] = "multi_processing" if num_workers > 1 else "in_memory"
+        if not any(a.startswith("--direct_running_mode") for a in beam_args or []):
+            kwargs["direct_running_mode"] = "multi_processing" if num_workers > 1 else "in_memory"
     return beam.options.pipeline_options.PipelineOptions(list(beam_args or []), **kwargs)
