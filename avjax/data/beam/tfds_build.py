@@ -38,7 +38,7 @@ PIECES = 10_000  # examples one file may give (LibriLight cuts), for the orderin
 def default_data_dir(cache: str, corpus: str, manual_dir: str, skip_bad: bool = False) -> str:
     """Where the training path caches the TFDS build of `manual_dir` (`<cache>/tfds/...`)."""
     tag = corpora.manual_dir_fingerprint(manual_dir) + ("-skipbad" if skip_bad else "")
-    return os.path.join(cache, "tfds", f"{corpus}-{tag}")
+    return os.path.join(os.path.abspath(os.path.expanduser(cache)), "tfds", f"{corpus}-{tag}")
 
 
 @functools.cache
