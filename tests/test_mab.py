@@ -32,10 +32,10 @@ def _config(cache: str, variant: str = ""):
     c = module.get_config(variant)
     c.data.update(cache_dir=cache, build_workers=1, read_threads=1, prefetch_batches=1)
     c.data.synthetic = dataclasses.asdict(av_corpus.TINY)
-    c.data.update(num_frames=12, image_size=20, crop_size=16)
-    c.model.update(stem_features=4, widths=(4, 4, 8, 8), audio_channels=(4, 4))
-    c.model.update(gru_hidden=8, num_slots=8)
-    c.train.update(steps=4, batch_size=4, warmup_steps=1, log_every=2, eval_every=4)
+    c.data.update(num_frames=8, image_size=20, crop_size=16)
+    c.model.update(stem_features=4, widths=(4, 8), blocks=(1, 1), audio_channels=(4, 4))
+    c.model.update(gru_hidden=8, gru_layers=1, num_slots=8)
+    c.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2, eval_every=4)
     c.train.update(checkpoint_every=4, eval_batches=1, async_checkpoints=False)
     c.eval.update(heatmap_words=2, speech_clips=1, griffin_lim_iters=2)
     return c
@@ -61,7 +61,7 @@ def test_cli_train_resume_eval(cli_run):
     assert (first["step"], resumed["step"], out["step"]) == (2, 4, 4)
     assert 0.0 <= out["mab/word_accuracy"] <= 1.0
     assert out["mab/chance"] == pytest.approx(1 / av_corpus.TINY.vocab_size)
-    assert np.isfinite(out["eval_loss"]) and 0.0 <= out["eval_accuracy"] <= 1.0
+    assert np.isfinite(out["eval_loss"])
     report = os.path.join(workdir, "eval", "step_4")
     assert json.load(open(os.path.join(report, "report.json")))["use_memory"] is True
     pngs = sorted(f for f in os.listdir(report) if f.endswith(".png"))
@@ -123,7 +123,7 @@ def test_ablation_has_no_memory_and_eval_needs_no_audio(cache, tmp_path):
         lambda v: full.apply(v, batch["video"], batch["length"], None), full_shapes
     )
     assert out.train is None and out.bridge.target_logits is None
-    assert out.test.logits.shape == (4, av_corpus.TINY.vocab_size)
+    assert out.test.logits.shape == (8, av_corpus.TINY.vocab_size)
 
 
 def test_speech_head_loss(cache, tmp_path):
@@ -131,13 +131,13 @@ def test_speech_head_loss(cache, tmp_path):
     out = jax.eval_shape(
         lambda: model.init_with_output(jax.random.key(0), **task.model_inputs(batch))[0]
     )
-    assert out.test.logits is None and out.test.mel.shape == (4, 4 * 12, 80)
+    assert out.test.logits is None and out.test.mel.shape == (8, 4 * 8, 80)
 
 
 def _clip(path: str, value: int) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    video = np.full((12, 32, 32, 3), value, np.uint8)
-    t = np.arange(12 * 640) / 16000
+    video = np.full((8, 32, 32, 3), value, np.uint8)
+    t = np.arange(8 * 640) / 16000
     write_video(path, video, (0.3 * np.sin(2 * np.pi * (200 + value) * t)).astype(np.float32))
 
 
