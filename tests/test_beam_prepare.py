@@ -132,7 +132,7 @@ def test_crops_stage_equals_single_process_skips_bad_videos_and_reruns_missing(t
     assert sorted(os.listdir(out / "clip1")) == sorted(crops.OUTPUT_FILES)
 
 
-def test_tfds_stage_builds_the_same_dataset_training_reads(tmp_path):
+def test_tfds_stage_builds_the_dataset_training_reuses_with_the_tokens(tmp_path):
     from avjax.data.beam import tfds_build
 
     manual = tmp_path / "m"
@@ -162,6 +162,38 @@ def test_tfds_stage_builds_the_same_dataset_training_reads(tmp_path):
             np.testing.assert_array_equal(g[k], w[k])
     again = tfds_build.build_tfds("librispeech", str(manual), **kw)
     assert not again["built"] and again["key"] == rep["key"]
+    # Training's data preparation (avjax.data.pipeline) reuses the Beam TFDS build, and with
+    # the tokens stage run on it into <workdir>/units/tokens-<fp>, tokenises nothing more.
+    import ml_collections
+
+    from avjax.data import pipeline
+
+    manifest = (tfds_build.io_lib.as_path(rep["data_dir"]) / "manifest.json").read_text()
+    dc = ml_collections.ConfigDict(
+        dict(name="librispeech", manual_dir=str(manual), skip_bad=True, builder_config="")
+    )
+    dc.update(num_shards=2, join_documents=True)
+    ctx = pipeline.Context(workdir=tmp_path / "work", cache=tmp_path / "cache")
+    builder, data_dir, tag, _ = pipeline.tfds_dataset(dc, ctx)
+    assert str(data_dir) == rep["data_dir"] and (data_dir / "manifest.json").read_text() == manifest
+    source = builder.as_data_source(split="dev_clean")
+    feats = [units_lib.unit_features(tokenize.to_float(source[i]["audio"])) for i in range(4)]
+    tok = units_lib.UnitTokenizer.fit(feats, num_units=4, iters=2)
+    tok.save(str(tmp_path / "tokenizer"))
+    tokens_dir, group = pipeline.tokens_location(ctx, tok, tag)
+    src = beam_tokens.TfdsSource("librispeech", rep["data_dir"])
+    beam_tokens.run_tokens(
+        {"dev_clean": src},
+        str(tmp_path / "tokenizer"),
+        str(tokens_dir),
+        source_ids={"dev_clean": beam_tokens.source_id_for(builder, rep["data_dir"], "dev_clean")},
+        num_shards=2,
+    )
+    full = f"{builder.info.full_name}@{data_dir}"
+    stats = pipeline.tokenize_sources(dc, ctx, {"dev_clean": source}, tok, tokens_dir, group, full)
+    assert (stats["dev_clean"].shards_done, stats["dev_clean"].shards_skipped) == (0, 2)
+    stores, seconds = pipeline.token_stores(dc, ctx, {"dev_clean": source}, 4, tokens_dir, group)
+    assert seconds == 0 and stores["dev_clean"].doc_ids == ["7-2", "84-1"]
 
 
 def _load_tool(path):
