@@ -117,3 +117,28 @@ def test_cli_converts_an_orbax_checkpoint_and_training_starts_from_it(tmp_path):
         loop.train(
             GriffinToyTask(bad, str(tmp_path / "x")), bad, str(tmp_path / "x"), single_device_mesh()
         )
+
+
+def test_typed_presets_are_recurrentgemma_presets():
+    """`GriffinConfig` presets equal RecurrentGemma's own presets once converted, SpeechSSM-2B
+    is RecurrentGemma-2B over 32,768 units, and a module reports its architecture back."""
+    import importlib.util
+    import os
+
+    from avjax.convert.recurrentgemma import architecture_from_config
+    from avjax.models.speechssm import architecture
+    from avjax.nn.griffin import GriffinConfig
+
+    for ours, preset in (
+        (GriffinConfig.recurrent_gemma_2b(), rg.Preset.RECURRENT_GEMMA_2B_V1),
+        (GriffinConfig.recurrent_gemma_9b(), rg.Preset.RECURRENT_GEMMA_9B_V1),
+    ):
+        assert ours == architecture_from_config(rg.GriffinConfig.from_preset(preset))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("ssm_cfg", f"{repo}/configs/speechssm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("2b")
+    assert architecture(cfg.model, cfg.data.num_units) == GriffinConfig.speechssm_2b()
+    tiny = GriffinConfig(61, 32, 48, 2, 3, window=4)
+    assert tiny.make(scan_layers=True).config == tiny

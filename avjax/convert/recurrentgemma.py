@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from avjax.convert.common import load_params_dir, save_params_dir
-from avjax.nn.griffin import ATTENTION, RECURRENT, GriffinLM, stack_layers
+from avjax.nn.griffin import ATTENTION, RECURRENT, GriffinConfig, GriffinLM, stack_layers
 
 
 def _block_kind(block_type: Any) -> str:
@@ -37,8 +37,13 @@ def _block_kind(block_type: Any) -> str:
 
 def model_from_config(rg_config: Any, dtype: Any = jnp.float32) -> GriffinLM:
     """Our `GriffinLM` with the architecture of a RecurrentGemma `GriffinConfig`."""
+    return architecture_from_config(rg_config).make(dtype=dtype)
+
+
+def architecture_from_config(rg_config: Any) -> GriffinConfig:
+    """Our `GriffinConfig` for a RecurrentGemma `GriffinConfig`."""
     kinds = tuple(_block_kind(t) for t in rg_config.block_types)
-    return GriffinLM(
+    return GriffinConfig(
         vocab_size=rg_config.vocab_size,
         width=rg_config.width,
         mlp_width=rg_config.mlp_expanded_width,
@@ -49,7 +54,6 @@ def model_from_config(rg_config: Any, dtype: Any = jnp.float32) -> GriffinLM:
         window=rg_config.attention_window_size,
         logit_softcap=rg_config.logits_soft_cap or None,
         embed_scale=bool(rg_config.embeddings_scale_by_sqrt_dim),
-        dtype=dtype,
     )
 
 

@@ -24,19 +24,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from avjax.nn.griffin import GriffinLM, griffin_pattern
+from avjax.nn.griffin import GriffinConfig, GriffinLM, griffin_pattern
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def speechssm(model_cfg: Any, vocab_size: int) -> GriffinLM:
-    """The SpeechSSM LM for `config.model` over `vocab_size` speech units."""
-    if model_cfg.dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype={model_cfg.dtype!r}; expected one of {list(DTYPES)}")
-    kwargs = {}
-    if model_cfg.scan_impl and model_cfg.scan_impl != "auto":
-        kwargs["scan_impl"] = model_cfg.scan_impl
-    return GriffinLM(
+def architecture(model_cfg: Any, vocab_size: int) -> GriffinConfig:
+    """The Griffin architecture `config.model` describes over `vocab_size` speech units."""
+    return GriffinConfig(
         vocab_size=vocab_size,
         width=model_cfg.width,
         mlp_width=model_cfg.mlp_width,
@@ -47,11 +42,22 @@ def speechssm(model_cfg: Any, vocab_size: int) -> GriffinLM:
         window=model_cfg.window,
         conv1d_width=model_cfg.conv1d_width,
         logit_softcap=model_cfg.logit_softcap or None,
+        out_init_scale=model_cfg.get("out_init_scale", "rg"),
+    )
+
+
+def speechssm(model_cfg: Any, vocab_size: int) -> GriffinLM:
+    """The SpeechSSM LM for `config.model` over `vocab_size` speech units."""
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={model_cfg.dtype!r}; expected one of {list(DTYPES)}")
+    options = {}
+    if model_cfg.scan_impl and model_cfg.scan_impl != "auto":
+        options["scan_impl"] = model_cfg.scan_impl
+    return architecture(model_cfg, vocab_size).make(
         remat=model_cfg.get("remat", "none"),
         scan_layers=bool(model_cfg.get("scan_layers", False)),
-        out_init_scale=model_cfg.get("out_init_scale", "rg"),
         dtype=DTYPES[model_cfg.dtype],
-        **kwargs,
+        **options,
     )
 
 

@@ -32,7 +32,9 @@ every block (recurrent `linear_out`, attention `out`, MLP `ffw_down`) with varia
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -226,6 +228,46 @@ def unstack_layers(params: dict, num_layers: int, period: int) -> dict:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class GriffinConfig:
+    """The architecture of a `GriffinLM` (everything but compute options), as RecurrentGemma's
+    `GriffinConfig`. `make(**options)` builds the module (options: scan_impl, remat,
+    scan_layers, dtype); presets `recurrent_gemma_2b` / `recurrent_gemma_9b` / `speechssm_2b`.
+    """
+
+    vocab_size: int
+    width: int
+    mlp_width: int
+    num_heads: int
+    num_layers: int
+    block_types: tuple[str, ...] | None = None  # None: griffin_pattern(num_layers)
+    lru_width: int | None = None  # None: width
+    window: int = 2048
+    conv1d_width: int = 4
+    logit_softcap: float | None = 30.0
+    embed_scale: bool = True
+    out_init_scale: str = "rg"
+
+    def make(self, **options: Any) -> GriffinLM:
+        """The module with this architecture and `options` (scan_impl, remat, ...)."""
+        return GriffinLM(**dataclasses.asdict(self), **options)
+
+    @classmethod
+    def recurrent_gemma_2b(cls, vocab_size: int = 256_000) -> GriffinConfig:
+        """RecurrentGemma-2B: 26 layers, width 2560, MLP 7680, 10 heads, window 2048."""
+        return cls(vocab_size, 2560, 7680, 10, 26, griffin_pattern(26), 2560, window=2048)
+
+    @classmethod
+    def recurrent_gemma_9b(cls, vocab_size: int = 256_000) -> GriffinConfig:
+        """RecurrentGemma-9B: 38 layers, width 4096, MLP 12288, 16 heads, window 2048."""
+        return cls(vocab_size, 4096, 12_288, 16, 38, griffin_pattern(38), 4096, window=2048)
+
+    @classmethod
+    def speechssm_2b(cls, vocab_size: int = 32_768) -> GriffinConfig:
+        """SpeechSSM-2B: RecurrentGemma-2B's backbone over 32,768 speech units."""
+        return cls.recurrent_gemma_2b(vocab_size)
+
+
 class GriffinLM(nn.Module):
     """Griffin decoder LM. tokens `[batch, time]` int32 -> logits `[batch, time, vocab]` f32.
 
@@ -258,6 +300,12 @@ class GriffinLM(nn.Module):
     scan_layers: bool = False
     out_init_scale: str = "rg"
     dtype: jnp.dtype = jnp.float32
+
+    @property
+    def config(self) -> GriffinConfig:
+        """This module's architecture."""
+        names = [f.name for f in dataclasses.fields(GriffinConfig)]
+        return GriffinConfig(**{n: getattr(self, n) for n in names})
 
     @property
     def types(self) -> tuple[str, ...]:
