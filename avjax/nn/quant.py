@@ -12,7 +12,9 @@ e.g. the stacked layers of `nn.scan`, are kept, so scanned stacks slice it per l
     the nearest of the 16 NF4 values; two codes per uint8. 0.5 byte per weight + 4 / block
     (the scales are kept float32: QLoRA's double quantisation of the scales is not done).
 
-`qmatmul(x, q)` is the dequantise-on-the-fly matmul `x [..., in] @ W [in, out]`: int8 multiplies
+`quantize_params` quantises the decoder's projection weights (`BASE_WEIGHTS`); the tree then
+runs under `avjax.nn.lora.lora_scope` / `LoraModel`. `qmatmul(x, q)` is the dequantise-on-the-fly
+matmul `x [..., in] @ W [in, out]`: int8 multiplies
 by the integer codes and applies the per-channel scale to the output (exact factorisation); NF4
 looks the codes up (codebook[code] * block scale) inside the jitted matmul, so only the
 quantised form is held between steps.
@@ -128,13 +130,14 @@ def path_str(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-# Dense kernels of the decoder's attention and MLP-down projections: the ones `avjax.nn.lora`'s
-# interceptor multiplies on the fly (GatedMLP's fused `ffw_up_w` is not a Dense and stays float).
-DENSE_KERNELS = r"(attention/(q|k|v|out)|mlp/ffw_down)/kernel$"
+# The decoder's projection weights: attention q/k/v/out and MLP-down kernels (multiplied on the
+# fly by `avjax.nn.lora`'s Dense interceptor) and the fused gate/up `ffw_up_w` (dequantised
+# per layer inside `avjax.nn.transformer.GatedMLP`). Embeddings, lm_head and norms stay float.
+BASE_WEIGHTS = r"(attention/(q|k|v|out)/kernel|mlp/ffw_down/kernel|mlp/ffw_up_w)$"
 
 
 def quantize_params(
-    params: Any, kind: str = "nf4", target: str = DENSE_KERNELS, block: int = 64
+    params: Any, kind: str = "nf4", target: str = BASE_WEIGHTS, block: int = 64
 ) -> Any:
     """`params` with every leaf whose path matches `target` replaced by its `QTensor`.
 

@@ -52,6 +52,7 @@ from avjax.nn.attention import NEG_INF, AttentionLayer, apply_rope, attend, sequ
 from avjax.nn.griffin import REMAT_POLICIES
 from avjax.nn.layers import dense
 from avjax.nn.norms import RMSNorm
+from avjax.nn.quant import QTensor, dequantize
 
 ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
 
@@ -278,16 +279,20 @@ class GatedMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r}; expected one of {list(ACTIVATIONS)}")
-        w = self.param(
-            "ffw_up_w",
-            nn.with_logical_partitioning(
-                nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2),
-                (None, axes.EMBED, axes.MLP),
-            ),
-            (2, self.width, self.mlp_width),
-            jnp.float32,
-        )
         dtype = self.dtype or x.dtype
+        stored = self.get_variable("params", "ffw_up_w")
+        if isinstance(stored, QTensor):  # a quantised frozen base (QLoRA): dequantised here
+            w = dequantize(stored, dtype)
+        else:
+            w = self.param(
+                "ffw_up_w",
+                nn.with_logical_partitioning(
+                    nn.initializers.variance_scaling(1.0, "fan_in", "normal", 1, 2),
+                    (None, axes.EMBED, axes.MLP),
+                ),
+                (2, self.width, self.mlp_width),
+                jnp.float32,
+            )
         up = jnp.einsum("btd,cdf->cbtf", x.astype(dtype), w.astype(dtype))
         if self.use_bias:
             b = self.param(
