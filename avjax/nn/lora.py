@@ -141,6 +141,8 @@ class LoraModel:
             return self.model.apply(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("model", "lora", "train"):  # not yet set (copy / unpickling)
+            raise AttributeError(name)
         return getattr(self.model, name)
 
 
