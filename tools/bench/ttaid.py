@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from flax import linen as nn  # noqa: E402
 
 from avjax.models import ttaid as ttaid_lib  # noqa: E402
 from avjax.tasks import ttaid as task_lib  # noqa: E402
@@ -182,7 +183,7 @@ def _build(args, rng: np.random.Generator):
     )
     img = rng.random((1, args.size, args.size, 3)).astype(np.float32)
     params = jax.jit(lambda x: net.init(jax.random.key(0), x))(jnp.asarray(img))["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params)
+    params = nn.meta.unbox(params)
     params = jax.tree.map(lambda x: x + 0.01 * jnp.ones_like(x), params)  # non-zero head out
     tp = torch_params(params)
     ours = np.asarray(net.apply({"params": params}, jnp.asarray(img), method="denoise")["clean"])
