@@ -1,12 +1,13 @@
 """Fails CI when a reference-parity or 8-device test was skipped or did not run at all.
 
-    python3 .ci/check_skips.py JUNIT_XML
+    python3 .ci/check_skips.py JUNIT_XML [MODULE_PATTERN ...]
 
 `JUNIT_XML` is pytest's `--junitxml` report of the whole suite (`.ci/run` asks for it through
 `PYTEST_ADDOPTS`). A test module in `GUARDED` must have run at least one test and skipped
 none (a missing reference package, e.g. `pytest.importorskip("torch")`, is a CI failure, not a
 pass); any skip anywhere whose reason mentions host devices fails too (the 8-device sharding
-tests). Standard library only.
+tests). With MODULE_PATTERNs, those modules are the guarded ones instead (the Beam run of
+`.ci/run`, whose own environment must run tests/test_beam_prepare.py). Standard library only.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ def _module(case: ET.Element) -> str:
     return next((p for p in parts if p.startswith("test_")), where)
 
 
-def problems(junit_xml: str) -> list[str]:
+def problems(junit_xml: str, guarded_modules: tuple[str, ...] = GUARDED) -> list[str]:
     """What is wrong with the run in `junit_xml`, one line each (empty when all is well)."""
     root = ET.parse(junit_xml).getroot()
     ran: dict[str, int] = {}
     out = []
     for case in root.iter("testcase"):
         module = _module(case)
-        guarded = any(fnmatch.fnmatch(module, pattern) for pattern in GUARDED)
+        guarded = any(fnmatch.fnmatch(module, pattern) for pattern in guarded_modules)
         skipped = case.find("skipped")
         if skipped is None:
             ran[module] = ran.get(module, 0) + 1
@@ -50,17 +51,17 @@ def problems(junit_xml: str) -> list[str]:
         if guarded or "host devices" in reason:
             label = ".".join(x for x in (case.get("classname"), case.get("name")) if x)
             out.append(f"skipped: {label}: {reason.strip()}")
-    for pattern in GUARDED:
+    for pattern in guarded_modules:
         if not any(fnmatch.fnmatch(m, pattern) for m in ran):
             out.append(f"no test ran from tests/{pattern}.py")
     return out
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    found = problems(argv[1])
+    found = problems(argv[1], tuple(argv[2:]) or GUARDED)
     for line in found:
         print(f"check_skips: {line}", file=sys.stderr)
     if found:

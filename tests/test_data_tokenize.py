@@ -123,12 +123,12 @@ def test_cli_tokenises_a_built_corpus_and_reports_throughput(corpus, tmp_path):
         "--no_progress",
     ]
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "h audio/min/process" in r.stdout and "total: 4 shards written" in r.stdout
     assert len(_read(str(tmp_path / "u"), "dev_clean")) == 2
     r2 = subprocess.run(
-        cmd + ["--consolidate"], capture_output=True, text=True, env=env, timeout=120
+        cmd + ["--consolidate"], capture_output=True, text=True, env=env, timeout=600
     )
     assert "total: 0 shards written, 4 already done" in r2.stdout, r2.stdout + r2.stderr[-2000:]
     assert "dev_clean: token store" in r2.stdout and "M tokens/s" in r2.stdout, r2.stdout

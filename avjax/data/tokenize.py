@@ -212,8 +212,6 @@ def tokenize_split(
       source_id: a name for the source, kept in `tokenize.json` (a changed source is refused).
       on_shard: called with each shard number after it is finished (tests, progress hooks).
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     out_dir = os.fspath(out_dir)
     n = len(source)
     if num_shards <= 0:
@@ -241,41 +239,9 @@ def tokenize_split(
         total = sum(bounds[s][1] - bounds[s][0] for s in todo)
         bar = tqdm(total=total, desc=f"tokenise {split}", unit="utt", mininterval=2.0)
     for s in todo:
-        path = shard_path(out_dir, split, s, num_shards)
-        _remove_leftovers(path)
-        tmp = os.fspath(io_lib.unique_tmp(path))
-        ts = time.time()
-        shard = TokenizeStats()
-        writer = ArrayRecordWriter(tmp, "group_size:1")
-        try:
-            for i in range(*bounds[s]):
-                ex = source[i]
-                wav = to_float(ex["audio"])
-                units = tokenizer.encode(wav)
-                meta = {
-                    "speaker": _text(ex.get("speaker", "")),
-                    "document": _text(ex.get("document", ex.get("id", str(i)))),
-                    "id": _text(ex.get("id", str(i))),
-                    "index": int(ex.get("index", 0)),
-                    "text": _text(ex.get("text", "")),
-                    "duration": len(wav) / audio_lib.SAMPLE_RATE,
-                    "source_index": i,
-                }
-                writer.write(encode_record(units, meta))
-                shard.examples += 1
-                shard.audio_seconds += meta["duration"]
-                shard.tokens += len(units)
-                if bar is not None:
-                    bar.update(1)
-        except BaseException:
-            writer.close()
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        writer.close()
-        os.replace(tmp, path)
-        done = dataclasses.asdict(shard) | {"wall_seconds": time.time() - ts}
-        io_lib.write_text_atomic(done_path(path), json.dumps(done))
+        shard = _write_shard(
+            source, tokenizer, range(*bounds[s]), shard_path(out_dir, split, s, num_shards), bar
+        )
         stats.shards_done += 1
         stats.examples += shard.examples
         stats.audio_seconds += shard.audio_seconds
@@ -289,6 +255,59 @@ def tokenize_split(
     if stats.shards_done:
         logging.info("Tokenised %s: %s", split, stats.summary())
     return stats
+
+
+def _example_meta(ex: dict[str, Any], i: int, num_samples: int) -> dict[str, Any]:
+    """The metadata stored beside example `i`'s units (speaker, document, id, text, ...)."""
+    return {
+        "speaker": _text(ex.get("speaker", "")),
+        "document": _text(ex.get("document", ex.get("id", str(i)))),
+        "id": _text(ex.get("id", str(i))),
+        "index": int(ex.get("index", 0)),
+        "text": _text(ex.get("text", "")),
+        "duration": num_samples / audio_lib.SAMPLE_RATE,
+        "source_index": i,
+    }
+
+
+def _write_shard(
+    source: Sequence[dict[str, Any]],
+    tokenizer: UnitTokenizer,
+    rows: range,
+    path: str,
+    bar: Any = None,
+) -> TokenizeStats:
+    """Tokenises `source[rows]` into the ArrayRecord shard `path` (written to a temporary
+    file, renamed when complete, then its done marker); returns the shard's counts."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    _remove_leftovers(path)
+    tmp = os.fspath(io_lib.unique_tmp(path))
+    ts = time.time()
+    shard = TokenizeStats()
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    try:
+        for i in rows:
+            ex = source[i]
+            wav = to_float(ex["audio"])
+            units = tokenizer.encode(wav)
+            meta = _example_meta(ex, i, len(wav))
+            writer.write(encode_record(units, meta))
+            shard.examples += 1
+            shard.audio_seconds += meta["duration"]
+            shard.tokens += len(units)
+            if bar is not None:
+                bar.update(1)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    writer.close()
+    os.replace(tmp, path)
+    done = dataclasses.asdict(shard) | {"wall_seconds": time.time() - ts}
+    io_lib.write_text_atomic(done_path(path), json.dumps(done))
+    return shard
 
 
 def _remove_leftovers(path: str) -> None:
