@@ -34,6 +34,13 @@ from avjax.sample.autoregressive import sample_from_logits
 NEG = -1.0e9  # HF's "impossible" score offset, kept identical so ties and sums match
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(fn: Any, model: Any, **static: Any) -> Any:
+    """`jax.jit(fn(model, ..., **static))`, one per (model, options): repeated calls (e.g. one
+    per eval batch) reuse the compiled loop instead of re-tracing it."""
+    return jax.jit(functools.partial(fn, model, **static))
+
+
 def _batch_axis(model: Any) -> int:
     """Axis of the batch in the cache leaves (1 when layers are scanned: `[layers, batch]`)."""
     return 1 if getattr(model, "scan_layers", False) else 0
@@ -134,7 +141,7 @@ def generate(
     _check_len(model, prompt.shape[1], max_new_tokens)
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key")
-    fn = functools.partial(
+    fn = _compiled(
         _generate,
         model,
         max_new_tokens=max_new_tokens,
@@ -144,7 +151,7 @@ def generate(
         eos_id=eos_id,
         pad_id=pad_id,
     )
-    return jax.jit(fn)(variables, prompt, jax.random.key(0) if key is None else key)
+    return fn(variables, prompt, jax.random.key(0) if key is None else key)
 
 
 class BeamResult(NamedTuple):
@@ -326,14 +333,14 @@ def beam_search(
         raise ValueError(f"early_stopping={early_stopping!r}; expected True, False or 'never'")
     prompt = jnp.asarray(prompt, jnp.int32)
     _check_len(model, prompt.shape[1], max_new_tokens)
-    fn = functools.partial(
+    fn = _compiled(
         _beam_search,
         model,
         max_new_tokens=max_new_tokens,
         num_beams=num_beams,
-        length_penalty=length_penalty,
+        length_penalty=float(length_penalty),
         early_stopping=early_stopping,
         eos_id=eos_id,
         pad_id=pad_id,
     )
-    return jax.jit(fn)(variables, prompt)
+    return fn(variables, prompt)
