@@ -88,6 +88,8 @@ def test_lora_starts_at_base_and_merges():
         {"params": p}
     )
     assert np.abs(np.asarray(out) - adapted).max() > 1e-3
+    off = jax.jit(lambda v: drop.apply(v, tokens, lora_train=False)[0])({"params": p})
+    np.testing.assert_allclose(np.asarray(off), adapted, atol=1e-6)
 
 
 def _leaves(tree):

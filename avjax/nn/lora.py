@@ -136,8 +136,10 @@ class LoraModel:
         with lora_scope(self.lora, self.train):
             return self.model.init(*args, **kwargs)
 
-    def apply(self, *args: Any, **kwargs: Any) -> Any:
-        with lora_scope(self.lora, self.train):
+    def apply(self, *args: Any, lora_train: bool | None = None, **kwargs: Any) -> Any:
+        """`model.apply` under the scope; `lora_train` (e.g. a Task's `ctx.train`) overrides
+        the wrapper's `train` for this call (adapter dropout on / off)."""
+        with lora_scope(self.lora, self.train if lora_train is None else lora_train):
             return self.model.apply(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
