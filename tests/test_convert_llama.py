@@ -147,6 +147,10 @@ def test_load_hf_dir_sharded_and_tool_check(tmp_path):
     np.testing.assert_allclose(
         np.asarray(_FULL(model2, variables2, tokens)), ref, atol=1e-4, rtol=0
     )
+    back = tmp_path / "hf_again"  # --export: avjax dir -> a new HF dir, checked the same way
+    args = ["--export", "--out", str(out), "--hf_dir", str(back), "--check", "--check_len", "12"]
+    diff = main(args)
+    assert diff is not None and diff <= 1e-4 and (back / "model.safetensors").exists()
 
 
 def test_lora_merge_export_reloads_in_transformers(tmp_path):
