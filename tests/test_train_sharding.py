@@ -146,7 +146,8 @@ def test_weight_decay_mask_ignores_stacked_layer_axis():
     params = {
         "embedding": np.zeros((4, 3)),
         "blocks_0": {
-            "mlp": {"ffw_up_b": np.zeros((2, 5)), "ffw_down": {"kernel": np.zeros((5, 3))}}
+            "mlp": {"ffw_up_b": np.zeros((2, 5)), "ffw_down": {"kernel": np.zeros((5, 3))}},
+            "q": {"lora_a": np.zeros((3, 2)), "lora_b": np.zeros((2, 3))},
         },
         "layers": {
             "blocks_0": {
@@ -159,6 +160,7 @@ def test_weight_decay_mask_ignores_stacked_layer_axis():
     mask = _decay_mask(params)
     assert mask["embedding"] and mask["blocks_0"]["mlp"]["ffw_down"]["kernel"]
     assert not mask["blocks_0"]["mlp"]["ffw_up_b"]
+    assert mask["blocks_0"]["q"]["lora_a"] and mask["blocks_0"]["q"]["lora_b"]
     layer = mask["layers"]["blocks_0"]
     assert layer["gate"]["w"] and layer["proj"]["kernel"]
     assert not (layer["norm"]["scale"] or layer["gate"]["b"] or layer["proj"]["bias"])

@@ -41,12 +41,14 @@ _NO_DECAY_NAMES = ("bias", "b", "scale", "a_param")
 
 def _decay_mask(params: Any) -> Any:
     """Weight decay on weight matrices only: not on biases (`bias`, `b`, `*_b`, whatever their
-    rank), norms' scales or the RG-LRU `a` param. A leading stacked axis of layers scanned with
-    `nn.scan` (under a "layers" key) does not count as a matrix dimension."""
+    rank), norms' scales or the RG-LRU `a` param. LoRA's `lora_a` and `lora_b` are matrices
+    and decay alike (as PEFT under an AdamW trainer). A leading stacked axis of layers scanned
+    with `nn.scan` (under a "layers" key) does not count as a matrix dimension."""
 
     def decay(path: tuple, p: Any) -> bool:
         names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        if names and (names[-1] in _NO_DECAY_NAMES or names[-1].endswith("_b")):
+        bias = names and names[-1].endswith("_b") and names[-1] != "lora_b"
+        if names and (names[-1] in _NO_DECAY_NAMES or bias):
             return False
         return jnp.ndim(p) - ("layers" in names) >= 2
 
