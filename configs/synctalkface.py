@@ -15,7 +15,9 @@ held out), RGB face crops at 32 x 32 (default) / 128 x 128 (`:paper`).
 
   # 1. the sync expert on the same corpus (its checkpoint is loaded frozen)
   python -m avjax.main --config=configs/syncnet.py --workdir=workdir/syncnet \
-      --config.data.name=synthetic --config.data.view=lrw --config.data.num_frames=29 ...
+      --config.data.name=synthetic --config.data.view=lrw --config.data.num_frames=29 \
+      --config.data.image_size=32 --config.data.crop_size=32 --config.model.face_size=32 \
+      --config.model.max_shift=10
   # 2. SyncTalkFace, and the ablation without the sync losses (same run length)
   python -m avjax.main --config=configs/synctalkface.py --workdir=workdir/stf \
       --config.model.sync_expert_workdir=workdir/syncnet
@@ -33,9 +35,14 @@ LSE of generated and real held-out clips), `stf/lmd` with `stf_eval.lmd=True` (d
 
 `:paper`: 128 x 128, batch 40 x 5 frames, full widths (paper scale; for accelerators).
 
-Not yet measured: the default run's time and its numbers (LSE-C generated vs real, and vs
-`:nosync`) were not measured on the shared 2-core machine this was written on; see the
-report of the commit that adds this file.
+Measured so far (tiny test shapes only, 16 x 16 faces, widths 4-16, batch 8, on the shared
+2-core machine at load average ~17): a 3-step train from scratch costs ~100 CPU-s, almost
+all XLA compilation (the generator step differentiates through the identity / audio / lip
+encoders, the memory, the decoder, the frozen expert and the discriminator); a resume from
+the compilation cache ~20 CPU-s; eval of 2 clips ~38 CPU-s; sampling 1 s ~21 CPU-s.
+NOT yet measured: the default run's wall time and its numbers (LSE-C of generated vs real
+held-out clips, and vs `:nosync` at the same run length). The 1,500-step default and the
+expert could not be run on the shared machine before this was committed; fill them in.
 """
 
 from __future__ import annotations

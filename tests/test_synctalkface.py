@@ -1,6 +1,8 @@
-"""SyncTalkFace: the Wav2Lip-style networks (shapes, U-Net skips), the audio-lip memory model
-(losses, stop-gradients, train vs test branches), and a tiny CLI run: train with both GAN
-optimizers -> exact resume after a stop -> eval -> sample (MP4 with audio)."""
+"""SyncTalkFace: the Wav2Lip-style networks (shapes, per-frame lip context, U-Net skips at
+every scale), the training windows (masks, reference distance, mel alignment), and tiny CLI
+runs through `avjax.main`: a 1-step sync expert, then SyncTalkFace trained with both GAN
+optimizers straight and stopped + resumed (equal states) -> eval (PSNR / SSIM / LSE, contact
+sheet) -> sample (an MP4 with an audio stream and a side-by-side)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from avjax.data.video import av_corpus
 from avjax.nn import wav2lip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-S = 32  # face size in these tests
+S = 32  # face size in the network tests
+S_CLI = 16  # face size in the CLI runs (fewer stages: faster to compile)
 
 
 def _init_apply(module, *args):
@@ -107,7 +110,7 @@ def _load_config(name: str, arg: str = ""):
 
 def _tiny_data(c, cache: str) -> None:
     c.data.update(name="synthetic", view="lrw", cache_dir=cache, num_frames=29)
-    c.data.update(image_size=S, crop_size=S, grayscale=False, hflip=0.0, read_threads=1)
+    c.data.update(image_size=S_CLI, crop_size=S_CLI, grayscale=False, hflip=0.0, read_threads=1)
     c.data.synthetic = dataclasses.asdict(av_corpus.TINY)
 
 
@@ -115,7 +118,7 @@ def _expert_config(cache: str):
     c = _load_config("syncnet")
     _tiny_data(c, cache)
     c.data.num_frames = 29
-    c.model.update(face_size=S, width=4)
+    c.model.update(face_size=S_CLI, width=4)
     c.train.update(steps=1, batch_size=8, log_every=1, eval_every=0, checkpoint_every=1)
     c.train.update(warmup_steps=0, async_checkpoints=False)
     return c
@@ -150,6 +153,29 @@ def trained(tmp_path_factory):
     from avjax import main
 
     root = tmp_path_factory.mktemp("stf")
+    # The three SyncTalkFace runs compile the same steps: a persistent compilation cache for
+    # this fixture only (restored afterwards) compiles them once.
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    from jax._src import compilation_cache  # reset: the cache reads its config once
+
+    saved = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(root / "jax_cache"))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    compilation_cache.reset_cache()
+    try:
+        yield _train_all(main, root)
+    finally:
+        for n, v in saved.items():
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()
+
+
+def _train_all(main, root):
     cache, expert = str(root / "cache"), str(root / "expert")
     assert main.run(_expert_config(cache), expert, "train")["step"] == 1
     straight, resumed = str(root / "straight"), str(root / "resumed")
@@ -197,10 +223,10 @@ def test_eval_and_sample(trained, tmp_path):
     res = main.run(c, straight, "sample")
     assert res["frames"] == 25
     frames, audio, info = vio.read_video(res["video"])
-    assert frames.shape[1:] == (S, S, 3) and abs(len(frames) - 25) <= 1
+    assert frames.shape[1:] == (S_CLI, S_CLI, 3) and abs(len(frames) - 25) <= 1
     assert len(audio) > 15000 and np.abs(audio).max() > 0.05  # the audio stream is muxed in
     side = vio.read_video(res["side_by_side"])[0]
-    assert side.shape[2] > 2 * S
+    assert side.shape[2] > 2 * S_CLI
 
 
 def test_windows_masks_and_mel_alignment():
