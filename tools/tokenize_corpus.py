@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         names = list(builder.info.splits)
         sources = {n: builder.as_data_source(split=n) for n in names}
-        source_ids = {n: f"{builder.info.full_name}:{n}" for n in names}
+        # Keyed as training keys them, so a workdir reuses these shards.
+        source_ids = {n: tokenize.tfds_source_id(builder, data_dir, n) for n in names}
     wanted = [s for s in args.splits.split(",") if s] or list(sources)
     unknown = [s for s in wanted if s not in sources]
     if unknown:

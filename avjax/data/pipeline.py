@@ -237,7 +237,9 @@ def prepare_tfds(dc: Any, ctx: Context) -> Prepared:
     sources = {n: builder.as_data_source(split=n) for n in train_splits}
     if eval_split:
         sources[eval_split] = builder.as_data_source(split=eval_split)
-    source_id = f"{builder.info.full_name}@{data_dir}"  # (as units were keyed before)
+    from avjax.data.tokenize import tfds_source_id
+
+    source_id = tfds_source_id(builder, data_dir)  # (as units were keyed before)
     tokenizer, vocoder = fit_tfds_units(
         dc,
         ctx,

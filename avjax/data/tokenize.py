@@ -188,6 +188,14 @@ class TokenizeStats:
         )
 
 
+def tfds_source_id(builder: Any, data_dir: str | os.PathLike, split: str = "") -> str:
+    """The id a TFDS corpus' token shards are keyed with (`tokenize.json`'s "source"):
+    `<full_name>@<data_dir>[:<split>]`, the same for training, `tools/tokenize_corpus.py` and
+    the Beam stage, so shards written by one are reused by the others."""
+    base = f"{builder.info.full_name}@{os.fspath(data_dir)}"
+    return f"{base}:{split}" if split else base
+
+
 def tokenize_split(
     source: Sequence[dict[str, Any]],
     tokenizer: UnitTokenizer,

@@ -69,7 +69,7 @@ class TfdsSource:
 
 def source_id_for(builder: Any, data_dir: str, split: str) -> str:
     """The source id the training path (`pipeline.prepare_tfds`) keys a split's shards with."""
-    return f"{builder.info.full_name}@{data_dir}:{split}"
+    return tokenize.tfds_source_id(builder, data_dir, split)
 
 
 def effective_num_shards(num_examples: int, num_shards: int) -> int:
