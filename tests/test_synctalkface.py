@@ -69,9 +69,13 @@ def test_lip_encoder_is_per_frame_over_five_frame_context():
     """Frame t's feature depends on frames t-2..t+2 only (Conv3d with kernel 5 in time)."""
     enc = wav2lip.LipEncoder(base=4, max_width=8, dim=8)
     x = jax.random.normal(jax.random.key(1), (1, 7, 16, 16, 3))
-    v = enc.init(jax.random.key(0), x)
-    g = jax.grad(lambda x: enc.apply(v, x)[0, 0].sum())(x)
-    per_frame = np.abs(np.asarray(g)).sum(axis=(0, 2, 3, 4))
+
+    @jax.jit
+    def grad_of_first_frame(x):
+        v = enc.init(jax.random.key(0), x)
+        return jax.grad(lambda x: enc.apply(v, x)[0, 0].sum())(x)
+
+    per_frame = np.abs(np.asarray(grad_of_first_frame(x))).sum(axis=(0, 2, 3, 4))
     assert (per_frame[:3] > 0).all() and (per_frame[3:] == 0).all()
 
 
@@ -81,21 +85,26 @@ def test_decoder_skips_connect_at_every_scale():
     dec = wav2lip.FaceDecoder(max_width=8)
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 6))
     code = jax.random.normal(jax.random.key(2), (2, 12))
-    ve = enc.init(jax.random.key(0), x)
-    skips = enc.apply(ve, x)
-    vd = dec.init(jax.random.key(3), code, skips)
-    out = dec.apply(vd, code, skips)
+
+    @jax.jit
+    def run(x, code):  # one compiled program: init, forward and every gradient
+        ve = enc.init(jax.random.key(0), x)
+        skips = enc.apply(ve, x)
+        vd = dec.init(jax.random.key(3), code, skips)
+
+        def total(code, skips):
+            return jnp.sum(dec.apply(vd, code, skips) ** 2)
+
+        g_code, g_skips = jax.grad(total, argnums=(0, 1))(code, skips)
+        g_x = jax.grad(lambda x: total(code, enc.apply(ve, x)))(x)
+        return dec.apply(vd, code, skips), g_code, g_skips, g_x
+
+    out, g_code, g_skips, g_x = run(x, code)
     assert out.shape == (2, 16, 16, 3) and float(jnp.max(jnp.abs(out))) < 1.0
-
-    def total(code, skips):
-        return jnp.sum(dec.apply(vd, code, skips) ** 2)
-
-    g_code, g_skips = jax.grad(total, argnums=(0, 1))(code, skips)
-    assert float(jnp.abs(g_code).sum()) > 0
+    assert float(jnp.abs(g_code).sum()) > 0 and float(jnp.abs(g_x).sum()) > 0
+    assert len(g_skips) == 5  # 16, 8, 4, 2 and the 1 x 1 bottleneck
     for i, g in enumerate(g_skips):
         assert float(jnp.abs(g).sum()) > 0, f"skip {i} ({g.shape}) does not reach the output"
-    g_x = jax.grad(lambda x: total(code, enc.apply(ve, x)))(x)
-    assert float(jnp.abs(g_x).sum()) > 0
 
 
 # --- the task end to end ------------------------------------------------------------------------
@@ -246,8 +255,9 @@ def test_windows_masks_and_mel_alignment():
     )
     length = np.array([29, 29, 14, 16, 29, 20, 29, 15], np.int32)  # >= 14: a far reference
     batch = {"video": video, "audio": np.zeros((b, n * 640), np.float32), "length": length}
+    windows = jax.jit(task_lib.sample_windows)
     for seed in range(3):
-        w = task_lib.sample_windows(jax.random.key(seed), batch)
+        w = windows(jax.random.key(seed), batch)
         ids = np.round((np.asarray(w["faces"][:, :, 0, 0, 0]) + 1) * 127.5).astype(int)
         refs = np.round((np.asarray(w["reference"][:, :, 0, 0, 0]) + 1) * 127.5).astype(int)
         np.testing.assert_array_equal(np.diff(ids, axis=1), 1)
@@ -259,8 +269,12 @@ def test_windows_masks_and_mel_alignment():
     audio = np.zeros((1, n * 640), np.float32)
     f = 10
     audio[0, f * 640 + 320 : f * 640 + 330] = 1.0
-    mel = task_lib.padded_mel(jnp.asarray(audio))
-    win = np.asarray(task_lib.frame_mels(mel, jnp.array([f])))[0, 0].mean(0)  # [16]
-    assert 6 <= int(np.argmax(win)) <= 9
-    sync = np.asarray(task_lib.window_mel(mel, jnp.array([f])))[0].mean(0)
-    assert int(np.argmax(sync)) <= 2
+
+    @jax.jit
+    def mels(audio, starts):
+        mel = task_lib.padded_mel(audio)
+        return task_lib.frame_mels(mel, starts), task_lib.window_mel(mel, starts)
+
+    frame_win, sync_win = mels(jnp.asarray(audio), jnp.array([f]))
+    assert 6 <= int(np.argmax(np.asarray(frame_win)[0, 0].mean(0))) <= 9  # of 16 steps
+    assert int(np.argmax(np.asarray(sync_win)[0].mean(0))) <= 2
