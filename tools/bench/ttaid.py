@@ -11,7 +11,8 @@ Times (median of `--repeats` after a warm-up, CPU) of
         10 x L1, Adam over all parameters.
 The PyTorch side is a functional re-implementation (`F.conv2d` on a dict of tensors) loaded
 with our initial weights; the outputs of the two denoisers are compared first (max abs
-difference, printed). Rows (ours, torch, ratio ours / torch: < 1 is faster) go to `--json`.
+difference, printed). Rows (ours, torch: median wall and process CPU-seconds; ratios ours / torch,
+< 1 is faster) go to `--json`; `--only=tta|meta` times one row.
 """
 
 from __future__ import annotations
@@ -146,14 +147,29 @@ def torch_meta_step(p, opt, noisy, clean, args):
     return total
 
 
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds (all threads) of `fn` after one warm-up call."""
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def _row(what: str, ours, torch_fn, repeats: int) -> dict:
+    ours_s, ours_cpu = _median_time(ours, repeats)
+    torch_s, torch_cpu = _median_time(torch_fn, repeats)
+    return {
+        "what": what,
+        "ours_s": ours_s,
+        "torch_s": torch_s,
+        "ours_cpu_s": ours_cpu,
+        "torch_cpu_s": torch_cpu,
+        "cpu_ratio": ours_cpu / torch_cpu,
+    }
 
 
 def _parse_args() -> argparse.Namespace:
@@ -168,6 +184,7 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--inner_lr", type=float, default=1e-3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=("", "tta", "meta"), default="", help="one row only")
     args = ap.parse_args()
     args.features, args.scale_step = (32, 16) if args.paper else (16, 8)
     args.blocks = 2 if args.paper else 1
@@ -202,11 +219,12 @@ def _tta_row(args, net, params, tp, img) -> dict:
     )
     fn = task_lib.adaptation_fn(net, tc)
     x, x_t = jnp.asarray(img), torch.tensor(img.transpose(0, 3, 1, 2).copy())
-    return {
-        "what": f"tta {args.size}x{args.size} ({args.tta_steps} Adam steps + denoise)",
-        "ours_s": _median_time(lambda: jax.block_until_ready(fn(params, x)), args.repeats),
-        "torch_s": _median_time(lambda: torch_tta(tp, x_t, args), args.repeats),
-    }
+    return _row(
+        f"tta {args.size}x{args.size} ({args.tta_steps} Adam steps + denoise)",
+        lambda: jax.block_until_ready(fn(params, x)),
+        lambda: torch_tta(tp, x_t, args),
+        args.repeats,
+    )
 
 
 def _ours_meta_step(args, net, params):
@@ -253,13 +271,12 @@ def _meta_row(args, net, params, tp, rng: np.random.Generator) -> dict:
     tp_train = {k: v.clone().requires_grad_(True) for k, v in tp.items()}
     topt = torch.optim.Adam(tp_train.values(), lr=1e-4)
     tn, tcl = (torch.tensor(a.transpose(0, 3, 1, 2).copy()) for a in (noisy, clean))
-    return {
-        "what": f"meta step ({args.batch} x {args.crop}^2, {args.inner_steps} inner steps)",
-        "ours_s": _median_time(ours_meta, args.repeats),
-        "torch_s": _median_time(
-            lambda: torch_meta_step(tp_train, topt, tn, tcl, args), args.repeats
-        ),
-    }
+    return _row(
+        f"meta step ({args.batch} x {args.crop}^2, {args.inner_steps} inner steps)",
+        ours_meta,
+        lambda: torch_meta_step(tp_train, topt, tn, tcl, args),
+        args.repeats,
+    )
 
 
 def main() -> None:
@@ -267,11 +284,16 @@ def main() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     net, params, tp, img, diff = _build(args, rng)
-    rows = [_tta_row(args, net, params, tp, img), _meta_row(args, net, params, tp, rng)]
-    print(f"{'what':<52}{'ours (s)':>10}{'torch (s)':>11}{'ratio':>8}")
+    rows = [_tta_row(args, net, params, tp, img)] if args.only != "meta" else []
+    rows += [_meta_row(args, net, params, tp, rng)] if args.only != "tta" else []
+    print(f"{'what':<48}{'ours s / cpu-s':>16}{'torch s / cpu-s':>17}{'ratio':>7}{'cpu':>7}")
     for r in rows:
         r["ratio"] = r["ours_s"] / r["torch_s"]
-        print(f"{r['what']:<52}{r['ours_s']:>10.3f}{r['torch_s']:>11.3f}{r['ratio']:>8.2f}")
+        ours, ref = (
+            f"{r['ours_s']:.2f}/{r['ours_cpu_s']:.2f}",
+            f"{r['torch_s']:.2f}/{r['torch_cpu_s']:.2f}",
+        )
+        print(f"{r['what']:<48}{ours:>16}{ref:>17}{r['ratio']:>7.2f}{r['cpu_ratio']:>7.2f}")
     if args.json:
         summary = {
             "features": args.features,
