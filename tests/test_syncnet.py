@@ -188,6 +188,9 @@ def test_sample_pairs():
     shift = np.abs(v - a)[label == 0]
     assert shift.min() >= 2 and shift.max() <= 15
     assert v.min() >= 0 and max(v.max(), a.max()) <= 40 - 6 and a.min() >= 0
+    # LRW-length clips (29 frames) cannot hold shifts of 15 both ways: refused, not clamped.
+    with pytest.raises(ValueError, match=r"model.max_shift=15: need >= 36 frames .* <= 11"):
+        syncnet_lib.sample_pairs(jax.random.key(0), 8, 29, 1, 15)
 
 
 # --- the CLI ---------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def _expert_config(cache: str):
     c = _load_config("syncnet")
     _tiny_data(c, cache)
     c.data.num_frames = 29
-    c.model.update(face_size=S_CLI, width=4)
+    c.model.update(face_size=S_CLI, width=4, max_shift=10)  # 29 frames hold shifts <= 11
     c.train.update(steps=1, batch_size=8, log_every=1, eval_every=0, checkpoint_every=1)
     c.train.update(warmup_steps=0, async_checkpoints=False)
     return c

@@ -147,7 +147,14 @@ def sample_pairs(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`(video_start, audio_start, label)`, each `[batch]`: half in sync (label 1), half with
     the audio window shifted by `min_shift .. max_shift` frames either way (label 0; the
-    other direction when the first leaves the clip). Needs `num_frames >= 2 * max_shift + 6`."""
+    other direction when the first leaves the clip). Needs `num_frames >= 2 * max_shift + 6`
+    (else some shifted windows would leave the clip both ways and be clamped back into it)."""
+    if num_frames < 2 * max_shift + WINDOW + 1:
+        raise ValueError(
+            f"clips of {num_frames} frames are too short for off-sync shifts up to "
+            f"model.max_shift={max_shift}: need >= {2 * max_shift + WINDOW + 1} frames "
+            f"(lower model.max_shift to <= {(num_frames - WINDOW - 1) // 2} or use longer clips)"
+        )
     k_start, k_label, k_mag, k_sign = jax.random.split(rng, 4)
     last = num_frames - WINDOW - 1  # the last audio start whose mel window fits for sure
     v = jax.random.randint(k_start, (batch,), 0, last + 1)

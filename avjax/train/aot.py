@@ -165,11 +165,10 @@ def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
     return out
 
 
-def compile_report(config: Any, topology: str) -> dict[str, Any]:
-    """Compiles the train step of `config` for `topology`; returns the fit/speed report."""
+def _lower_and_compile(config: Any, topology: str) -> dict[str, Any]:
+    """Step 1: the task, trainer and mesh for `topology`, and the compiled train step."""
     import flax.linen as nn
     import jax
-    import numpy as np
 
     from avjax.tasks import get_task
     from avjax.train import loop
@@ -181,75 +180,85 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
     task = get_task(config, "/tmp/avjax_aot_unused")
     trainer = loop.build_trainer(task, config, mesh)
     dummy = task.dummy_batch()
-    abstract_batch = {
+    batch = {
         k: jax.ShapeDtypeStruct(
             v.shape, v.dtype, sharding=batch_sharding(mesh, trainer.rules, v.ndim)
         )
         for k, v in dummy.items()
     }
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(trainer.rules)):
-        lowered = trainer.train_step.lower(trainer.abstract_state, abstract_batch)
-        compiled = lowered.compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0]
-    cost = dict(cost or {})
-    params = trainer.abstract_state.params
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    params_b = _bytes_per_device(params)
-    opt_b = _bytes_per_device(trainer.abstract_state.opt_state)
-    batch_b = _bytes_per_device(abstract_batch)
+        compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+    return dict(
+        task=task,
+        trainer=trainer,
+        mesh=mesh,
+        chip=chip,
+        n_chips=len(devices),
+        batch=batch,
+        dummy=dummy,
+        compiled=compiled,
+    )
+
+
+def _memory(c: dict[str, Any]) -> dict[str, Any]:
+    """Step 2: per-chip bytes of parameters, optimizer, batch, temporaries, code and peak."""
+    import jax
+    import numpy as np
+
+    mem = c["compiled"].memory_analysis()
+    state = c["trainer"].abstract_state
     arg_b = int(getattr(mem, "argument_size_in_bytes", 0))
     out_b = int(getattr(mem, "output_size_in_bytes", 0))
     alias_b = int(getattr(mem, "alias_size_in_bytes", 0))
     temp_b = int(getattr(mem, "temp_size_in_bytes", 0))
     code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
     peak_b = arg_b + out_b - alias_b + temp_b + code_b
-    n_chips = len(devices)
+    hbm = c["chip"]["hbm"]
+    return {
+        "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
+        "hbm_bytes_per_chip": hbm,
+        "params_bytes_per_chip": _bytes_per_device(state.params),
+        "optimizer_bytes_per_chip": _bytes_per_device(state.opt_state),
+        "batch_bytes_per_chip": _bytes_per_device(c["batch"]),
+        "temp_bytes_per_chip": temp_b,
+        "code_bytes_per_chip": code_b,
+        "peak_bytes_per_chip": peak_b,
+        "fits": bool(hbm == 0 or peak_b <= hbm),
+    }
+
+
+def _speed(c: dict[str, Any]) -> dict[str, Any]:
+    """Step 3: FLOPs (compiler vs analytic), bytes accessed by op category, and the roofline.
+
+    Per chip: compute-bound time (FLOPs / peak) and memory-bound time (bytes the compiler says
+    the program touches / HBM bandwidth); the step takes at least the larger. Collectives are
+    in neither bound. XLA's own "optimal_seconds" is used when positive (it is negative for
+    some TPU programs)."""
+    import numpy as np
+
+    cost = c["compiled"].cost_analysis()
+    cost = dict((cost[0] if isinstance(cost, list) else cost) or {})
+    chip, n_chips, dummy = c["chip"], c["n_chips"], c["dummy"]
     tokens = int(np.prod(dummy["inputs"].shape)) if "inputs" in dummy else 0
-    flops_per_token = task.flops_per_token() or 0.0
-    analytic_flops = flops_per_token * tokens
+    analytic_flops = (c["task"].flops_per_token() or 0.0) * tokens
     compiler_flops = float(cost.get("flops", 0.0)) * n_chips  # cost_analysis is per device
-    # Roofline per chip: compute-bound time (FLOPs / peak) and memory-bound time (bytes the
-    # compiler says the program touches / HBM bandwidth); the step takes at least the larger.
-    # Collectives are not in either bound. XLA's own "optimal_seconds" is used when positive
-    # (it is negative for some TPU programs).
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
-    by_cat = hlo_bytes_by_category(compiled.as_text())
+    by_cat = hlo_bytes_by_category(c["compiled"].as_text())
     parsed = sum(by_cat.values())
     # Shares from the HLO walk, scaled to the compiler's total (per chip).
     breakdown = {k: (v / parsed * bytes_accessed if parsed else 0.0) for k, v in by_cat.items()}
     compute_s = compiler_flops / (n_chips * chip["flops"]) if chip["flops"] else None
     memory_s = bytes_accessed / chip["hbm_bw"] if chip.get("hbm_bw") else None
-    step_s = float(cost.get("optimal_seconds", 0.0))
-    step_source = "compiler"
+    step_s, step_source = float(cost.get("optimal_seconds", 0.0)), "compiler"
     if step_s <= 0:
         step_s, step_source = None, None
         if compute_s is not None:
             step_s = max(compute_s, memory_s or 0.0)
-            step_source = "roofline: " + (
-                "memory-bound" if (memory_s or 0.0) > compute_s else "compute-bound"
-            )
+            bound = "memory-bound" if (memory_s or 0.0) > compute_s else "compute-bound"
+            step_source = "roofline: " + bound
     mfu = analytic_flops / (n_chips * chip["flops"] * step_s) if step_s and chip["flops"] else None
     return {
-        "config": config.get("task"),
-        "topology": topology,
-        "num_chips": n_chips,
-        "mesh": dict(mesh.shape),
-        "preset": config.mesh.get("preset", ""),
-        "remat": config.model.get("remat", "none"),
-        "scan_layers": bool(config.model.get("scan_layers", False)),
-        "params": num_params,
         "tokens_per_step": tokens,
-        "hbm_bytes_per_chip": chip["hbm"],
-        "params_bytes_per_chip": params_b,
-        "optimizer_bytes_per_chip": opt_b,
-        "batch_bytes_per_chip": batch_b,
-        "temp_bytes_per_chip": temp_b,
-        "code_bytes_per_chip": code_b,
-        "peak_bytes_per_chip": peak_b,
-        "fits": bool(chip["hbm"] == 0 or peak_b <= chip["hbm"]),
         "flops_per_step": compiler_flops,
         "analytic_flops_per_step": analytic_flops,
         "bytes_accessed_per_chip": bytes_accessed,
@@ -261,4 +270,20 @@ def compile_report(config: Any, topology: str) -> dict[str, Any]:
         "estimated_step_s": step_s,
         "estimated_step_source": step_source,
         "estimated_mfu": mfu,
+    }
+
+
+def compile_report(config: Any, topology: str) -> dict[str, Any]:
+    """Compiles the train step of `config` for `topology`; returns the fit/speed report."""
+    c = _lower_and_compile(config, topology)
+    return {
+        "config": config.get("task"),
+        "topology": topology,
+        "num_chips": c["n_chips"],
+        "mesh": dict(c["mesh"].shape),
+        "preset": config.mesh.get("preset", ""),
+        "remat": config.model.get("remat", "none"),
+        "scan_layers": bool(config.model.get("scan_layers", False)),
+        **_memory(c),
+        **_speed(c),
     }
