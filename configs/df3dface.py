@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from avjax.train.defaults import mesh_config, train_config
 from avjax.train.sharding import DEFAULT_RULES
 
 
@@ -106,28 +107,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.spacing = "trailing"
     c.diffusion.eta = 0.0
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 1500
-    c.train.batch_size = 16
-    c.train.grad_accum = 1
-    c.train.lr = 1e-3
-    c.train.final_lr_frac = 0.1
-    c.train.warmup_steps = 100
-    c.train.weight_decay = 0.01
-    c.train.b1 = 0.9
-    c.train.b2 = 0.99
-    c.train.clip_norm = 1.0
-    c.train.log_every = 50
-    c.train.eval_every = 500
-    c.train.eval_batches = 4
-    c.train.checkpoint_every = 500
-    c.train.keep_checkpoints = 2
-    c.train.async_checkpoints = True
-    c.train.reset_data_iterator = False
-    c.train.init_from = ""
-    c.train.init_skip = ""
-    c.train.ema_decay = 0.0
-    c.train.eval_with_ema = False
+    c.train = train_config(
+        steps=1500,
+        warmup_steps=100,
+        weight_decay=0.01,
+        b2=0.99,
+        eval_batches=4,
+    )
 
     c.evals = ml_collections.ConfigDict()
     c.evals.eval = {"type": "loss", "prefix": "eval_"}
@@ -139,13 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.samples = 3  # samples per utterance (diversity)
     c.eval.max_frames = 150
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.preset = ""
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.sequence = 1
-    c.mesh.tensor = 1
-    c.mesh.dcn_data = 1
+    c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_RULES
 
     c.sample = ml_collections.ConfigDict()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import ml_collections
 
 from avjax.data.video import av_data
+from avjax.train.defaults import mesh_config, train_config
 from avjax.train.sharding import DEFAULT_RULES
 
 
@@ -100,28 +101,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.model = _model()
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
-    c.train.batch_size = 16
-    c.train.grad_accum = 1
-    c.train.lr = 2e-3
-    c.train.final_lr_frac = 0.05
-    c.train.warmup_steps = 50
-    c.train.weight_decay = 1e-4
-    c.train.b1 = 0.9
-    c.train.b2 = 0.999
-    c.train.clip_norm = 5.0
-    c.train.log_every = 50
-    c.train.eval_every = 250
-    c.train.eval_batches = 6  # 96 of the 100 held-out clips
-    c.train.checkpoint_every = 250
-    c.train.keep_checkpoints = 2
-    c.train.async_checkpoints = True
-    c.train.reset_data_iterator = False
-    c.train.init_from = ""
-    c.train.init_skip = ""
-    c.train.ema_decay = 0.0
-    c.train.eval_with_ema = False
+    c.train = train_config(
+        lr=2e-3,
+        final_lr_frac=0.05,
+        weight_decay=1e-4,
+        clip_norm=5.0,
+        eval_every=250,
+        eval_batches=6,  # 96 of the 100 held-out clips
+        checkpoint_every=250,
+    )
 
     c.eval = ml_collections.ConfigDict()
     c.eval.heatmap_words = 8
@@ -133,13 +121,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.evals.eval.every = c.train.get_ref("eval_every")
     c.evals.mab = {"type": "task", "every": 0, "prefix": "mab/"}
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.preset = ""
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.sequence = 1
-    c.mesh.tensor = 1
-    c.mesh.dcn_data = 1
+    c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_RULES
 
     for v in (x for x in variant.split(",") if x):

@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from avjax.train.defaults import mesh_config, train_config
 from avjax.train.sharding import DEFAULT_RULES
 
 
@@ -156,23 +157,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "unit" = 1.0 (before issue 12).
     c.model.out_init_scale = "rg"
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 400
-    c.train.batch_size = 8
-    c.train.grad_accum = 1
-    c.train.lr = 3e-3
-    c.train.final_lr_frac = 0.1
-    c.train.warmup_steps = 50
-    c.train.weight_decay = 0.1
-    c.train.b1 = 0.9
-    c.train.b2 = 0.98
-    c.train.clip_norm = 1.0
-    c.train.log_every = 20
-    c.train.eval_every = 100
-    c.train.eval_batches = 4
-    c.train.checkpoint_every = 100
-    c.train.keep_checkpoints = 3
-    c.train.async_checkpoints = True
+    c.train = train_config(
+        steps=400,
+        batch_size=8,
+        lr=3e-3,
+        weight_decay=0.1,
+        b2=0.98,
+        log_every=20,
+        eval_every=100,
+        eval_batches=4,
+        checkpoint_every=100,
+        keep_checkpoints=3,
+    )
     # Resume params + optimizer state but start the data pipeline afresh (e.g. after a change
     # in the number of processes, whose iterator positions cannot be carried over).
     c.train.reset_data_iterator = False
@@ -195,13 +191,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals.facts = {"type": "facts", "every": 0, "prefix": "", "keys": "unigram_entropy_nats"}
     c.evals.longform = {"type": "longform", "every": 0}
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.preset = ""  # "" = as below; dp | fsdp | fsdp_tp | fsdp_sp (avjax/train/sharding.py)
-    c.mesh.data = -1  # -1: all remaining devices
-    c.mesh.fsdp = 1
-    c.mesh.sequence = 1  # activations' length dim (the fsdp_sp preset)
-    c.mesh.tensor = 1
-    c.mesh.dcn_data = 1  # slices (multi-slice TPU): data parallel across them
+    c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_RULES
 
     c.sample = ml_collections.ConfigDict()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import ml_collections
 
 from avjax.data.video import av_data
+from avjax.train.defaults import mesh_config, train_config
 from avjax.train.sharding import DEFAULT_RULES
 
 
@@ -74,28 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.max_shift = 15
     c.model.dtype = "float32"
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 600
-    c.train.batch_size = 16
-    c.train.grad_accum = 1
-    c.train.lr = 1e-3
-    c.train.final_lr_frac = 0.1
-    c.train.warmup_steps = 50
-    c.train.weight_decay = 0.0
-    c.train.b1 = 0.9
-    c.train.b2 = 0.999
-    c.train.clip_norm = 1.0
-    c.train.log_every = 50
-    c.train.eval_every = 200
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 200
-    c.train.keep_checkpoints = 2
-    c.train.async_checkpoints = True
-    c.train.reset_data_iterator = False
-    c.train.init_from = ""
-    c.train.init_skip = ""
-    c.train.ema_decay = 0.0
-    c.train.eval_with_ema = False
+    c.train = train_config(
+        steps=600,
+        eval_every=200,
+        checkpoint_every=200,
+    )
 
     c.evals = ml_collections.ConfigDict()
     c.evals.eval = {"type": "loss", "prefix": "eval_"}
@@ -110,12 +94,6 @@ def get_config() -> ml_collections.ConfigDict:
         "offset_clips": 8,
     }
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.preset = ""
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.sequence = 1
-    c.mesh.tensor = 1
-    c.mesh.dcn_data = 1
+    c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_RULES
     return c

@@ -52,6 +52,7 @@ from __future__ import annotations
 import ml_collections
 
 from avjax.data.video import av_data
+from avjax.train.defaults import mesh_config, train_config
 from avjax.train.sharding import DEFAULT_RULES
 
 
@@ -99,29 +100,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.loss.memory = 0.2
     c.loss.sync = arg != "nosync"  # False: neither sync loss (the ablation)
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 100_000 if paper else 1500
-    c.train.batch_size = 40 if paper else 16
-    c.train.grad_accum = 1
-    c.train.lr = 1e-4 if paper else 5e-4
-    c.train.final_lr_frac = 1.0
-    c.train.warmup_steps = 0 if paper else 20
-    c.train.weight_decay = 0.0
-    c.train.b1 = 0.5
-    c.train.b2 = 0.999
-    c.train.clip_norm = 0.0
+    c.train = train_config(
+        steps=100_000 if paper else 1500,
+        batch_size=40 if paper else 16,
+        lr=1e-4 if paper else 5e-4,
+        final_lr_frac=1.0,
+        warmup_steps=0 if paper else 20,
+        b1=0.5,
+        clip_norm=0.0,
+    )
     c.train.parts = {"discriminator": {"lr": 5e-4 if paper else 1e-3}}
-    c.train.log_every = 50
-    c.train.eval_every = 500
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 500
-    c.train.keep_checkpoints = 2
-    c.train.async_checkpoints = True
-    c.train.reset_data_iterator = False
-    c.train.init_from = ""
-    c.train.init_skip = ""
-    c.train.ema_decay = 0.0
-    c.train.eval_with_ema = False
 
     c.evals = ml_collections.ConfigDict()
     c.evals.eval = {"type": "loss", "prefix": "eval_"}
@@ -134,12 +122,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sample.video = ""  # an MP4 of a face, or a PNG / JPEG face image
     c.sample.max_seconds = 10.0
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.preset = ""
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.sequence = 1
-    c.mesh.tensor = 1
-    c.mesh.dcn_data = 1
+    c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_RULES
     return c
