@@ -26,9 +26,14 @@ real corpus: `--config.data.name=lrs3|lrs2|lrw|grid|dir --config.data.manual_dir
 `sync/insync_offset_exact` and `sync/offset_exact|offset_within_1` over `offset_trials`
 (8 clips x shifts -5..+5; exact = the offset found is -shift, syncnet_python's sign).
 
-Not yet measured: on the shared 2-core machine this was written on (load ~20), a step of
-batch 16 took ~30 s, so the 600-step run could not be timed; the first 25 steps gave train
-accuracy 0.505 (chance). Fill in time, accuracy, LSE and offsets from a quiet machine.
+Measured (2026-11-30, 2 CPU cores nearly idle): the default 600 steps take 2.5 min wall
+(145 CPU-s), but the expert does NOT learn: train accuracy stays at ~0.49 and the loss at
+ln 2 (also with min_shift 5, with norm_groups 0, and for 2,000 steps at lr 3e-3). The data
+carries the signal (mouth-region std vs audio energy per frame: correlation 0.93) and the
+network overfits a fixed batch of 32 pairs in 50 steps, but with fresh pairs each step it
+stays at chance even when the negatives are other clips' audio: the encoders (global average
+pooling of ReLU features, L2-normalised) are the suspect. Until that is fixed, accuracy, LSE
+and offsets are not meaningful.
 SyncNet v2 weights (`syncnet_v2.model`) import with `avjax.convert.syncnet.load_syncnet_v2`
 for LSE as papers report it (`avjax.eval.lse.lse` + `syncnet_mfcc`, 224 x 224 face crops).
 """
