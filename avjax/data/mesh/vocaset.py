@@ -246,6 +246,26 @@ def load_folder(
     return out
 
 
+def _fixture_face(rng: np.random.Generator, num_vertices: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random base mesh `[V, 3]` and its lowest 1/30 of vertices (the "lips") for fixtures."""
+    base = rng.normal(0, 0.05, (num_vertices, 3)).astype(np.float32)
+    return base, np.argsort(base[:, 1])[: num_vertices // 30]
+
+
+def _speaking(
+    template: np.ndarray, lips: np.ndarray, k: int, frames: int, fps: float, rate: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fixture sentence `k`: vertices `[frames, V, 3]` whose lips open and close, and a 220 Hz
+    tone `[samples]` at `rate` whose loudness (0..1) follows the opening."""
+    t = np.arange(frames) / fps
+    opening = 0.5 + 0.5 * np.sin(2 * np.pi * (1.5 + k) * t)
+    v = np.repeat(template[None], frames, 0)
+    v[:, lips, 1] -= 0.01 * opening[:, None]
+    n = int(frames / fps * rate)
+    env = np.interp(np.arange(n) / rate, t, opening)
+    return v, env * np.sin(2 * np.pi * 220 * np.arange(n) / rate)
+
+
 def write_vocaset_fixture(
     root: str | epath.Path,
     subjects: tuple[str, ...] = (VOCASET_SPLITS["train"][0], VOCASET_SPLITS["test"][0]),
@@ -259,25 +279,18 @@ def write_vocaset_fixture(
     root = epath.Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    base = rng.normal(0, 0.05, (num_vertices, 3)).astype(np.float32)
-    lips = np.argsort(base[:, 1])[: num_vertices // 30]
+    base, lips = _fixture_face(rng, num_vertices)
     verts, audio, templates, index = [], {}, {}, {}
     row = 0
     for subject in subjects:
         templates[subject] = base + rng.normal(0, 0.005, base.shape).astype(np.float32)
         audio[subject], index[subject] = {}, {}
         for k in range(sentences):
-            t = np.arange(frames) / 60.0
-            opening = 0.5 + 0.5 * np.sin(2 * np.pi * (1.5 + k) * t)
-            v = np.repeat(templates[subject][None], frames, 0)
-            v[:, lips, 1] -= 0.01 * opening[:, None]
+            v, tone = _speaking(templates[subject], lips, k, frames, 60.0, 22000)
             verts.append(v)
             name = f"sentence{k + 1:02d}"
             index[subject][name] = {f + 1: row + f for f in range(frames)}
             row += frames
-            n = int(frames / 60.0 * 22000)
-            env = np.interp(np.arange(n) / 22000, t, opening)
-            tone = env * np.sin(2 * np.pi * 220 * np.arange(n) / 22000)
             audio[subject][name] = {
                 "audio": (tone * 20000).astype(np.int16),
                 "sample_rate": 22000,
@@ -307,23 +320,13 @@ def write_biwi_fixture(
     (root / "vertices_npy").mkdir(parents=True, exist_ok=True)
     (root / "wav").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    base = rng.normal(0, 0.05, (num_vertices, 3)).astype(np.float32)
-    lips = np.argsort(base[:, 1])[: num_vertices // 30]
+    base, lips = _fixture_face(rng, num_vertices)
     templates = {}
     for k, name in enumerate(names):
         subject = name.rpartition("_e")[0]
         templates.setdefault(subject, base + rng.normal(0, 0.005, base.shape).astype(np.float32))
-        t = np.arange(frames) / BIWI_FPS
-        opening = 0.5 + 0.5 * np.sin(2 * np.pi * (1.5 + k) * t)
-        v = np.repeat(templates[subject][None], frames, 0)
-        v[:, lips, 1] -= 0.01 * opening[:, None]
+        v, tone = _speaking(templates[subject], lips, k, frames, BIWI_FPS, 44100)
         np.save(root / "vertices_npy" / f"{name}.npy", v.reshape(frames, -1))
-        n = int(frames / BIWI_FPS * 44100)
-        env = np.interp(np.arange(n) / 44100, t, opening)
-        sf.write(
-            root / "wav" / f"{name}.wav",
-            env * np.sin(2 * np.pi * 220 * np.arange(n) / 44100) * 0.5,
-            44100,
-        )
+        sf.write(root / "wav" / f"{name}.wav", tone * 0.5, 44100)
     (root / "templates.pkl").write_bytes(pickle.dumps(templates, protocol=2))
     return root
