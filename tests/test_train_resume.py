@@ -123,6 +123,17 @@ def test_resume_refuses_breaking_config_changes_by_field(tmp_path):
     assert int(_train(longer, tmp_path).step) == 6
 
 
+def test_newest_params_reads_another_workdir_and_names_the_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config.model.expert_workdir=.*no checkpoint"):
+        ckpt_lib.newest_params(tmp_path / "empty", "model.expert_workdir")
+    cfg = toy_config(steps=3, log_every=1, eval_every=0, checkpoint_every=1)
+    state = _train(cfg, tmp_path / "w")
+    params, saved = ckpt_lib.newest_params(tmp_path / "w", "model.expert_workdir")
+    want = jax.tree.leaves(jax.device_get(state.params))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), want, strict=True))
+    assert saved["model"]["width"] == cfg.model.width
+
+
 def test_restore_names_optimizer_chain_and_process_count_differences(tmp_path):
     cfg = toy_config(steps=4, log_every=1, eval_every=0)
     _train(cfg, tmp_path, stop_after=2)

@@ -15,6 +15,7 @@ import pytest
 from avjax import main as avjax_main
 from avjax.models import ttaid as ttaid_lib
 from avjax.tasks import ttaid as task_lib
+from avjax.train import checkpoint as ckpt_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import ttaid as ttaid_config  # noqa: E402
@@ -148,7 +149,7 @@ def _cli_config(stage, **kw):
 
 
 def _params(workdir):
-    return jax.tree.leaves(task_lib.load_workdir_params(str(workdir)))
+    return jax.tree.leaves(ckpt_lib.newest_params(str(workdir), "init_from")[0])
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from avjax.data.video.av_data import AVData
 from avjax.models import syncnet as syncnet_lib
 from avjax.models import synctalkface as stf
 from avjax.tasks.base import Batch, LossContext, Metrics, Task
+from avjax.train import checkpoint as ckpt_lib
 
 T = stf.WINDOW
 PAD_BEFORE, PAD_AFTER = 2, 3  # frames of silence around the audio: every frame has a window
@@ -103,27 +104,6 @@ def sample_windows(rng: jax.Array, batch: Batch) -> dict[str, jax.Array]:
     }
 
 
-def load_workdir(workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`(params, config dict)` of the newest checkpoint in another workdir (numpy)."""
-    import orbax.checkpoint as ocp
-
-    from avjax.train import checkpoint as ckpt_lib
-
-    step = ckpt_lib.latest_step(workdir)
-    if step is None:
-        raise FileNotFoundError(
-            f"config.model.sync_expert_workdir={workdir}: no checkpoint under "
-            f"{ckpt_lib.checkpoint_dir(workdir)}; train it with configs/syncnet.py"
-        )
-    root = ckpt_lib.checkpoint_dir(workdir) / str(step)
-    state = ocp.StandardCheckpointer().restore(root / "state")
-    manager = ckpt_lib.make_manager(workdir, 1, read_only=True)
-    config = ckpt_lib.saved_config(manager, step)
-    if config is None or "model" not in config:
-        raise ValueError(f"{root}: no saved config with the expert's model fields")
-    return jax.tree.map(np.asarray, state["params"]), config
-
-
 class SyncTalkFaceTask(Task):
     """Audio-lip memory talking faces (`generator` and `discriminator` parts)."""
 
@@ -159,7 +139,9 @@ class SyncTalkFaceTask(Task):
         if not path:
             return None
         if self._expert is None:
-            params, saved = load_workdir(path)
+            params, saved = ckpt_lib.newest_params(path, "model.sync_expert_workdir")
+            if saved is None or "model" not in saved:
+                raise ValueError(f"{path}: no saved config with the sync expert's model fields")
             cfg = ml_collections.ConfigDict(saved["model"])
             self._expert = (syncnet_lib.sync_expert(cfg), params, int(cfg.face_size))
             logging.info("SyncTalkFace: frozen sync expert from %s", path)

@@ -36,6 +36,7 @@ from avjax.data.image.ttaid_data import TTAIDData
 from avjax.io import as_path, write_text_atomic
 from avjax.models import ttaid as ttaid_lib
 from avjax.tasks.base import Batch, LossContext, Metrics, Task
+from avjax.train import checkpoint as ckpt_lib
 
 STAGES = ("pretrain", "meta_aux", "meta_transfer")
 
@@ -95,20 +96,6 @@ def meta_objective(
         l1 = ttaid_lib.l1(apply({"params": fast}, noisy)["clean"], clean)
         outer = float(mc.outer_weight) * l1
     return outer, {"l1": l1, "inner_first": losses[0], "inner_last": losses[-1]}
-
-
-def load_workdir_params(workdir: str) -> dict[str, Any]:
-    """The params of the newest checkpoint in another workdir (numpy, unboxed)."""
-    import orbax.checkpoint as ocp
-
-    from avjax.train import checkpoint as ckpt_lib
-
-    root = ckpt_lib.checkpoint_dir(workdir)
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
-    if not steps:
-        raise FileNotFoundError(f"{workdir}: no checkpoint under {root} (config.init_from)")
-    state = ocp.StandardCheckpointer().restore(root / str(steps[-1]) / "state")
-    return jax.tree.map(np.asarray, state["params"])
 
 
 def adaptation_fn(model: nn.Module, tc: Any) -> Callable:
@@ -192,7 +179,7 @@ class TTAIDTask(Task):
         facts = self.data.prepare(read_only)
         src = str(self.config.get("init_from", "") or "")
         if src and not self.read_only and self._init_params is None:
-            self._init_params = load_workdir_params(src)
+            self._init_params = ckpt_lib.newest_params(src, "init_from")[0]
         return facts
 
     def build_model(self) -> nn.Module:
@@ -311,7 +298,7 @@ class TTAIDTask(Task):
         runs = {str(self.config.stage): jax.device_get(params)}
         for entry in [e for e in str(self.config.eval.compare).split(",") if e.strip()]:
             label, _, path = entry.partition("=")
-            runs[label.strip()] = load_workdir_params(path.strip())
+            runs[label.strip()] = ckpt_lib.newest_params(path.strip(), "eval.compare")[0]
         fn = adaptation_fn(model, self.config.tta)
         families = [f.strip() for f in str(self.config.eval.families).split(",") if f.strip()]
         rows = []

@@ -333,6 +333,30 @@ def restore(
     return restored.state
 
 
+def newest_params(workdir: PathLike, field: str) -> tuple[Any, dict[str, Any] | None]:
+    """`(params, saved config dict or None)` of the newest checkpoint in another workdir (a
+    frozen expert, the previous training stage), as numpy arrays on the host.
+
+    Args:
+      workdir: the other run's workdir.
+      field: the config field that named it (e.g. "model.sync_expert_workdir"), for errors.
+
+    Raises:
+      FileNotFoundError: naming `field`, the workdir and its checkpoint folder, if it holds
+        no finished checkpoint.
+    """
+    import numpy as np
+
+    step = latest_step(workdir)
+    if step is None:
+        raise FileNotFoundError(
+            f"config.{field}={workdir}: no checkpoint under {checkpoint_dir(workdir)}"
+        )
+    state = ocp.StandardCheckpointer().restore(checkpoint_dir(workdir) / str(step) / "state")
+    config = saved_config(make_manager(workdir, 1, read_only=True), step)
+    return jax.tree.map(np.asarray, state["params"]), config
+
+
 def load_init_params(path: PathLike, fresh_params: Any, skip: str = "") -> Any:
     """Initial parameters from a parameters-only checkpoint (`path/params`, orbax), e.g. one
     written by `tools/convert_recurrentgemma.py`, placed like `fresh_params`.
