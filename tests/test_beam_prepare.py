@@ -258,9 +258,9 @@ def test_hubert_features_batched_on_device_equal_the_unbatched_ones(tmp_path):
     ex = features.get_extractor(
         "hubert", hubert_dir=tmp_path / "hub", layer=1, max_chunk_seconds=0.2
     )
-    h = features._hubert(ex.spec["hubert_dir"], 1, 0.2)
+    h = features.hubert_features(ex.spec["hubert_dir"], 1, 0.2)
     wavs = [testing.tone(s, i) for i, s in enumerate((0.5, 0.12, 0.05, 0.3, 0.9))]  # 0.05: no unit
-    got = hubert_batch.batched_unit_features(h, wavs, batch_size=4)
+    got = h.batched_unit_features(wavs, batch_size=4)
     for g, w in zip(got, wavs, strict=True):
         want = ex(w)
         assert g.shape == want.shape == (len(w) // 640, 32 * 32)

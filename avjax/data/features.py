@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -155,33 +155,79 @@ class HubertFeatures:
             return np.zeros((0, self.config.hidden_size), np.float32)
         return np.concatenate(out)
 
-    def unit_features(self, wav: np.ndarray) -> np.ndarray:
-        """`[n // 640, frames_per_unit * hidden]` float32 at 25 Hz: frames stacked per unit.
-
-        Per chunk, the first `frames_per_unit * units` frames are used, the last one repeated
-        when the encoder gave fewer (a chunk's final partial unit is dropped, as everywhere).
-        """
-        fpu, hidden = self.frames_per_unit, self.config.hidden_size
+    def _chunks(self, wav: np.ndarray) -> list[np.ndarray]:
+        """`wav` cut into chunks of whole 25 Hz units (<= `max_chunk` samples; a final
+        chunk too short for one unit is dropped, as everywhere)."""
         out = []
         for a in range(0, len(wav), self.max_chunk):
             chunk = wav[a : a + self.max_chunk]
-            n_units = units.num_units_for(len(chunk))
-            if n_units == 0:
-                continue
-            h = self._frames(chunk)
-            if len(h) == 0:
-                h = np.zeros((1, hidden), np.float32)
-            need = fpu * n_units
-            if len(h) < need:
-                h = np.pad(h, ((0, need - len(h)), (0, 0)), mode="edge")
-            out.append(h[:need].reshape(n_units, fpu * hidden))
-        if not out:
-            return np.zeros((0, self.unit_dim), np.float32)
-        return np.concatenate(out)
+            if units.num_units_for(len(chunk)):
+                out.append(chunk)
+        return out
+
+    def _stack_units(self, frames: np.ndarray, n_samples: int) -> np.ndarray:
+        """A chunk's frames `[frames, hidden]` -> `[units, frames_per_unit * hidden]`: the
+        first `frames_per_unit * units` frames, the last one repeated when the encoder gave
+        fewer."""
+        n_units = units.num_units_for(n_samples)
+        if len(frames) == 0:
+            frames = np.zeros((1, self.config.hidden_size), np.float32)
+        need = self.frames_per_unit * n_units
+        if len(frames) < need:
+            frames = np.pad(frames, ((0, need - len(frames)), (0, 0)), mode="edge")
+        return frames[:need].reshape(n_units, self.unit_dim)
+
+    def _encode_rows(self, chunks: list[np.ndarray], rows: int) -> list[np.ndarray]:
+        """Frames `[num_frames(len(c)), hidden]` of each chunk, from one encoder call on a
+        zero-padded batch `[rows, width]` (`rows >= len(chunks)`; filler rows unused)."""
+        longest = max(len(c) for c in chunks)
+        width = max(-(-longest // self.pad_to) * self.pad_to, self.min_samples)
+        x = np.zeros((rows, width), np.float32)
+        lengths = np.full(rows, width, np.int32)
+        for r, c in enumerate(chunks):
+            x[r, : len(c)] = c
+            lengths[r] = len(c)
+        out = np.asarray(self._run(self.params, x, lengths))
+        return [out[r, : self.config.num_frames(len(c))] for r, c in enumerate(chunks)]
+
+    def batched_unit_features(
+        self, wavs: Sequence[np.ndarray], batch_size: int
+    ) -> list[np.ndarray]:
+        """`unit_features` of each waveform, the chunks of all of them encoded in batches of
+        `batch_size` rows (sorted by length, so a batch pads little): the form that uses an
+        accelerator well (Beam workers, `avjax.data.beam.hubert_batch`).
+
+        Args:
+          wavs: float32 16 kHz waveforms `[samples]`.
+          batch_size: chunks per encoder call (rows of the padded batch `[batch, samples]`).
+
+        Returns `[len(w) // 640, frames_per_unit * hidden]` float32 per waveform.
+        """
+        pieces = [
+            (i, c) for i, w in enumerate(wavs) for c in self._chunks(np.asarray(w, np.float32))
+        ]
+        order = sorted(range(len(pieces)), key=lambda k: len(pieces[k][1]))
+        feats: dict[int, np.ndarray] = {}
+        for start in range(0, len(order), batch_size):
+            ks = order[start : start + batch_size]
+            frames = self._encode_rows([pieces[k][1] for k in ks], batch_size)
+            for k, f in zip(ks, frames, strict=True):
+                feats[k] = self._stack_units(f, len(pieces[k][1]))
+        per_wav: list[list[np.ndarray]] = [[] for _ in wavs]
+        for k, (i, _) in enumerate(pieces):
+            per_wav[i].append(feats[k])
+        empty = np.zeros((0, self.unit_dim), np.float32)
+        return [np.concatenate(p) if p else empty for p in per_wav]
+
+    def unit_features(self, wav: np.ndarray) -> np.ndarray:
+        """`[n // 640, frames_per_unit * hidden]` float32 at 25 Hz: frames stacked per unit,
+        chunk by chunk (`batched_unit_features` of one waveform, one chunk per call)."""
+        return self.batched_unit_features([wav], 1)[0]
 
 
 @functools.cache
-def _hubert(path: str, layer: int, max_chunk_seconds: float) -> HubertFeatures:
+def hubert_features(path: str, layer: int, max_chunk_seconds: float) -> HubertFeatures:
+    """The process-wide `HubertFeatures` of a directory and layer (loaded once)."""
     return HubertFeatures(path, layer, max_chunk_seconds)
 
 
@@ -226,7 +272,7 @@ def get_extractor(
         path = os.path.abspath(os.fspath(hubert_dir))
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: HuBERT model directory not found")
-        h = _hubert(path, int(layer), float(max_chunk_seconds))
+        h = hubert_features(path, int(layer), float(max_chunk_seconds))
         return FeatureExtractor(
             "hubert",
             h.unit_dim,
