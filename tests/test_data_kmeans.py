@@ -133,6 +133,30 @@ def test_fit_units_tool_end_to_end_mfcc(tmp_path, capsys):
     assert len(set(thirds)) == 3, units
     with pytest.raises(ValueError, match="unknown feature extractor"):
         fit_units.main([f"--audio_dir={tmp_path / 'audio'}", "--features=x", f"--out={out}"])
+    # 245 vectors for 10 units are 24.5 per unit: refused before k-means, naming the fix.
+    with pytest.raises(ValueError, match=r"24.5 per unit; fitting needs >= 30") as e:
+        fit_units.main(
+            [f"--audio_dir={tmp_path / 'audio'}", "--features=mfcc", "--num_units=10"]
+            + [f"--out={tmp_path / 'few'}", "--no_progress"]
+        )
+    assert "data.min_vectors_per_unit" in str(e.value) and not (tmp_path / "few").exists()
+
+
+def test_fit_units_tool_streams_features_from_disk(tmp_path, monkeypatch):
+    _write_corpus(tmp_path / "audio")
+    written, real_writer = [], kmeans_lib.ShardWriter
+    monkeypatch.setattr(
+        kmeans_lib, "ShardWriter", lambda d: written.append(real_writer(d, 64)) or written[-1]
+    )
+    info = fit_units.main(
+        [f"--audio_dir={tmp_path / 'audio'}", "--features=mfcc", "--num_units=4"]
+        + [f"--out={tmp_path / 'u'}", "--batch_size=64", "--epochs=2", "--no_progress"]
+    )
+    # The 245 vectors (5 files x 49) went to disk as shards of 98, 98 and 49 rows (one
+    # written once >= 64 rows are pending), removed after the fit.
+    assert len(written) == 1 and len(written[0].paths) == 3 and written[0].rows == 245
+    assert not os.path.exists(written[0].directory)
+    assert info["frames"] == 245 and info["inertia"] > 0
 
 
 class _CountingSource(kmeans_lib.NpyShards):
