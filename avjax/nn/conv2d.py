@@ -40,14 +40,20 @@ def conv2d(
 
 
 class PReLU(nn.Module):
-    """Parametric ReLU with one learned slope (init 0.25), as PyTorch's `nn.PReLU()`."""
+    """Parametric ReLU with learned slopes (init 0.25), as PyTorch's `nn.PReLU(num_parameters)`:
+    one shared scalar slope (`num_parameters=1`) or one per channel (last axis)."""
+
+    num_parameters: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        n = self.num_parameters
+        shape, names = ((), ()) if n == 1 else ((n,), (axes.EMBED,))
         a = self.param(
-            "a_param", nn.with_logical_partitioning(nn.initializers.constant(0.25), ()), ()
+            "a_param", nn.with_logical_partitioning(nn.initializers.constant(0.25), names), shape
         )
-        return jnp.where(x >= 0, x, a.astype(x.dtype) * x)
+        a = jnp.reshape(a, (1,) * (x.ndim - a.ndim) + a.shape).astype(x.dtype)
+        return jnp.where(x >= 0, x, a * x)
 
 
 class ResBlock(nn.Module):

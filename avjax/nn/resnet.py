@@ -78,18 +78,20 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: jnp.dtype | None = None
+    prelu_channels: bool = False  # one PReLU slope per channel (AV-HuBERT) instead of one
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         s = (self.stride, self.stride)
         h = conv(self.features, (3, 3), s, name="conv1", dtype=self.dtype)(x)
-        h = PReLU(name="act1")(batch_norm(train, "bn1", self.dtype)(h))
+        n = self.features if self.prelu_channels else 1
+        h = PReLU(n, name="act1")(batch_norm(train, "bn1", self.dtype)(h))
         h = conv(self.features, (3, 3), name="conv2", dtype=self.dtype)(h)
         h = batch_norm(train, "bn2", self.dtype)(h)
         if self.stride != 1 or x.shape[-1] != self.features:
             x = conv(self.features, (1, 1), s, (0, 0), name="down", dtype=self.dtype)(x)
             x = batch_norm(train, "down_bn", self.dtype)(x)
-        return PReLU(name="act2")(h + x)
+        return PReLU(n, name="act2")(h + x)
 
 
 class ResNetTrunk(nn.Module):
@@ -98,13 +100,16 @@ class ResNetTrunk(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512)
     blocks: Sequence[int] = (2, 2, 2, 2)
     dtype: jnp.dtype | None = None
+    prelu_channels: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i, (width, n) in enumerate(zip(self.widths, self.blocks, strict=True)):
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(width, stride, self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+                x = BasicBlock(
+                    width, stride, self.dtype, self.prelu_channels, name=f"layer{i + 1}_{j}"
+                )(x, train)
         return jnp.mean(x, axis=(1, 2))
 
 
@@ -113,22 +118,26 @@ class VisualFrontend(nn.Module):
 
     `D = widths[-1]` (512 in the paper). Input is float (normalised grey frames); `C` is 1
     for grey crops. Attributes: `stem_features` (64), `widths`, `blocks` (ResNet-18:
-    (2, 2, 2, 2)), `dtype` of the activations.
+    (2, 2, 2, 2)), `dtype` of the activations, `prelu_channels` (per-channel PReLU slopes, as
+    AV-HuBERT's `nn.PReLU(num_parameters=planes)`; default one shared slope).
     """
 
     stem_features: int = 64
     widths: Sequence[int] = (64, 128, 256, 512)
     blocks: Sequence[int] = (2, 2, 2, 2)
     dtype: jnp.dtype | None = None
+    prelu_channels: bool = False
 
     @nn.compact
     def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
         b, t = video.shape[:2]
         x = nn.with_logical_constraint(video, (axes.BATCH, axes.FRAMES, None, None, None))
         x = conv(self.stem_features, (5, 7, 7), (1, 2, 2), (2, 3, 3), "stem", self.dtype)(x)
-        x = PReLU(name="stem_act")(batch_norm(train, "stem_bn", self.dtype)(x))
+        n = self.stem_features if self.prelu_channels else 1
+        x = PReLU(n, name="stem_act")(batch_norm(train, "stem_bn", self.dtype)(x))
         x = nn.max_pool(x, (1, 3, 3), (1, 2, 2), ((0, 0), (1, 1), (1, 1)))
         x = x.reshape((b * t,) + x.shape[2:])  # frames as a batch of images
-        x = ResNetTrunk(self.widths, self.blocks, self.dtype, name="trunk")(x, train)
+        trunk = ResNetTrunk(self.widths, self.blocks, self.dtype, self.prelu_channels, name="trunk")
+        x = trunk(x, train)
         x = x.reshape(b, t, x.shape[-1])
         return nn.with_logical_constraint(x, (axes.BATCH, axes.FRAMES, None))
