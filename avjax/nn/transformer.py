@@ -659,10 +659,16 @@ class TransformerLM(nn.Module):
         segment_pos: jax.Array | None = None,
         cache: tuple[KVCache, ...] | KVCache | None = None,
         return_cache: bool = False,
+        embeds: jax.Array | None = None,
+        embeds_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[KVCache, ...] | KVCache | None]:
         """Returns `(logits [batch, time, vocab] float32, cache or None)`.
 
         `segment_pos [batch, time]` defaults to 0, 1, ... (one document per row).
+        `embeds [batch, time, width]` with `embeds_mask [batch, time]` bool (HF's
+        `inputs_embeds`, LLaVA-style): where the mask is True the input vector is `embeds`
+        instead of the token's embedding (e.g. speech tokens spliced between prompt tokens);
+        `embed_scale` applies to both alike.
         """
         if segment_pos is None:
             segment_pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -675,6 +681,8 @@ class TransformerLM(nn.Module):
             jnp.float32,
         )
         x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+        if embeds is not None:
+            x = jnp.where(embeds_mask[..., None], embeds.astype(self.dtype), x)
         if self.embed_scale:
             x = x * jnp.sqrt(jnp.float32(self.width)).astype(self.dtype)
         x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))

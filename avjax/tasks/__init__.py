@@ -12,6 +12,7 @@ from avjax.tasks.base import Task
 REGISTRY = {
     "df3dface": "avjax.tasks.df3dface:DF3DFaceTask",
     "mab": "avjax.tasks.mab:MABTask",
+    "mms_llama": "avjax.tasks.mms_llama:MMSLLaMATask",
     "speechssm": "avjax.tasks.speechssm:SpeechSSMTask",
     "speechtransformer": "avjax.tasks.speechtransformer:SpeechTransformerTask",
     "syncnet": "avjax.tasks.syncnet:SyncNetTask",

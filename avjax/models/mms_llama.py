@@ -1,0 +1,258 @@
+"""MMS-LLaMA (Yeo et al., 2025, arXiv 2503.11315): AVSR with few multimodal speech tokens.
+
+    audio  = Conv1d_k2s2(Whisper(log_mel))[:, :T]      # frozen encoder, 50 Hz -> 25 Hz
+    video  = VideoEncoder(mouth crops)                  # frozen, 25 Hz (tiny | avhubert)
+    fused  = concat(audio, video)  (or add)            # early AV fusion, [B, T, Df]
+    rate   = RatePredictor(sg(Whisper at 12.5 Hz))     # normalised speech rate (MSE)
+    f      = clip(rate, 1, 2)                           # speech-rate factor
+    n_q    = max(int(len / 25 * qps * f), qps)          # queries for this utterance
+    ctx    = linear_resample(fused, to f * len frames)  # per utterance, masked
+    tokens = Projector(QFormer(queries[:n_q], ctx))     # [B, n_q, llm_width]
+    LLM([instruction, tokens, transcript + eos])        # LoRA on q/k/v/o, base frozen
+
+The LLM always sees `max_queries` speech slots (fixed shapes); the slots beyond an utterance's
+`n_q` carry a zero vector (TransformerLM has no padding mask; zero slots are identical in
+every row, so the LM learns to ignore them). The Q-Former's own self-attention also runs over
+all `max_queries` queries. The speech-rate predictor is trained jointly here (stop-gradient
+into its Whisper input; its prediction used for the factor is stop-gradient too) instead of
+the paper's separate pre-training stage; `rate_predictor=False` uses factor 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from avjax.data.whisper_features import log_mel_from_audio
+from avjax.nn import axes
+from avjax.nn.qformer import QFormer
+from avjax.nn.resnet import VisualFrontend
+from avjax.nn.transformer import TransformerLM
+from avjax.nn.whisper import WhisperEncoder, WhisperEncoderLayer, sinusoids
+
+FPS = 25  # video frames (and fused features) per second
+SAMPLES_PER_FRAME = 640  # 16 kHz audio per video frame
+
+
+class TinyVideoEncoder(nn.Module):
+    """Mouth crops `[batch, time, H, W, 1]` uint8/float -> `[batch, time, width]` at 25 Hz:
+    the 3D-stem ResNet of `avjax.nn.resnet` per frame, then Whisper-style transformer layers
+    (sinusoidal positions). A stand-in for AV-HuBERT at CPU scale."""
+
+    width: int = 64
+    resnet_widths: tuple[int, ...] = (8, 16, 32, 64)
+    num_layers: int = 1
+    num_heads: int = 4
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
+        x = (video.astype(jnp.float32) / 255.0 - 0.421) / 0.165  # LRS3 mouth-crop statistics
+        x = VisualFrontend(
+            stem_features=self.resnet_widths[0],
+            widths=self.resnet_widths,
+            blocks=(1,) * len(self.resnet_widths),
+            dtype=self.dtype,
+            name="frontend",
+        )(x, train)
+        x = nn.Dense(self.width, dtype=self.dtype, name="proj")(x)
+        t = x.shape[1]
+        x = x + jnp.asarray(sinusoids(t, self.width))[None].astype(x.dtype)
+        for i in range(self.num_layers):
+            x = WhisperEncoderLayer(self.width, self.num_heads, 4 * self.width, name=f"layers_{i}")(
+                x
+            )
+        return nn.LayerNorm(name="norm")(x)
+
+
+class RatePredictor(nn.Module):
+    """Whisper features `[batch, time, width]` (12.5 Hz) + a learned token -> pre-LN
+    transformer -> ReLU(linear) on the token: the normalised speech rate `[batch]`."""
+
+    width: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+
+    @nn.compact
+    def __call__(self, feats: jax.Array, mask: jax.Array) -> jax.Array:
+        b = feats.shape[0]
+        x = nn.Dense(self.width, name="in_proj")(feats)
+        tok = self.param("token", nn.initializers.normal(0.02), (1, 1, self.width))
+        x = jnp.concatenate([jnp.broadcast_to(tok, (b, 1, self.width)), x], axis=1)
+        keep = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+        attn_mask = keep[:, None, None, :]
+        for i in range(self.num_layers):
+            h = nn.LayerNorm(name=f"ln1_{i}")(x)
+            h = nn.MultiHeadDotProductAttention(self.num_heads, name=f"attn_{i}")(
+                h, h, mask=attn_mask
+            )
+            x = x + h
+            h = nn.LayerNorm(name=f"ln2_{i}")(x)
+            h = nn.Dense(self.width, name=f"fc2_{i}")(nn.gelu(nn.Dense(4 * self.width)(h)))
+            x = x + h
+        return jax.nn.relu(nn.Dense(1, name="head")(x[:, 0]))[:, 0]
+
+
+def resample_linear(x: jax.Array, src_len: jax.Array, dst_len: jax.Array, out: int) -> jax.Array:
+    """Per row: the first `src_len` frames of `x [batch, time, dim]` linearly resampled to
+    `dst_len` frames (end points kept), written into `[batch, out, dim]` (zeros after)."""
+
+    def one(row: jax.Array, n: jax.Array, m: jax.Array) -> jax.Array:
+        j = jnp.arange(out, dtype=jnp.float32)
+        pos = j * (n - 1).astype(jnp.float32) / jnp.maximum(m - 1, 1).astype(jnp.float32)
+        lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, row.shape[0] - 1)
+        hi = jnp.clip(lo + 1, 0, jnp.maximum(n - 1, 0))
+        w = (pos - lo)[:, None]
+        y = row[lo] * (1 - w) + row[hi] * w
+        return jnp.where((j < m)[:, None], y, 0.0)
+
+    return jax.vmap(one)(x, src_len, dst_len)
+
+
+def speech_slots(length: int, prompt_len: int, max_queries: int) -> jax.Array:
+    """`[length]` bool: the speech-token slots `[prompt_len, prompt_len + max_queries)`."""
+    i = jnp.arange(length)
+    return (i >= prompt_len) & (i < prompt_len + max_queries)
+
+
+class MMSLLaMA(nn.Module):
+    """`(audio [B, T*640], video [B, T, H, W, 1], length [B], tokens [B, L])` -> `(logits
+    [B, L, vocab], rate [B])`. `tokens` hold the instruction at `[0, prompt_len)`, anything at
+    the `max_queries` speech slots after it (replaced by the speech tokens), then the text.
+
+    Fields: the encoders and the LLM as modules, `fusion` ("concat" | "add"),
+    `queries_per_second`, `max_queries` (0: no speech tokens, the text-only baseline),
+    `rate_predictor`, `prompt_len`, `qformer_*` / `rate_width` (shapes).
+    """
+
+    audio_encoder: WhisperEncoder
+    video_encoder: nn.Module | None
+    llm: TransformerLM
+    fusion: str = "concat"
+    queries_per_second: float = 3.0
+    max_queries: int = 12
+    rate_predictor: bool = True
+    prompt_len: int = 8
+    qformer_width: int = 64
+    qformer_layers: int = 2
+    qformer_heads: int = 4
+    rate_width: int = 64
+
+    def setup(self) -> None:
+        if self.fusion not in ("concat", "add"):
+            raise ValueError(f"model.fusion={self.fusion!r}: expected 'concat' or 'add'")
+        aw = self.audio_encoder.width
+        self.audio_down = nn.Conv(aw, (2,), strides=(2,), padding="VALID", name="audio_down")
+        fused = 2 * aw if self.fusion == "concat" and self.video_encoder is not None else aw
+        self.queries = self.param(
+            "queries", nn.initializers.normal(0.02), (self.max_queries, self.qformer_width)
+        )
+        self.qformer = QFormer(
+            width=self.qformer_width,
+            num_layers=self.qformer_layers,
+            num_heads=self.qformer_heads,
+            mlp_width=4 * self.qformer_width,
+            encoder_width=fused,
+            cross_attention_frequency=1,
+        )
+        self.proj_in = nn.Dense(2 * self.qformer_width, name="proj_in")
+        self.proj_out = nn.Dense(self.llm.width, name="proj_out")
+        if self.rate_predictor:
+            self.rate = RatePredictor(self.rate_width, name="rate")
+
+    def encode(self, audio: jax.Array, video: jax.Array, train: bool) -> tuple[jax.Array, ...]:
+        """-> (fused `[B, T, Df]` at 25 Hz, Whisper features `[B, 2T, Da]` at 50 Hz)."""
+        t = video.shape[1]
+        mel = log_mel_from_audio(audio.astype(jnp.float32))  # [B, 80, 4T] at 100 Hz
+        whisper = self.audio_encoder(mel)  # [B, 2T, Da]
+        a = self.audio_down(whisper)[:, :t]
+        if self.video_encoder is None:
+            return a, whisper
+        v = self.video_encoder(video, train=False)  # frozen: stored statistics
+        fused = jnp.concatenate([a, v], axis=-1) if self.fusion == "concat" else a + v
+        fused = nn.with_logical_constraint(fused, (axes.BATCH, axes.LENGTH, axes.EMBED))
+        return fused, whisper
+
+    def speech_tokens(
+        self, audio: jax.Array, video: jax.Array, length: jax.Array, train: bool = False
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """-> (tokens `[B, max_queries, llm_width]` (zero beyond n_q), n_q `[B]` int32,
+        predicted normalised rate `[B]` float32; 1 without the predictor)."""
+        fused, whisper = self.encode(audio, video, train)
+        b, t = fused.shape[:2]
+        length = jnp.clip(length.astype(jnp.int32), 1, t)
+        if self.rate_predictor:
+            slow = jax.lax.stop_gradient(whisper)
+            slow = slow.reshape(b, -1, 4, slow.shape[-1]).mean(axis=2)  # 12.5 Hz
+            keep = jnp.arange(slow.shape[1])[None] < (length[:, None] + 1) // 2
+            rate = self.rate(slow, keep)
+        else:
+            rate = jnp.ones((b,), jnp.float32)
+        factor = jnp.clip(jax.lax.stop_gradient(rate), 1.0, 2.0)
+        qps = self.queries_per_second
+        base = length.astype(jnp.float32) / FPS * qps
+        n_q = jnp.maximum(jnp.floor(base * factor).astype(jnp.int32), int(qps))
+        n_q = jnp.minimum(n_q, self.max_queries)
+        dst = jnp.ceil(factor * length).astype(jnp.int32)
+        ctx = resample_linear(fused, length, dst, 2 * t)
+        ctx_mask = jnp.arange(2 * t)[None] < dst[:, None]
+        q = jnp.broadcast_to(self.queries[None], (b,) + self.queries.shape)
+        h = self.qformer(q, ctx, ctx_mask)
+        tokens = self.proj_out(self.proj_in(h))
+        active = jnp.arange(self.max_queries)[None] < n_q[:, None]
+        return jnp.where(active[..., None], tokens, 0.0), n_q, rate
+
+    def __call__(
+        self,
+        audio: jax.Array,
+        video: jax.Array,
+        length: jax.Array,
+        tokens: jax.Array,
+        train: bool = False,
+    ) -> tuple[jax.Array, jax.Array]:
+        b, n = tokens.shape
+        if self.max_queries == 0:
+            logits, _ = self.llm(tokens)
+            return logits, jnp.ones((b,), jnp.float32)
+        speech, _, rate = self.speech_tokens(audio, video, length, train)
+        embeds = jnp.zeros((b, n, self.llm.width), speech.dtype)
+        embeds = jax.lax.dynamic_update_slice_in_dim(embeds, speech, self.prompt_len, axis=1)
+        mask = jnp.broadcast_to(speech_slots(n, self.prompt_len, self.max_queries), (b, n))
+        logits, _ = self.llm(tokens, embeds=embeds, embeds_mask=mask)
+        return logits, rate
+
+
+class PrefixLM:
+    """The LLM as `avjax.sample.decode` wants it (`apply(variables, tokens, pos, cache,
+    return_cache)`), whose prefill splices the speech tokens in: `variables` is
+    `{"params": llm params, "embeds": [B, P, width], "embeds_mask": [B, P]}` and the prompt
+    `[B, P]` the instruction with any ids at the speech slots. Runs under LoRA (`lora`)."""
+
+    def __init__(self, llm: TransformerLM, lora: Any):
+        from avjax.nn.lora import LoraModel
+
+        self.model = LoraModel(llm, lora, train=False)
+        self.max_len, self.scan_layers = llm.max_len, llm.scan_layers
+
+    def apply(
+        self,
+        variables: dict[str, Any],
+        tokens: jax.Array,
+        pos: jax.Array,
+        cache: Any = None,
+        return_cache: bool = False,
+    ) -> tuple[jax.Array, Any]:
+        v = {"params": variables["params"]}
+        if cache is None:
+            return self.model.apply(
+                v,
+                tokens,
+                pos,
+                return_cache=return_cache,
+                embeds=variables["embeds"],
+                embeds_mask=variables["embeds_mask"],
+            )
+        return self.model.apply(v, tokens, pos, cache=cache)

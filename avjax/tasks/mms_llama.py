@@ -1,0 +1,280 @@
+"""MMS-LLaMA task: AV speech recognition with an LLM on few multimodal speech tokens.
+
+Data: `avjax.data.video.av_data.AVData` (the embedded AV corpus' LRS3 view by default; babble
+noise from other utterances in training) + the text tokenizer (`avjax.data.text.tokenizer`: a
+BPE trained on the train transcripts, or `model.llama_dir`'s tokenizer.json). Each batch gets
+`tokens / targets / weights [B, L]` laid out as
+
+    [bos, instruction] [max_queries speech slots] [transcript, eos] [pad ...]
+
+with weights 1 exactly on the positions that predict the transcript and its eos, and
+`rate [B]`, the utterance's text tokens per second over the training mean (the speech-rate
+predictor's target). Evaluator `mms_wer` (`--mode=eval`): beam search, WER clean and with
+babble at each SNR, speech tokens per second of audio; `<workdir>/eval/step_N/wer.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from avjax.data.text import tokenizer as text_tok
+from avjax.data.video import av_data
+from avjax.eval import evaluators
+from avjax.io import write_text_atomic
+from avjax.models import mms_llama as mm
+from avjax.nn.lora import LoraConfig, lora_scope
+from avjax.nn.transformer import DecoderConfig, Llama3RopeScaling
+from avjax.nn.whisper import WhisperEncoder
+from avjax.tasks.base import Batch, LossContext, Metrics, Task
+
+
+class MMSLLaMATask(Task):
+    """See the module docstring; `config.model` is described in configs/mms_llama.py."""
+
+    name = "mms_llama"
+    rng_streams = ("dropout",)
+
+    def __init__(self, config, workdir):
+        super().__init__(config, workdir)
+        self.data = av_data.AVData.from_config(config, workdir)
+        self._text: dict[str, Any] | None = None
+
+    # --- text -------------------------------------------------------------------------------
+    def text(self) -> dict[str, Any]:
+        """Tokenizer, prompt ids, sequence layout and the mean train speech rate (cached)."""
+        if self._text is not None:
+            return self._text
+        self.data.prepare()
+        mc, meta = self.config.model, self.data._get("meta")
+        train = [meta[i] for i in self.data._get("train")]
+        if mc.llama_dir:
+            tok, info = text_tok.load_tokenizer(mc.llama_dir), {"path": mc.llama_dir}
+        else:
+            texts = [m[3] for m in train] + [mc.instruction] * 20
+            root = av_data.cache_root(self.config.data)
+            tok, info = text_tok.prepared_bpe(texts, mc.vocab_size, root, self.read_only)
+        prompt = [tok.bos_id] + tok.encode(mc.instruction)
+        nq = int(mc.max_queries) if mc.speech_tokens else 0
+        rates = [len(tok.encode(m[3])) / (m[5] / mm.FPS) for m in train]
+        self._text = {
+            "tok": tok,
+            "info": info,
+            "prompt": prompt,
+            "max_queries": nq,
+            "seq_len": len(prompt) + nq + int(mc.max_text_tokens) + 1,
+            "mean_rate": float(np.mean(rates)),
+        }
+        return self._text
+
+    def _add_tokens(self, batch: Batch) -> dict[str, np.ndarray]:
+        t = self.text()
+        tok, n = t["tok"], t["seq_len"]
+        start = len(t["prompt"]) + t["max_queries"]  # first transcript position (as input)
+        b = batch["text"].shape[0]
+        tokens = np.full((b, n), tok.pad_id, np.int32)
+        targets = np.full((b, n), tok.pad_id, np.int32)
+        weights = np.zeros((b, n), np.float32)
+        rate = np.zeros((b,), np.float32)
+        tokens[:, : len(t["prompt"])] = t["prompt"]
+        for i, raw in enumerate(batch["text"]):
+            ids = tok.encode(bytes(raw).rstrip(b"\0").decode("utf-8"))
+            ids = ids[: int(self.config.model.max_text_tokens)] + [tok.eos_id]
+            tokens[i, start : start + len(ids) - 1] = ids[:-1]
+            targets[i, start - 1 : start - 1 + len(ids)] = ids  # the last slot predicts ids[0]
+            weights[i, start - 1 : start - 1 + len(ids)] = 1.0
+            secs = max(int(batch["length"][i]), 1) / mm.FPS
+            rate[i] = (len(ids) - 1) / secs / t["mean_rate"]
+        return {**batch, "tokens": tokens, "targets": targets, "weights": weights, "rate": rate}
+
+    def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
+        facts = dict(self.data.prepare(read_only))
+        t = self.text()
+        facts.update(
+            text_vocab=t["tok"].vocab_size,
+            prompt_tokens=len(t["prompt"]),
+            seq_len=t["seq_len"],
+            mean_text_tokens_per_s=t["mean_rate"],
+        )
+        return facts
+
+    def train_dataset(self, process_index: int, process_count: int):
+        return self.data.train_dataset(process_index, process_count).map(self._add_tokens)
+
+    def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
+        return [self._add_tokens(b) for b in self.data.eval_batches(process_index, process_count)]
+
+    def dummy_batch(self) -> Batch:
+        return self._add_tokens(self.data.dummy_batch())
+
+    # --- model ------------------------------------------------------------------------------
+    def lora(self) -> LoraConfig:
+        lc = self.config.model.lora
+        return LoraConfig(int(lc.rank), float(lc.alpha), float(lc.dropout), str(lc.target))
+
+    def build_model(self) -> nn.Module:
+        mc, t = self.config.model, self.text()
+        lm = dict(mc.llm)
+        scaling = lm.pop("rope_scaling", None)
+        llm_cfg = DecoderConfig.llama(
+            vocab_size=t["tok"].vocab_size,
+            rope_scaling=Llama3RopeScaling(*scaling) if scaling else None,
+            **lm,
+        )
+        if mc.video_encoder == "tiny":
+            video = mm.TinyVideoEncoder(**dict(mc.video))
+        elif mc.video_encoder == "avhubert":
+            raise NotImplementedError(
+                "model.video_encoder='avhubert': the AV-HuBERT encoder (avjax/nn/avhubert.py) "
+                "is not wired into MMS-LLaMA yet; use model.video_encoder='tiny' or 'none'"
+            )
+        elif mc.video_encoder == "none":
+            video = None
+        else:
+            raise ValueError(f"model.video_encoder={mc.video_encoder!r}: tiny | avhubert | none")
+        if mc.whisper_dir:
+            raise NotImplementedError(
+                "model.whisper_dir: loading a Whisper encoder into MMS-LLaMA is not wired yet "
+                "(avjax.convert.whisper.load_hf_whisper_encoder converts one)"
+            )
+        return mm.MMSLLaMA(
+            audio_encoder=WhisperEncoder(max_source_positions=1500, **dict(mc.whisper)),
+            video_encoder=video,
+            llm=llm_cfg.make(max_len=t["seq_len"]),
+            fusion=mc.fusion,
+            queries_per_second=float(mc.queries_per_second),
+            max_queries=t["max_queries"],
+            rate_predictor=bool(mc.rate_predictor),
+            prompt_len=len(t["prompt"]),
+            qformer_width=int(mc.qformer_width),
+            rate_width=int(mc.rate_width),
+        )
+
+    def model_inputs(self, batch: Batch) -> dict[str, Any]:
+        return {k: batch[k] for k in ("audio", "video", "length", "tokens")}
+
+    def init_variables(self, model: nn.Module, rng: jax.Array, batch: Batch) -> Any:
+        with lora_scope(self.lora()):
+            return super().init_variables(model, rng, batch)
+
+    def apply_loss(
+        self, model: nn.Module, params: Any, batch: Batch, ctx: LossContext
+    ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
+        with lora_scope(self.lora(), ctx.train):
+            (logits, rate), state = ctx.apply(
+                model, params, **self.model_inputs(batch), train=ctx.train
+            )
+        w = batch["weights"]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        ce = jnp.sum(nll * w)
+        correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * w)
+        weight = jnp.sum(w)
+        mse = jnp.mean((rate - batch["rate"]) ** 2)
+        use_rate = bool(self.config.model.rate_predictor) and self.text()["max_queries"] > 0
+        loss = ce + (float(self.config.model.rate_loss_weight) * weight * mse if use_rate else 0.0)
+        metrics = {"weight": weight, "nll": ce, "accuracy": correct, "rate_mse": mse * weight}
+        return loss, metrics, state
+
+    def tokens_per_batch(self, batch: Batch) -> int:
+        return int(np.sum(batch["weights"]))
+
+    def compatibility(self) -> dict[str, Any]:
+        t = self.text()
+        return {**super().compatibility(), "tokenizer": t["info"].get("key", t["info"]["path"])}
+
+    # --- inference --------------------------------------------------------------------------
+    def transcribe(self, model: Any, params: Any, batch: Batch, num_beams: int = 5) -> dict:
+        """Beam search on one batch -> {"hyps": [str], "n_q": [B], "rate": [B]}."""
+        from avjax.sample.decode import beam_search
+
+        t, mc = self.text(), self.config.model
+        tok, p = t["tok"], len(t["prompt"]) + t["max_queries"]
+        b = batch["text"].shape[0]
+        variables = self.variables(params)
+        if t["max_queries"]:
+            with lora_scope(self.lora()):
+                speech, n_q, rate = self._prefix_lm(model).encode(
+                    variables, batch["audio"], batch["video"], batch["length"]
+                )
+        else:
+            speech = jnp.zeros((b, 0, model.llm.width))
+            n_q, rate = np.zeros((b,), np.int32), np.ones((b,), np.float32)
+        embeds = jnp.zeros((b, p, model.llm.width)).at[:, len(t["prompt"]) :].set(speech)
+        mask = jnp.broadcast_to(mm.speech_slots(p, len(t["prompt"]), t["max_queries"]), (b, p))
+        prompt = jnp.asarray(batch["tokens"][:, :p])
+        lm = self._prefix_lm(model)
+        out = beam_search(
+            lm,
+            {"params": params["llm"], "embeds": embeds, "embeds_mask": mask},
+            prompt,
+            int(mc.max_text_tokens) + 1,
+            num_beams=num_beams,
+            length_penalty=float(self.config.eval_decode.length_penalty),
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+        )
+        hyps = [
+            tok.decode(row[: int(n)])
+            for row, n in zip(np.asarray(out.tokens), out.lengths, strict=True)
+        ]
+        return {"hyps": hyps, "n_q": np.asarray(n_q), "rate": np.asarray(rate)}
+
+    def _prefix_lm(self, model: Any) -> mm.PrefixLM:
+        key = id(model)
+        if getattr(self, "_lm_key", None) != key:  # one wrapper per model: decode caches jit
+            self._lm, self._lm_key = mm.PrefixLM(model.llm, self.lora()), key
+            self._lm.encode = jax.jit(
+                lambda v, a, vid, ln: model.apply(v, a, vid, ln, method="speech_tokens")
+            )
+        return self._lm
+
+
+def _babble(audio: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
+    """Each row mixed with another row of the batch (another held-out utterance) at `snr_db`."""
+    rng = np.random.default_rng(seed)
+    shift = int(rng.integers(1, max(len(audio), 2)))
+    noise = np.roll(audio, shift, axis=0)
+    return np.stack([av_data._mix_babble(a, n, snr_db) for a, n in zip(audio, noise, strict=True)])
+
+
+@evaluators.register("mms_wer")
+def mms_wer(ctx: evaluators.EvalContext, options: Any) -> dict[str, Any]:
+    """WER (jiwer) of beam-search transcripts of the held-out utterances, clean and with babble
+    at each SNR of `options["snrs"]`; speech tokens per second of audio. Writes wer.json."""
+    import jiwer
+
+    task: MMSLLaMATask = ctx.task
+    n_items = int(task.data.facts["eval_items"])
+    batches = task.eval_batches(jax.process_index(), jax.process_count())
+    beams = int(options.get("num_beams", 5))
+    report: dict[str, Any] = {"step": ctx.step, "num_beams": beams, "utterances": 0}
+    conds = [("clean", None)] + [(f"snr{s:g}", float(s)) for s in options.get("snrs", ())]
+    examples = []
+    for name, snr in conds:
+        refs, hyps, nq, secs = [], [], [], []
+        for bi, batch in enumerate(batches):
+            if snr is not None:
+                batch = {**batch, "audio": _babble(batch["audio"], snr, 1000 * bi + int(snr))}
+            out = task.transcribe(ctx.model, ctx.params, batch, beams)
+            for i, h in enumerate(out["hyps"]):
+                if len(refs) >= n_items:
+                    break
+                refs.append(bytes(batch["text"][i]).rstrip(b"\0").decode().lower())
+                hyps.append(h.lower())
+                nq.append(int(out["n_q"][i]))
+                secs.append(int(batch["length"][i]) / mm.FPS)
+        report[f"wer_{name}"] = float(jiwer.wer(refs, [h if h.strip() else "-" for h in hyps]))
+        if name == "clean":
+            report["speech_tokens_per_s"] = float(np.sum(nq) / np.sum(secs))
+            report["utterances"] = len(refs)
+            examples = [{"ref": r, "hyp": h} for r, h in zip(refs[:5], hyps[:5], strict=True)]
+    report["examples"] = examples
+    path = ctx.out_dir("wer.json")
+    write_text_atomic(path, json.dumps(report, indent=2))
+    return {k: v for k, v in report.items() if isinstance(v, float)} | {"report": str(path)}
