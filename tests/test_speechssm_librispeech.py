@@ -143,7 +143,7 @@ def test_librilight_files_are_documents_held_out_by_fraction(tmp_path):
     assert facts["train_tokens"] == 3 * 47 and facts["heldout_tokens"] == 47
     # Documents come memory-mapped from the consolidated store: train as uint16 views,
     # held-out as int32 copies; one store split into train / held-out by document.
-    train, heldout = task._docs["train"], task._docs["heldout"]
+    train, heldout = task.data.docs["train"], task.data.docs["heldout"]
     assert isinstance(train, TokenStore) and np.shares_memory(train[0], train._parts[0].mmap)
     assert heldout[0].dtype == np.int32 and len(heldout[0]) == 47
     assert set(train.doc_ids).isdisjoint(heldout.doc_ids) and len(facts["token_stores"]) == 1
@@ -153,5 +153,5 @@ def test_librilight_files_are_documents_held_out_by_fraction(tmp_path):
     cfg.data.features = "mfcc"
     task = get_task(cfg, str(tmp_path / "mfcc"))
     facts = task.prepare()
-    assert task._prepared["tokenizer"].features == "mfcc"
+    assert task.data.tokenizer.features == "mfcc"
     assert facts["train_tokens"] == 3 * 47 and facts["heldout_tokens"] == 47

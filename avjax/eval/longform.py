@@ -181,7 +181,7 @@ def task_eval_data(task: Any) -> tuple[Sequence[np.ndarray], Any]:
     copied: a LibriLight held-out fraction is gigabytes).
     """
     task.prepare()
-    return task._docs["heldout"], task._prepared["vocoder"]  # noqa: SLF001
+    return task.data.docs["heldout"], task.data.vocoder
 
 
 # --- pieces ---------------------------------------------------------------------------------

@@ -38,14 +38,6 @@ class SpeechSSMTask(Task):
         self.data = SpeechLMData.from_config(config, workdir)
         super().__init__(config, workdir)
 
-    @property
-    def _docs(self) -> dict[str, Any]:  # (older name of `data.docs`)
-        return self.data.docs
-
-    @property
-    def _prepared(self) -> dict[str, Any]:  # (older name: facts, tokenizer, vocoder, docs)
-        return self.data._prepared  # noqa: SLF001
-
     # --- model ------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         return speechssm_lib.speechssm(self.config.model, int(self.config.data.num_units))

@@ -35,14 +35,6 @@ class SpeechTransformerTask(Task):
         self.data = SpeechLMData.from_config(config, workdir)
         super().__init__(config, workdir)
 
-    @property
-    def _docs(self) -> dict[str, Any]:  # (older name of `data.docs`)
-        return self.data.docs
-
-    @property
-    def _prepared(self) -> dict[str, Any]:  # (older name: facts, tokenizer, vocoder, docs)
-        return self.data._prepared  # noqa: SLF001
-
     # --- model ------------------------------------------------------------------------------
     def cache_len(self) -> int:
         """KV-cache length: `config.model.max_len`, or (0) enough for `config.sample`'s prompt

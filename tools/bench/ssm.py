@@ -49,7 +49,7 @@ def _layers(kind: str, impl: str, width: int, heads: int, dtype):
     from recurrentgemma.jax import layers as rg_layers
     from recurrentgemma.jax import modules as rg_modules
 
-    from avjax.nn.ssm import RGLRU, RecurrentBlock
+    from avjax.nn.rglru import RGLRU, RecurrentBlock
 
     if kind == "rg_lru":
         ours = RGLRU(width, heads, scan_impl=impl, dtype=dtype)
