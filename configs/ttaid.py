@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from avjax.train.defaults import mesh_config, train_config
 from avjax.train.sharding import DEFAULT_RULES
 
 
@@ -89,9 +88,6 @@ def _meta_and_tta() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDic
     meta.outer_weight = 10.0  # meta_transfer outer L1 weight
     meta.mask_tv = 1e-2  # meta_aux: weight of the mask smoothness term in the outer loss
     meta.first_order = False  # stop gradients through the inner gradients
-    # auxiliary loss: mask = masked mean sum(|noisy - recon| * mask) / sum(mask), which a
-    # collapsing mask cannot shrink; mean = the paper's mean(|noisy - recon| * mask)
-    meta.aux_norm = "mask"
 
     tta = ml_collections.ConfigDict()
     tta.steps = 5
@@ -100,6 +96,43 @@ def _meta_and_tta() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDic
     tta.tile = 128  # images larger than this are adapted and denoised in tiles
     tta.overlap = 16
     return meta, tta
+
+
+def _train() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.steps = 200
+    t.batch_size = 4  # the meta-batch: one task per crop
+    t.grad_accum = 1
+    t.lr = 1e-3
+    t.final_lr_frac = 0.1
+    t.warmup_steps = 10
+    t.weight_decay = 0.0
+    t.b1 = 0.9
+    t.b2 = 0.999
+    t.clip_norm = 1.0
+    t.log_every = 10
+    t.eval_every = 200
+    t.eval_batches = 2
+    t.checkpoint_every = 200
+    t.keep_checkpoints = 2
+    t.async_checkpoints = True
+    t.reset_data_iterator = False
+    t.init_from = ""  # a params-only checkpoint (the loop's); see config.init_from
+    t.init_skip = ""
+    t.ema_decay = 0.0
+    t.eval_with_ema = False
+    return t
+
+
+def _mesh() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.preset = ""
+    m.data = -1
+    m.fsdp = 1
+    m.sequence = 1
+    m.tensor = 1
+    m.dcn_data = 1
+    return m
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -117,20 +150,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.size = 96  # central crop of each held-out photograph
     c.eval.compare = ""  # label=workdir,...: more runs in the ablation report
 
-    c.train = train_config(
-        steps=200,
-        batch_size=4,  # the meta-batch: one task per crop
-        warmup_steps=10,
-        log_every=10,
-        eval_every=200,
-        eval_batches=2,
-        checkpoint_every=200,
-    )
+    c.train = _train()
     c.evals = ml_collections.ConfigDict()
     c.evals.eval = {"type": "loss", "prefix": "eval_"}
     c.evals.eval.every = c.train.get_ref("eval_every")
     c.evals.denoise = {"type": "task", "every": 0, "prefix": ""}
-    c.mesh = mesh_config()
+    c.mesh = _mesh()
     c.sharding_rules = DEFAULT_RULES
 
     c.sample = ml_collections.ConfigDict()

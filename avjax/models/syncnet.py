@@ -89,7 +89,6 @@ def sync_expert(cfg: Any) -> SyncExpert:
         norm_groups=int(cfg.norm_groups),
         similarity=str(cfg.similarity),
         dtype=jnp.dtype(cfg.dtype),
-        head=str(cfg.get("head", "relu")),
     )
 
 

@@ -17,7 +17,6 @@ imported `syncnet_v2.model` maps one to one (`avjax.convert.syncnet`).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -88,39 +87,19 @@ class ConvNormReLU(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """A stack of `ConvNormReLU` layers, then a pooled embedding.
+    """A stack of `ConvNormReLU` layers, then a mean over what is left of H x W.
 
-    `[batch, H, W, C] -> [batch, dim]` float32. `head="relu"` (Wav2Lip): every layer is
-    conv -> norm -> ReLU and the embedding is the mean over what is left of H x W, so it is
-    never negative. `head="linear"`: the last layer is a plain conv whose kernel covers all of
-    what is left of H x W (no padding, no norm, no ReLU; `dim = layers[-1].features`), so the
-    embedding is signed and keeps the spatial / temporal layout the mean would average away.
+    `[batch, H, W, C] -> [batch, layers[-1].features]` float32 (>= 0: the last layer's ReLU).
     """
 
     layers: Sequence[ConvSpec]
     norm_groups: int = 8
     dtype: jnp.dtype = jnp.float32
-    head: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.head not in ("relu", "linear"):
-            raise ValueError(f"head={self.head!r}: expected 'relu' or 'linear'")
-        body = self.layers if self.head == "relu" else self.layers[:-1]
-        for i, spec in enumerate(body):
+        for i, spec in enumerate(self.layers):
             x = ConvNormReLU(ConvSpec(*spec), self.norm_groups, self.dtype, name=f"layer_{i}")(x)
-        if self.head == "linear":
-            x = nn.Conv(
-                ConvSpec(*self.layers[-1]).features,
-                x.shape[1:3],
-                padding="VALID",
-                dtype=self.dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(), _conv_kernel_axes(2)
-                ),
-                bias_init=_vec()(nn.initializers.zeros_init()),
-                name=f"layer_{len(body)}",
-            )(x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
@@ -146,14 +125,12 @@ class SyncExpert(nn.Module):
     norm_groups: int = 8
     similarity: str = "cosine"
     dtype: jnp.dtype = jnp.float32
-    head: str = "relu"
 
     def setup(self):
         if self.similarity not in ("cosine", "scaled"):
             raise ValueError(f"similarity={self.similarity!r}: expected 'cosine' or 'scaled'")
-        enc = functools.partial(ConvEncoder, norm_groups=self.norm_groups, dtype=self.dtype)
-        self.face_encoder = enc(self.face_layers, head=self.head)
-        self.audio_encoder = enc(self.audio_layers, head=self.head)
+        self.face_encoder = ConvEncoder(self.face_layers, self.norm_groups, self.dtype)
+        self.audio_encoder = ConvEncoder(self.audio_layers, self.norm_groups, self.dtype)
         if self.similarity == "scaled":
             const = lambda v: nn.with_logical_partitioning(nn.initializers.constant(v), (None,))  # noqa: E731
             self.log_scale = self.param("log_scale", const(np.log(10.0)), (1,))
