@@ -32,13 +32,13 @@ TINY = [
 ]
 
 
-def _config(overrides: list[str]):
+def _config(overrides: list[str], variant: str = ""):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("df3dface_cfg", f"{REPO}/configs/df3dface.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = mod.get_config(variant)
     for o in overrides:
         key, value = o.removeprefix("--config.").split("=", 1)
         node = c
@@ -117,8 +117,28 @@ def test_trains_from_vocaset_layout(tmp_path):
             f"--config.data.manual_dir={root}",
             "--config.data.pca_dim=8",
             "--config.train.steps=1",
+            "--config.data.code_dim=9",  # declared wrong: refused before training
         ]
     )
+    with pytest.raises(ValueError, match=r"config.data.code_dim=9, .* gives 8"):
+        main.run(c, str(tmp_path / "bad"), "train")
+    c.data.code_dim = 8
     assert main.run(c, str(tmp_path / "w"), "train") == {"step": 1}
     facts = json.loads((tmp_path / "w" / "data_facts.json").read_text())
     assert facts["vertices"] == 200 and facts["train_sequences"] == 2 and facts["fps"] == 30.0
+
+
+def test_paper_variant_builds_from_declared_shapes_without_a_corpus(tmp_path):
+    from avjax.tasks import get_task
+
+    c = _config([], "paper")
+    c.data.manual_dir = str(tmp_path / "nowhere")  # never read: shapes are declared
+    task = get_task(c, str(tmp_path / "w"))
+    batch = task.dummy_batch()
+    assert batch["x"].shape == (64, 150, 5023 * 3) and batch["audio"].shape == (64, 150, 768)
+    model = task.build_model()
+    small = {k: v[:1] for k, v in batch.items()}
+    shapes = jax.eval_shape(lambda r: task.init_variables(model, r, small), jax.random.key(0))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    assert n == 70_974_173  # the AOT report's count (README)
+    assert not (tmp_path / "w").exists()

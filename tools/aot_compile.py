@@ -47,9 +47,10 @@ def main(argv: list[str]) -> None:
     if r["hbm_bytes_per_chip"]:
         verdict = "fits" if r["fits"] else "DOES NOT FIT"
         print(f"  HBM        {_gib(r['hbm_bytes_per_chip'])} per chip -> {verdict}")
+    analytic = r["analytic_flops_per_step"]
     print(
         f"  FLOPs/step compiler {r['flops_per_step']:.3e}, "
-        f"analytic {r['analytic_flops_per_step']:.3e}"
+        + (f"analytic {analytic:.3e}" if analytic else "analytic n/a (MFU from the compiler's)")
     )
     if r["compute_bound_s"] is not None:
         mem = r["memory_bound_s"]

@@ -45,7 +45,7 @@ class DF3DFaceTask(Task):
         m = self.config.model
         return model_lib.DF3DFace(
             model_lib.DF3DFaceConfig(
-                dim=self.data.repr.dim,
+                dim=self.data.code_dim,
                 feat_dim=self.data.feature_dim,
                 width=int(m.width),
                 num_layers=int(m.num_layers),

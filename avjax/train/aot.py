@@ -256,7 +256,10 @@ def _speed(c: dict[str, Any]) -> dict[str, Any]:
             step_s = max(compute_s, memory_s or 0.0)
             bound = "memory-bound" if (memory_s or 0.0) > compute_s else "compute-bound"
             step_source = "roofline: " + bound
-    mfu = analytic_flops / (n_chips * chip["flops"] * step_s) if step_s and chip["flops"] else None
+    # MFU counts the model's FLOPs: the analytic count where the task has one (no remat
+    # recomputation), else the compiler's.
+    model_flops = analytic_flops or compiler_flops
+    mfu = model_flops / (n_chips * chip["flops"] * step_s) if step_s and chip["flops"] else None
     return {
         "tokens_per_step": tokens,
         "flops_per_step": compiler_flops,
@@ -270,6 +273,7 @@ def _speed(c: dict[str, Any]) -> dict[str, Any]:
         "estimated_step_s": step_s,
         "estimated_step_source": step_source,
         "estimated_mfu": mfu,
+        "mfu_flops_source": "analytic" if analytic_flops else "compiler",
     }
 
 

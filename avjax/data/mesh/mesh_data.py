@@ -336,6 +336,7 @@ class MeshData:
             if jax.process_index() == 0:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 rep.save(path)
+        self._check_declared(rep)
         codes = {"train": [], "test": []}
         feats = {"train": [], "test": []}
         for split, group in (("train", train), ("test", held)):
@@ -380,10 +381,35 @@ class MeshData:
 
     @property
     def feature_dim(self) -> int:
-        """Speech feature width: 320 (log-mel) or the HuBERT hidden size."""
+        """Speech feature width: 320 (log-mel) or the HuBERT hidden size; `data.feature_dim`
+        when declared (> 0) and nothing is loaded yet (checked by `prepare`)."""
+        declared = int(self.data.get("feature_dim", 0) or 0)
+        if declared and self._prepared is None and self._hubert_model is None:
+            return declared
         if self.data.get("audio_features", "logmel") == "hubert":
             return int(self._hubert().config.hidden_size)
         return FEATURE_DIM
+
+    @property
+    def code_dim(self) -> int:
+        """Width of a frame's code `x [..., code_dim]`: the fitted representation's, or
+        `data.code_dim` when declared (> 0) before any corpus is read (an AOT compile at
+        paper size; `prepare` refuses a corpus that gives another width)."""
+        declared = int(self.data.get("code_dim", 0) or 0)
+        if declared and self._prepared is None:
+            return declared
+        return self.repr.dim
+
+    def _check_declared(self, rep: MeshRepr) -> None:
+        """`data.code_dim` / `data.feature_dim`, when declared, equal what the data gives."""
+        for field, got in (("code_dim", rep.dim), ("feature_dim", len(rep.feat_mean))):
+            want = int(self.data.get(field, 0) or 0)
+            if want and want != got:
+                raise ValueError(
+                    f"config.data.{field}={want}, but data.name={self.data.name!r} with "
+                    f"representation={self.data.representation!r} gives {got}: set it to "
+                    f"{got} or 0 (taken from the data)"
+                )
 
     def _hubert(self) -> Any:
         if self._hubert_model is None:
@@ -439,7 +465,7 @@ class MeshData:
 
     def dummy_batch(self) -> Batch:
         """A global batch of zeros (initialisation)."""
-        w, d = int(self.data.window), self.repr.dim
+        w, d = int(self.data.window), self.code_dim
         return {
             "x": np.zeros((self.batch_size, w, d), np.float32),
             "audio": np.zeros((self.batch_size, w, self.feature_dim), np.float32),
