@@ -222,7 +222,7 @@ def test_visual_frontend_matches_torch_layout(tiny):
         if k.startswith(prefix)
     }
     net = _torch_resnet(cfg).eval()
-    net.load_state_dict(sd, strict=False)
+    assert not net.load_state_dict(sd, strict=False).unexpected_keys
     missing = {k for k in net.state_dict() if not k.endswith("num_batches_tracked")} - set(sd)
     assert not missing, missing
     with torch.no_grad():
