@@ -9,8 +9,9 @@ its full-resolution features:
   auxiliary head  concat(clean, residual) -> conv -> residual blocks -> conv -> noisy'
 
 and a mask network (conv, residual blocks, conv, sigmoid) weighs the self-supervised
-auxiliary loss `mean(|noisy - noisy'| * mask)` which needs no clean image, so the heads can
-be adapted to each test image. Parameters are grouped `body`, `head`, `aux`, `mask`.
+auxiliary loss `mean(|noisy - noisy'| * mask)` (the paper's) or its masked mean (`aux_loss`,
+`norm="mask"`: a collapsing mask cannot shrink it), which needs no clean image, so the heads
+can be adapted to each test image. Parameters are grouped `body`, `head`, `aux`, `mask`.
 Images are `[batch, height, width, 3]` in [0, 1]; height and width divisible by 4.
 """
 
@@ -128,10 +129,22 @@ class TTAIDNet(nn.Module):
         return {**self.denoise(noisy), "mask": self.mask(noisy)}
 
 
-def aux_loss(noisy: jax.Array, recon: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """The masked self-supervised loss `mean(|noisy - recon| * mask)` (float32 scalar)."""
+def aux_loss(
+    noisy: jax.Array, recon: jax.Array, mask: jax.Array | None, norm: str = "mean"
+) -> jax.Array:
+    """The masked self-supervised loss (float32 scalar) of `noisy`, `recon` `[b, h, w, 3]`
+    and `mask` `[b, h, w, 1]`: `norm="mean"` is the paper's `mean(|noisy - recon| * mask)`,
+    which a mask shrinking towards 0 makes vanish; `norm="mask"` is the masked mean
+    `sum(|noisy - recon| * mask) / (3 sum(mask))`, whose scale the mask cannot change."""
     err = jnp.abs(noisy.astype(jnp.float32) - recon.astype(jnp.float32))
-    return jnp.mean(err if mask is None else err * mask.astype(jnp.float32))
+    if mask is None:
+        return jnp.mean(err)
+    m = mask.astype(jnp.float32)
+    if norm == "mean":
+        return jnp.mean(err * m)
+    if norm != "mask":
+        raise ValueError(f"aux_loss: norm={norm!r} is not 'mean' or 'mask'")
+    return jnp.sum(err * m) / (err.shape[-1] * jnp.sum(m) + 1e-6)
 
 
 def l1(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -139,8 +152,11 @@ def l1(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
-def mask_smoothness(mask: jax.Array) -> jax.Array:
-    """Mean absolute spatial gradient (total variation) of a mask `[b, h, w, 1]`."""
+def mask_smoothness(mask: jax.Array, norm: str = "mean") -> jax.Array:
+    """Mean absolute spatial gradient (total variation) of a mask `[b, h, w, 1]`; with
+    `norm="mask"` divided by the mask's mean, so that (like the masked-mean auxiliary loss) it
+    does not reward shrinking the whole mask towards 0."""
     dy = jnp.abs(mask[:, 1:] - mask[:, :-1])
     dx = jnp.abs(mask[:, :, 1:] - mask[:, :, :-1])
-    return jnp.mean(dy) + jnp.mean(dx)
+    tv = jnp.mean(dy) + jnp.mean(dx)
+    return tv / (jnp.mean(mask) + 1e-6) if norm == "mask" else tv

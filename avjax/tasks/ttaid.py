@@ -70,39 +70,43 @@ def meta_objective(
     model: nn.Module, params: Any, noisy: jax.Array, clean: jax.Array, stage: str, mc: Any
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The outer loss of one task (`noisy`, `clean`: `[1, h, w, 3]`) after its inner loop,
-    and metrics (`l1` after adaptation, `inner_first` / `inner_last` inner losses)."""
+    and metrics (`l1` after adaptation, `inner_first` / `inner_last` inner losses, the
+    mask's `mask_mean` / `mask_std`; `mc.aux_norm` picks the auxiliary loss's normalisation)."""
     apply = functools.partial(model.apply, method="denoise")
     mask = model.apply({"params": params}, noisy, method="mask")
     fo = bool(mc.first_order)
+    norm = str(mc.get("aux_norm", "mean"))
     if stage == "meta_aux":
 
         def inner(p):
             out = apply({"params": p}, noisy)
-            return ttaid_lib.l1(out["clean"], clean) + ttaid_lib.aux_loss(noisy, out["recon"], mask)
+            aux = ttaid_lib.aux_loss(noisy, out["recon"], mask, norm)
+            return ttaid_lib.l1(out["clean"], clean) + aux
 
         keys = (ttaid_lib.BODY, *ttaid_lib.HEADS)
         fast, losses = adapt(inner, params, keys, float(mc.inner_lr), 1, fo)
         l1 = ttaid_lib.l1(apply({"params": fast}, noisy)["clean"], clean)
-        outer = l1 + float(mc.mask_tv) * ttaid_lib.mask_smoothness(mask)
+        outer = l1 + float(mc.mask_tv) * ttaid_lib.mask_smoothness(mask, norm)
     else:  # meta_transfer
 
         def inner(p):
             out = apply({"params": p}, noisy)
-            return float(mc.aux_weight) * ttaid_lib.aux_loss(noisy, out["recon"], mask)
+            return float(mc.aux_weight) * ttaid_lib.aux_loss(noisy, out["recon"], mask, norm)
 
         fast, losses = adapt(
             inner, params, ttaid_lib.HEADS, float(mc.inner_lr), int(mc.inner_steps), fo
         )
         l1 = ttaid_lib.l1(apply({"params": fast}, noisy)["clean"], clean)
         outer = float(mc.outer_weight) * l1
-    return outer, {"l1": l1, "inner_first": losses[0], "inner_last": losses[-1]}
+    stats = {"mask_mean": jnp.mean(mask), "mask_std": jnp.std(mask)}
+    return outer, {"l1": l1, "inner_first": losses[0], "inner_last": losses[-1], **stats}
 
 
-def adaptation_fn(model: nn.Module, tc: Any) -> Callable:
+def adaptation_fn(model: nn.Module, tc: Any, aux_norm: str = "mean") -> Callable:
     """A jitted `(params, noisy [1, h, w, 3]) -> (plain, adapted [1, h, w, 3], aux losses
-    [steps + 1])`: denoised without adaptation, and after `tc.steps` optimizer steps (`tc.
-    optimizer`: adam | sgd, lr `tc.lr`) on the masked auxiliary loss over the heads only (the
-    body and mask network frozen). Compiled once per image shape."""
+    [steps + 1], mask mean)`: denoised without adaptation, and after `tc.steps` optimizer
+    steps (`tc.optimizer`: adam | sgd, lr `tc.lr`) on the masked auxiliary loss (`aux_norm`)
+    over the heads only (the body and mask network frozen). Compiled once per image shape."""
     opt = optax.adam(float(tc.lr)) if str(tc.optimizer) == "adam" else optax.sgd(float(tc.lr))
 
     def run(params, noisy):
@@ -111,7 +115,7 @@ def adaptation_fn(model: nn.Module, tc: Any) -> Callable:
 
         def loss_fn(h):
             out = model.apply({"params": {**params, **h}}, noisy, method="denoise")
-            return ttaid_lib.aux_loss(noisy, out["recon"], mask)
+            return ttaid_lib.aux_loss(noisy, out["recon"], mask, aux_norm)
 
         def step(carry, _):
             h, s = carry
@@ -123,7 +127,7 @@ def adaptation_fn(model: nn.Module, tc: Any) -> Callable:
         (heads_new, _), losses = jax.lax.scan(step, (heads, opt.init(heads)), None, int(tc.steps))
         adapted = model.apply({"params": {**params, **heads_new}}, noisy, method="denoise")
         losses = jnp.concatenate([losses, loss_fn(heads_new)[None]])
-        return plain, adapted["clean"], losses
+        return plain, adapted["clean"], losses, jnp.mean(mask)
 
     return jax.jit(run)
 
@@ -140,7 +144,8 @@ def tile_positions(size: int, tile: int, overlap: int) -> list[int]:
 def denoise_tiled(fn: Callable, params: Any, noisy: np.ndarray, tc: Any) -> dict[str, Any]:
     """Runs `adaptation_fn` over `noisy [h, w, 3]` in overlapping `tc.tile` tiles (each
     adapted on its own; averaged where they overlap); images are reflect-padded to a
-    multiple of 4. Returns `plain`, `adapted` `[h, w, 3]` and `aux_losses [tiles, steps+1]`."""
+    multiple of 4. Returns `plain`, `adapted` `[h, w, 3]`, `aux_losses [tiles, steps+1]` and
+    the mean of the mask over the tiles, `mask_mean`."""
     h, w = noisy.shape[:2]
     tile = int(tc.tile)
     th, tw = min(tile, -(-h // 4) * 4), min(tile, -(-w // 4) * 4)
@@ -148,17 +153,23 @@ def denoise_tiled(fn: Callable, params: Any, noisy: np.ndarray, tc: Any) -> dict
     padded = np.pad(noisy, ((0, ph - h), (0, pw - w), (0, 0)), mode="reflect")
     acc = np.zeros((2, ph, pw, 3), np.float32)
     cnt = np.zeros((ph, pw, 1), np.float32)
-    losses = []
+    losses, masks = [], []
     for y in tile_positions(ph, th, int(tc.overlap)):
         for x in tile_positions(pw, tw, int(tc.overlap)):
             crop = padded[None, y : y + th, x : x + tw]
-            plain, adapted, loss = fn(params, jnp.asarray(crop))
+            plain, adapted, loss, mask_mean = fn(params, jnp.asarray(crop))
             acc[0, y : y + th, x : x + tw] += np.asarray(plain[0])
             acc[1, y : y + th, x : x + tw] += np.asarray(adapted[0])
             cnt[y : y + th, x : x + tw] += 1.0
             losses.append(np.asarray(loss))
+            masks.append(float(mask_mean))
     out = acc / cnt[None]
-    return {"plain": out[0, :h, :w], "adapted": out[1, :h, :w], "aux_losses": np.stack(losses)}
+    return {
+        "plain": out[0, :h, :w],
+        "adapted": out[1, :h, :w],
+        "aux_losses": np.stack(losses),
+        "mask_mean": float(np.mean(masks)),
+    }
 
 
 class TTAIDTask(Task):
@@ -230,9 +241,11 @@ class TTAIDTask(Task):
         if not ctx.train or stage == "pretrain":
             out = model.apply({"params": params}, noisy)
             l1 = ttaid_lib.l1(out["clean"], clean)
-            aux = ttaid_lib.aux_loss(noisy, out["recon"], jax.lax.stop_gradient(out["mask"]))
+            mask = jax.lax.stop_gradient(out["mask"])
+            aux = ttaid_lib.aux_loss(noisy, out["recon"], mask, self._aux_norm)
             loss = l1 + float(self.config.meta.aux_weight) * aux if ctx.train else l1
             metrics = {"weight": jnp.float32(b), "l1": l1 * b, "aux": aux * b}
+            metrics |= {"mask_mean": jnp.mean(mask) * b, "mask_std": jnp.std(mask) * b}
             return loss * b, metrics, dict(ctx.model_state)
         # One task (image) at a time: `vmap` would batch each task's adapted kernels into a
         # grouped convolution, which XLA's SPMD partitioner rejects on a sharded meta-batch.
@@ -244,6 +257,10 @@ class TTAIDTask(Task):
         )
         metrics = {"weight": jnp.float32(b), **{k: jnp.sum(v) for k, v in m.items()}}
         return jnp.sum(outer), metrics, dict(ctx.model_state)
+
+    @property
+    def _aux_norm(self) -> str:
+        return str(self.config.meta.get("aux_norm", "mean"))
 
     def compatibility(self) -> dict[str, Any]:
         return {
@@ -278,7 +295,7 @@ class TTAIDTask(Task):
             items = self.data.heldout("camera", int(self.config.eval.size))
         out_dir = as_path(self.workdir) / "samples" / f"step_{step}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        fn = adaptation_fn(model, self.config.tta)
+        fn = adaptation_fn(model, self.config.tta, self._aux_norm)
         params = jax.device_get(params)
         summary: dict[str, Any] = {"images": len(items), "out_dir": str(out_dir)}
         for name, noisy, clean in items:
@@ -299,7 +316,7 @@ class TTAIDTask(Task):
         for entry in [e for e in str(self.config.eval.compare).split(",") if e.strip()]:
             label, _, path = entry.partition("=")
             runs[label.strip()] = ckpt_lib.newest_params(path.strip(), "eval.compare")[0]
-        fn = adaptation_fn(model, self.config.tta)
+        fn = adaptation_fn(model, self.config.tta, self._aux_norm)
         families = [f.strip() for f in str(self.config.eval.families).split(",") if f.strip()]
         rows = []
         for fam in families:
@@ -334,11 +351,13 @@ def _score(fn, params, items, tc, label: str, fam: str) -> dict[str, Any]:
     """Mean PSNR / SSIM of noisy, unadapted and adapted outputs over `items`."""
     keys = ("noisy", "plain", "adapted")
     sums = {f"{m}_{k}": 0.0 for m in ("psnr", "ssim") for k in keys}
+    sums["mask_mean"] = 0.0
     for _, noisy, clean in items:
         res = denoise_tiled(fn, params, noisy, tc)
         for k, img in zip(keys, (noisy, res["plain"], res["adapted"]), strict=True):
             sums[f"psnr_{k}"] += _psnr(img, clean) / len(items)
             sums[f"ssim_{k}"] += _ssim(img, clean) / len(items)
+        sums["mask_mean"] += res["mask_mean"] / len(items)
     return {"run": label, "noise": fam, "images": len(items), **sums}
 
 
@@ -349,15 +368,15 @@ def _markdown(rows: list[dict[str, Any]], step: int) -> str:
         "PSNR (dB) / SSIM on held-out images: noisy input, denoised without test-time "
         "adaptation, denoised after it.",
         "",
-        "| run | noise | images | noisy | no TTA | TTA | TTA gain (dB) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | noise | images | noisy | no TTA | TTA | TTA gain (dB) | mask mean |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cell = lambda k, r=r: f"{r['psnr_' + k]:.2f} / {r['ssim_' + k]:.3f}"  # noqa: E731
         gain = r["psnr_adapted"] - r["psnr_plain"]
         lines.append(
             f"| {r['run']} | {r['noise']} | {r['images']} | {cell('noisy')} | {cell('plain')} "
-            f"| {cell('adapted')} | {gain:+.3f} |"
+            f"| {cell('adapted')} | {gain:+.3f} | {r['mask_mean']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
