@@ -345,17 +345,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: AV-HuBERT checkpoint not found")
+
+    def load(**kw: Any) -> Any:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, **kw)
+        except RuntimeError as e:  # a legacy (pre-zip) file cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", **kw)
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load(weights_only=True)
     except pickle.UnpicklingError as e:
         logging.info("%s: not a weights-only file (%s); using the restricted unpickler", path, e)
-        ckpt = torch.load(
-            path,
-            map_location="cpu",
-            weights_only=False,
-            pickle_module=_RESTRICTED_PICKLE,
-            mmap=True,
-        )
+        ckpt = load(weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if "model" not in ckpt:  # a bare state dict
