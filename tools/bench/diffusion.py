@@ -10,7 +10,8 @@ cross-attention, gated MLP; output projection), its own random weights (this is 
 comparison, not a parity test: the parity of the scheduler numbers is tested in
 tests/test_nn_diffusion.py) and runs under `torch.inference_mode`, eager, float32, on the
 same CPU threads. Per-step time = (sampling time) / steps, median of `--repeats` after a
-warm-up (compilation excluded from ours). Prints a table and writes JSON rows.
+warm-up (compilation excluded from ours), as wall time and as process CPU time (the fair
+figure on a shared machine), with the load average. Prints a table and writes JSON rows.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from avjax.models import df3dface  # noqa: E402
 from avjax.nn import diffusion  # noqa: E402
 
 
-def _ours(cfg, batch: int, frames: int, steps: int, repeats: int) -> float:
+def _ours(cfg, batch: int, frames: int, steps: int, repeats: int) -> tuple[float, float]:
     model = df3dface.DF3DFace(cfg)
     x = jnp.zeros((batch, frames, cfg.dim))
     audio = jnp.zeros((batch, frames, cfg.feat_dim))
@@ -54,12 +55,24 @@ def _ours(cfg, batch: int, frames: int, steps: int, repeats: int) -> float:
         return diffusion.sample(fn, x.shape, rng, sched, ts, prediction_type="sample")
 
     jax.block_until_ready(run(params, audio, jax.random.PRNGKey(0), ts))
-    times = []
+    return _timed(
+        lambda r: jax.block_until_ready(run(params, audio, jax.random.PRNGKey(r + 1), ts)),
+        repeats,
+        steps,
+    )
+
+
+def _timed(fn, repeats: int, steps: int) -> tuple[float, float]:
+    """`(wall s, process CPU s)` per sampling step, the medians of `repeats` calls of
+    `fn(r)`. CPU-seconds count every thread's work, so they stay comparable when the machine
+    is shared (a busy-waiting thread pool inflates wall time, not the work done)."""
+    walls, cpus = [], []
     for r in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(params, audio, jax.random.PRNGKey(r + 1), ts))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / steps
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn(r)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls) / steps, statistics.median(cpus) / steps
 
 
 def _torch_net(cfg):
@@ -124,7 +137,7 @@ def _torch_net(cfg):
     return Net().eval()
 
 
-def _reference(cfg, batch: int, frames: int, steps: int, repeats: int) -> float:
+def _reference(cfg, batch: int, frames: int, steps: int, repeats: int) -> tuple[float, float]:
     import torch
     from diffusers import DDIMScheduler
 
@@ -150,12 +163,13 @@ def _reference(cfg, batch: int, frames: int, steps: int, repeats: int) -> float:
 
     with torch.inference_mode():
         run(0)
-        times = []
-        for r in range(repeats):
-            t0 = time.perf_counter()
-            run(r + 1)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) / steps
+        return _timed(lambda r: run(r + 1), repeats, steps)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def main() -> None:
@@ -177,8 +191,9 @@ def main() -> None:
         num_heads=4,
         mlp_width=3 * a.width,
     )
-    ours = _ours(cfg, a.batch, a.frames, a.steps, a.repeats)
-    ref = _reference(cfg, a.batch, a.frames, a.steps, a.repeats)
+    (ours, ours_cpu), (ref, ref_cpu) = (
+        fn(cfg, a.batch, a.frames, a.steps, a.repeats) for fn in (_ours, _reference)
+    )
     row = {
         "width": a.width,
         "layers": a.layers,
@@ -188,10 +203,17 @@ def main() -> None:
         "ours_ms_per_step": ours * 1e3,
         "torch_diffusers_ms_per_step": ref * 1e3,
         "ratio": ours / ref,
+        "ours_cpu_ms_per_step": ours_cpu * 1e3,
+        "torch_diffusers_cpu_ms_per_step": ref_cpu * 1e3,
+        "cpu_ratio": ours_cpu / ref_cpu,
+        "torch_threads": _torch_threads(),
+        "load_average_1min": os.getloadavg()[0],
         "backend": jax.default_backend(),
     }
-    print(f"{'ours (jax scan)':>22} {'torch+diffusers':>16} {'ratio':>6}")
-    print(f"{ours * 1e3:>19.2f} ms {ref * 1e3:>13.2f} ms {ours / ref:>6.2f}")
+    print(f"{'':>10} {'ours (jax scan)':>16} {'torch+diffusers':>16} {'ratio':>6}")
+    for name, x, y in (("wall", ours, ref), ("CPU", ours_cpu, ref_cpu)):
+        print(f"{name:>10} {x * 1e3:>13.2f} ms {y * 1e3:>13.2f} ms {x / y:>6.2f}")
+    print(f"load average {row['load_average_1min']:.1f}, torch threads {row['torch_threads']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump([row], f, indent=2)
