@@ -31,9 +31,11 @@ tokenizer only, and `model.video_encoder="avhubert"` are not wired to weights ye
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-from avjax.data.video import av_data
+from avjax.data.video import av_corpus, av_data
 from avjax.nn.lora import lora_param_groups
 from avjax.train.defaults import mesh_config, train_config
 from avjax.train.sharding import DEFAULT_RULES
@@ -103,25 +105,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval_decode = ml_collections.ConfigDict({"length_penalty": 1.0})
     c.train = train_config(
-        steps=600,
+        steps=300,
         batch_size=8,
         lr=1e-3,
         b2=0.98,
         warmup_steps=50,
         log_every=50,
-        eval_every=200,
+        eval_every=100,
         eval_batches=3,
-        checkpoint_every=200,
+        checkpoint_every=100,
     )
     c.train.param_groups = _param_groups(c.model.llm_train, c.model.train_encoders)
     c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_RULES
     c.evals = ml_collections.ConfigDict()
-    c.evals.eval = {"type": "loss", "prefix": "eval_", "every": 200}
+    c.evals.eval = {"type": "loss", "prefix": "eval_", "every": 100}
     c.evals.wer = {"type": "mms_wer", "every": 0, "prefix": "", "num_beams": 5}
     c.evals.wer.snrs = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
-    if arg == "test":
-        c.data.num_frames = 100
+    if arg == "test":  # a 4-speaker corpus, 1.28 s clips, 1-layer everything
+        c.data.synthetic = dict(dataclasses.asdict(av_corpus.TINY), num_sentences=8, vocab_size=12)
+        c.data.num_frames, c.data.image_size, c.data.crop_size = 32, 20, 16
         c.model.video = {"width": 16, "resnet_widths": (4, 4, 8, 16), "num_layers": 1}
         c.model.whisper = {"width": 16, "num_layers": 1, "num_heads": 2, "mlp_width": 32}
         c.model.qformer_width = c.model.rate_width = 16
@@ -129,10 +132,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.lora = dict(c.model.lora, rank=4, alpha=8.0)
         c.model.max_text_tokens = 24
         c.model.llm_train = "lora"
-        c.train.update(steps=4, batch_size=8, eval_every=4, checkpoint_every=2, log_every=1)
-        c.train.eval_batches = 1
+        c.train.update(steps=3, batch_size=8, eval_every=3, checkpoint_every=2, log_every=1)
+        c.train.update(warmup_steps=1, eval_batches=1)
         c.train.param_groups = _param_groups("lora", False)
-        c.evals.eval.every = 4
+        c.evals.eval.every = 3
         c.evals.wer.snrs = (0.0,)
         c.evals.wer.num_beams = 2
     return c

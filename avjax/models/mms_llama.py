@@ -147,9 +147,10 @@ class MMSLLaMA(nn.Module):
         aw = self.audio_encoder.width
         self.audio_down = nn.Conv(aw, (2,), strides=(2,), padding="VALID", name="audio_down")
         fused = 2 * aw if self.fusion == "concat" and self.video_encoder is not None else aw
-        self.queries = self.param(
-            "queries", nn.initializers.normal(0.02), (self.max_queries, self.qformer_width)
-        )
+        if self.max_queries:  # (none for the text-only baseline: no zero-size params)
+            self.queries = self.param(
+                "queries", nn.initializers.normal(0.02), (self.max_queries, self.qformer_width)
+            )
         self.qformer = QFormer(
             width=self.qformer_width,
             num_layers=self.qformer_layers,
