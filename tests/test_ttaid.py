@@ -169,7 +169,7 @@ def _cli_config(stage, **kw):
     c.stage = stage
     c.data.crop = 16
     c.model.update(
-        {"features": 4, "scale_step": 2, "body_blocks": 1, "head_blocks": 1, "mask_blocks": 1}
+        {"features": 4, "scale_step": 2, "body_blocks": 0, "head_blocks": 1, "mask_blocks": 0}
     )
     c.meta.inner_steps = 2
     c.train.update(
