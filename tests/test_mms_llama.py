@@ -3,11 +3,19 @@ eval through the CLI on the tiniest config."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 
 from avjax.data.text import tokenizer as text_tok
+from avjax.train import optim
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEXTS = ["THE CAT SAT ON THE MAT", "WE SAW THE DOG AND THE CAT", "THEY WENT TO THE PARK"]
 
@@ -36,3 +44,101 @@ def test_bpe_round_trip_cache_and_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         text_tok.load_tokenizer(str(tmp_path / "nothing"))
     json.loads((tmp_path / "llama" / "tokenizer.json").read_text())
+
+
+# --- the model, its state and the CLI, on the tiniest config --------------------------------
+
+
+def _config(cache_dir):
+    spec = importlib.util.spec_from_file_location(
+        "mms_cfg", os.path.join(REPO, "configs/mms_llama.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("test")
+    c.data.cache_dir = str(cache_dir)
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """train 2 steps -> stop (checkpoint, as on SIGTERM) -> resume to 3 -> --mode=eval."""
+    from avjax.main import run
+    from avjax.tasks import get_task
+    from avjax.train import loop
+    from avjax.train.sharding import make_mesh
+
+    root = tmp_path_factory.mktemp("mms")
+    cfg, work = _config(root / "cache"), str(root / "work")
+    one = make_mesh(cfg.mesh, jax.devices()[:1])  # one device: compiles in a fraction
+    first = {"step": int(loop.train(get_task(cfg, work), cfg, work, one, stop_after=2).step)}
+    second = {"step": int(loop.train(get_task(cfg, work), cfg, work, one).step)}
+    evals = run(cfg, work, "eval")
+    return {"cfg": cfg, "work": work, "first": first, "second": second, "evals": evals}
+
+
+def test_stop_resume_and_eval_report(trained):
+    assert trained["first"]["step"] == 2 and trained["second"]["step"] == 3
+    ev = trained["evals"]
+    report = json.loads(open(ev["report"]).read())
+    n_eval = min(
+        8, json.loads(open(os.path.join(trained["work"], "data_facts.json")).read())["eval_items"]
+    )
+    assert report["step"] == 3 and report["utterances"] == n_eval  # each held-out one once
+    for key in ("wer_clean", "wer_snr0"):
+        assert 0.0 <= report[key] and report[key] == ev[key]
+    # >= qps = 3 queries per utterance of <= 32 frames (1.28 s), <= max_queries = 12
+    assert 3 / 1.28 <= report["speech_tokens_per_s"] <= 12 / (1 / 25)
+    assert np.isfinite(ev["eval_loss"]) and len(report["examples"]) == min(n_eval, 5)
+
+
+def test_only_adapters_and_new_modules_carry_optimizer_state(trained):
+    from avjax.tasks import get_task
+    from avjax.train import loop
+    from avjax.train.sharding import make_mesh
+
+    cfg = trained["cfg"]
+    task = get_task(cfg, trained["work"])
+    task.prepare()
+    trainer = loop.build_trainer(task, cfg, make_mesh(cfg.mesh))
+    state = trainer.abstract_state
+    flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    sizes = {optim.path_name(p): int(np.prod(x.shape)) for p, x in flat}
+    new = ("audio_down/", "queries", "qformer/", "proj_in/", "proj_out/", "rate/")
+    trained_paths = [p for p in sizes if p.endswith(("lora_a", "lora_b")) or p.startswith(new)]
+    assert any("llm/blocks_0/attention/q/lora_a" == p for p in trained_paths)
+    n_trained = sum(sizes[p] for p in trained_paths)
+    opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert opt == 2 * n_trained  # Adam's two moments, for exactly these leaves
+    assert n_trained < 0.5 * sum(sizes.values())
+
+
+def test_loss_on_transcript_positions_only(trained):
+    """Changing the targets outside the weighted (transcript + eos) positions changes nothing;
+    the weights sit right after the speech slots and cover len(transcript) + 1 tokens."""
+    from avjax.tasks import get_task
+    from avjax.tasks.base import LossContext
+
+    cfg = trained["cfg"]
+    task = get_task(cfg, trained["work"])
+    t = task.text()
+    batch = task.dummy_batch()
+    text = np.zeros_like(batch["text"])
+    text[:, :11] = np.frombuffer(b"THE CAT SAT", np.uint8)
+    batch = task._add_tokens({**batch, "text": text})
+    n_ids = len(t["tok"].encode("THE CAT SAT"))
+    start = len(t["prompt"]) + t["max_queries"] - 1
+    w = batch["weights"][0]
+    assert w.sum() == n_ids + 1 and w[start : start + n_ids + 1].all()
+    assert batch["targets"][0, start + n_ids] == t["tok"].eos_id
+    model = task.build_model()
+    variables = task.init_variables(model, jax.random.key(0), batch)
+    params = nn.meta.unbox(variables.pop("params"))
+    ctx = LossContext(train=False, rng=jax.random.key(1), model_state=variables)
+    loss = lambda b: task.apply_loss(model, params, b, ctx)[0]
+    other = batch["targets"].copy()
+    other[batch["weights"] == 0] = 7
+    assert np.isclose(loss(batch), loss({**batch, "targets": other}))
+    moved = batch["targets"].copy()
+    moved[:, start] = (moved[:, start] + 1) % t["tok"].vocab_size
+    assert not np.isclose(loss(batch), loss({**batch, "targets": moved}))

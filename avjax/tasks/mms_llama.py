@@ -260,7 +260,7 @@ def mms_wer(ctx: evaluators.EvalContext, options: Any) -> dict[str, Any]:
         refs, hyps, nq, secs = [], [], [], []
         for bi, batch in enumerate(batches):
             if snr is not None:
-                batch = {**batch, "audio": _babble(batch["audio"], snr, 1000 * bi + int(snr))}
+                batch = {**batch, "audio": _babble(batch["audio"], snr, 1000 * bi + int(snr) + 100)}
             out = task.transcribe(ctx.model, ctx.params, batch, beams)
             for i, h in enumerate(out["hyps"]):
                 if len(refs) >= n_items:
