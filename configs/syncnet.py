@@ -34,6 +34,21 @@ network overfits a fixed batch of 32 pairs in 50 steps, but with fresh pairs eac
 stays at chance even when the negatives are other clips' audio: the encoders (global average
 pooling of ReLU features, L2-normalised) are the suspect. Until that is fixed, accuracy, LSE
 and offsets are not meaningful.
+Diagnosis (2026-11-30, probes on 96 train / 32 held-out procedural clips, batch 16, Adam 1e-3,
+load average 12-15 on 2 cores): at init this expert's embeddings are nearly constant
+(face-face cosine 0.991 +- 0.003, audio-audio 0.973, logit std 0.15 over pairs) and training
+collapses them further (0.9999). The cause is the input, not only the pooling: what the 5
+frames / 16 mel steps share (identity, background, loudness) swamps the motion inside the
+window. A signed head (`model.head="linear"`) alone, an offset softmax over +-7 frames of
+the same clip (`models.syncnet.offset_loss`) alone, and even a linear bilinear model all stay
+at chance; the linear model with inputs centred over the window (`model.centre=True`: each
+frame minus the window's mean frame, each mel bin minus its mean over the 16 steps) reaches
+0.89 15-way offset accuracy in 300 steps. A shallow expert (3 stride-2 convs, width 16, no
+norm, `head="linear"`, `centre=True`) trained with BCE + the offset softmax reaches held-out
+(unseen speakers) pair accuracy 0.80 / 0.86 / 0.92 after 50 / 100 / 250 steps (offset
+accuracy 0.75, train), ~0.65 s/step under that load. Still to do: make that the default here
+(the task's loss needs the offset term; the deep Wav2Lip stack with GroupNorm still collapses
+even with centring) and re-measure the CLI run, LSE and offsets.
 SyncNet v2 weights (`syncnet_v2.model`) import with `avjax.convert.syncnet.load_syncnet_v2`
 for LSE as papers report it (`avjax.eval.lse.lse` + `syncnet_mfcc`, 224 x 224 face crops).
 """

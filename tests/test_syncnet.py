@@ -193,6 +193,42 @@ def test_sample_pairs():
         syncnet_lib.sample_pairs(jax.random.key(0), 8, 29, 1, 15)
 
 
+def test_offset_windows_and_loss():
+    v, a = syncnet_lib.sample_offset_windows(jax.random.key(0), 256, 40, 7)
+    v, a = np.asarray(v), np.asarray(a)
+    assert a.shape == (256, 15) and (a[:, 7] == v).all() and (np.diff(a, axis=1) == 1).all()
+    assert a.min() >= 0 and a.max() <= 40 - 6
+    with pytest.raises(ValueError, match="need >= 22 frames"):
+        syncnet_lib.sample_offset_windows(jax.random.key(0), 4, 20, 8)
+    face = jax.random.normal(jax.random.key(1), (4, 8))
+    face = face / jnp.linalg.norm(face, axis=-1, keepdims=True)
+    others = jnp.broadcast_to(-face[:, None], (4, 5, 8)).at[:, 2].set(face)
+    ce, correct = syncnet_lib.offset_loss(jnp.float32(1.0), face, others)
+    np.testing.assert_allclose(ce, np.log1p(4 * np.exp(-2.0)), rtol=1e-5)
+    assert (np.asarray(correct) == 1).all()
+    # A constant added to every candidate's logit changes nothing (what the clip shares).
+    _, wrong = syncnet_lib.offset_loss(jnp.float32(10.0), face, others[:, ::-1][:, [0, 1, 3, 2, 4]])
+    assert (np.asarray(wrong) == 0).all()
+
+
+def test_centred_expert_ignores_the_static_face_and_loudness():
+    from avjax.nn.syncnet import centre_frames
+
+    cfg = _config().model
+    cfg.update(centre=True, head="linear")
+    model = syncnet_lib.sync_expert(cfg)
+    faces = jax.random.uniform(jax.random.key(0), (2, 16, 32, 15))
+    mel = jax.random.normal(jax.random.key(1), (2, 80, 16))
+    params = model.init(jax.random.key(2), faces, mel)
+    logit, fe, ae = model.apply(params, faces, mel)
+    assert logit.shape == (2,) and fe.shape == ae.shape == (2, 8 * cfg.width)
+    assert float(jnp.min(fe)) < 0.0  # signed embeddings (no ReLU on the last layer)
+    still = jnp.tile(jax.random.uniform(jax.random.key(3), (2, 16, 32, 3)), (1, 1, 1, 5))
+    np.testing.assert_allclose(centre_frames(faces + still, 3), centre_frames(faces, 3), atol=1e-6)
+    logit2, _, _ = model.apply(params, faces + still, mel + 3.0)
+    np.testing.assert_allclose(logit2, logit, atol=1e-4)
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 
 

@@ -89,6 +89,8 @@ def sync_expert(cfg: Any) -> SyncExpert:
         norm_groups=int(cfg.norm_groups),
         similarity=str(cfg.similarity),
         dtype=jnp.dtype(cfg.dtype),
+        head=str(cfg.get("head", "relu")),
+        centre=bool(cfg.get("centre", False)),
     )
 
 
@@ -173,3 +175,35 @@ def sync_loss(logit: jax.Array, label: jax.Array) -> tuple[jax.Array, jax.Array]
     bce = optax.sigmoid_binary_cross_entropy(logit, label)
     correct = ((logit > 0) == (label > 0.5)).astype(jnp.float32)
     return bce, correct
+
+
+def sample_offset_windows(
+    rng: jax.Array, batch: int, num_frames: int, radius: int
+) -> tuple[jax.Array, jax.Array]:
+    """`(video_start [batch], audio_starts [batch, 2 radius + 1])`: a face window and the audio
+    windows of the same clip at offsets `-radius .. +radius` frames (the in-sync one at index
+    `radius`), all inside the clip. Needs `num_frames >= 2 * radius + 6`."""
+    last = num_frames - WINDOW - 1
+    if last - 2 * radius < 0:
+        raise ValueError(
+            f"clips of {num_frames} frames are too short for offset candidates within "
+            f"+-{radius} frames: need >= {2 * radius + WINDOW + 1} frames"
+        )
+    v = jax.random.randint(rng, (batch,), radius, last - radius + 1)
+    return v, v[:, None] + jnp.arange(-radius, radius + 1)[None, :]
+
+
+def offset_loss(
+    scale: jax.Array, face_emb: jax.Array, audio_emb: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Which offset is in sync, as a softmax over the candidates of one clip.
+
+    `face_emb [batch, dim]`, `audio_emb [batch, candidates, dim]` unit vectors (the in-sync
+    candidate in the middle), `scale` a positive scalar -> `(cross-entropy [batch],
+    correct [batch])`. Only differences between candidates of the same clip enter, so what all
+    embeddings share (the face's identity, the voice, a common direction) cancels out; the BCE
+    on the cosine alone sees it and, at CPU scale, collapses to a constant cosine."""
+    logits = scale * jnp.einsum("bd,bkd->bk", face_emb, audio_emb)
+    mid = audio_emb.shape[1] // 2
+    ce = jax.nn.logsumexp(logits, axis=-1) - logits[:, mid]
+    return ce, (jnp.argmax(logits, axis=-1) == mid).astype(jnp.float32)

@@ -17,6 +17,7 @@ imported `syncnet_v2.model` maps one to one (`avjax.convert.syncnet`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -87,20 +88,48 @@ class ConvNormReLU(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """A stack of `ConvNormReLU` layers, then a mean over what is left of H x W.
+    """A stack of `ConvNormReLU` layers, then a pooled embedding.
 
-    `[batch, H, W, C] -> [batch, layers[-1].features]` float32 (>= 0: the last layer's ReLU).
+    `[batch, H, W, C] -> [batch, dim]` float32. `head="relu"` (Wav2Lip): every layer is
+    conv -> norm -> ReLU and the embedding is the mean over what is left of H x W, so it is
+    never negative. `head="linear"`: the last layer is a plain conv whose kernel covers all of
+    what is left of H x W (no padding, no norm, no ReLU; `dim = layers[-1].features`), so the
+    embedding is signed and keeps the spatial / temporal layout the mean would average away.
     """
 
     layers: Sequence[ConvSpec]
     norm_groups: int = 8
     dtype: jnp.dtype = jnp.float32
+    head: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i, spec in enumerate(self.layers):
+        if self.head not in ("relu", "linear"):
+            raise ValueError(f"head={self.head!r}: expected 'relu' or 'linear'")
+        body = self.layers if self.head == "relu" else self.layers[:-1]
+        for i, spec in enumerate(body):
             x = ConvNormReLU(ConvSpec(*spec), self.norm_groups, self.dtype, name=f"layer_{i}")(x)
+        if self.head == "linear":
+            x = nn.Conv(
+                ConvSpec(*self.layers[-1]).features,
+                x.shape[1:3],
+                padding="VALID",
+                dtype=self.dtype,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.lecun_normal(), _conv_kernel_axes(2)
+                ),
+                bias_init=_vec()(nn.initializers.zeros_init()),
+                name=f"layer_{len(body)}",
+            )(x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def centre_frames(faces: jax.Array, channels: int) -> jax.Array:
+    """`[batch, H, W, frames * channels]` -> the same with each frame minus the window's mean
+    frame: what stays is the motion inside the window (identity and background cancel)."""
+    b, h, w, c = faces.shape
+    x = faces.reshape(b, h, w, c // channels, channels)
+    return (x - jnp.mean(x, axis=3, keepdims=True)).reshape(b, h, w, c)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -125,23 +154,31 @@ class SyncExpert(nn.Module):
     norm_groups: int = 8
     similarity: str = "cosine"
     dtype: jnp.dtype = jnp.float32
+    head: str = "relu"
+    centre: bool = False
+    face_channels: int = 3
 
     def setup(self):
         if self.similarity not in ("cosine", "scaled"):
             raise ValueError(f"similarity={self.similarity!r}: expected 'cosine' or 'scaled'")
-        self.face_encoder = ConvEncoder(self.face_layers, self.norm_groups, self.dtype)
-        self.audio_encoder = ConvEncoder(self.audio_layers, self.norm_groups, self.dtype)
+        enc = functools.partial(ConvEncoder, norm_groups=self.norm_groups, dtype=self.dtype)
+        self.face_encoder = enc(self.face_layers, head=self.head)
+        self.audio_encoder = enc(self.audio_layers, head=self.head)
         if self.similarity == "scaled":
             const = lambda v: nn.with_logical_partitioning(nn.initializers.constant(v), (None,))  # noqa: E731
             self.log_scale = self.param("log_scale", const(np.log(10.0)), (1,))
             self.bias = self.param("bias", const(-5.0), (1,))
 
     def embed_face(self, faces: jax.Array) -> jax.Array:
-        """`[batch, H/2, W, C * frames]` in [0, 1] -> `[batch, dim]` unit vectors."""
+        """`[batch, H/2, W, frames * C]` in [0, 1] -> `[batch, dim]` unit vectors."""
+        if self.centre:
+            faces = centre_frames(faces, self.face_channels)
         return l2_normalize(self.face_encoder(faces))
 
     def embed_audio(self, mel: jax.Array) -> jax.Array:
         """`[batch, n_mels, mel_steps]` -> `[batch, dim]` unit vectors."""
+        if self.centre:
+            mel = mel - jnp.mean(mel, axis=-1, keepdims=True)
         return l2_normalize(self.audio_encoder(mel[..., None]))
 
     def sync_logit(self, face_emb: jax.Array, audio_emb: jax.Array) -> jax.Array:
