@@ -29,7 +29,8 @@ Measured (shared 2-core CPU, heavily loaded by other jobs, so times are upper bo
     forward over 4 s of 100-frame video + 400 mel frames dominates), so 300 steps took longer
     than the 10 minutes planned. A 150-step run (--config.train.steps=150) reached step 100
     after ~17 min: train loss 4.16, held-out loss 4.08 (the :notokens run at step 100: 4.14 /
-    4.10), i.e. no measurable use of the speech tokens yet; its WER was not measured in time.
+    4.10); at step 150 train 3.57, held-out 3.91; --mode=eval: WER 1.00 clean and at every
+    SNR, 2.85 speech tokens per second of audio (the paper: 3.5 with the rate predictor).
     The acceptance claim (WER far below :notokens) is NOT shown by these runs.
 
 Differences from the paper, stated: the encoders and LLM are tiny and random (no pretrained
