@@ -70,8 +70,10 @@ This variant is for pods. Check that it compiles and fits before renting one:
 
 (measured on a 2-core CPU, preset fsdp_tp = fsdp 128 x tensor 2, 2.11B params: peak 14.48 GiB
 of v5e's 16 GiB per chip, 4.5 min to compile; with --config.model.remat=dots
---config.model.scan_layers=True peak 8.20 GiB, compiler FLOPs 1.14e16 vs 1.10e16 per step,
-memory-bound roofline 0.36 s/step = 56% MFU; remat=full: peak 4.61 GiB, 1.37e16 FLOPs)
+--config.model.scan_layers=True, really scanned as 8 x (r, r, a) + (r, r): peak 7.04 GiB,
+roofline from the analytic 1.005e16 FLOPs and the HLO walk's 88 GiB per chip: compute-bound
+at 0.20 s/step (the compiler counts a scanned body once; README "Fit check"). Before the scan
+fix: dots peak 8.20 GiB, full 4.61 GiB, not re-measured since)
 
 Units: 32,768 k-means units (the paper's vocabulary size) need enough vectors to be fitted:
 fitting refuses fewer than `data.min_vectors_per_unit` = 30 per unit (30 x 32,768 = 983k

@@ -48,6 +48,11 @@ def main(argv: list[str]) -> None:
         verdict = "fits" if r["fits"] else "DOES NOT FIT"
         print(f"  HBM        {_gib(r['hbm_bytes_per_chip'])} per chip -> {verdict}")
     analytic = r["analytic_flops_per_step"]
+    if r.get("cost_analysis_undercounts_loops"):
+        print(
+            "  note       the compiler's FLOPs/bytes count each scanned (while) body once: the "
+            "roofline uses the analytic FLOPs and the HLO walk's bytes"
+        )
     print(
         f"  FLOPs/step compiler {r['flops_per_step']:.3e}, "
         + (f"analytic {analytic:.3e}" if analytic else "analytic n/a (MFU from the compiler's)")
