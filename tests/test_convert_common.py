@@ -148,3 +148,16 @@ def test_leftovers_of_a_killed_conversion_are_removed_unless_they_hold_the_only_
     assert _siblings(out) == ["model", "model.tmp-deadbeef0002"]
     common.save_params_dir(str(out), {"width": 3}, _params(3.0))
     assert _siblings(out) == ["model"]
+
+
+def test_place_checked_builds_the_tree_and_names_shape_errors():
+    from avjax.convert.common import place_checked
+
+    expected = {"a/kernel": (2, 3), "a/bias": (3,), "b/scale": (4,)}
+    items = [("w", "a/kernel", np.ones((2, 3))), ("bb", "a/bias", np.zeros(3))]
+    tree = place_checked(iter(items + [("s", "b/scale", np.ones(4))]), expected, "Toy")
+    assert tree["a"]["kernel"].shape == (2, 3) and tree["b"]["scale"].shape == (4,)
+    with pytest.raises(ValueError, match=r"Toy weight 'w' gives shape \(3, 2\).*a/kernel"):
+        place_checked(iter([("w", "a/kernel", np.ones((3, 2)))]), expected, "Toy")
+    with pytest.raises(AssertionError, match=r"leaves parameters unset: \['b/scale'\]"):
+        place_checked(iter(items), expected, "Toy")

@@ -35,10 +35,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from avjax.convert import common
 from avjax.convert.common import load_params_dir, save_params_dir
 from avjax.convert.hubert import fold_weight_norm
 from avjax.nn.avhubert import AVHubertConfig, AVHubertEncoder, variable_shapes
@@ -205,22 +205,14 @@ def convert_state_dict(
     if missing:
         raise ValueError(f"AV-HuBERT state dict lacks keys the config needs: {missing}")
     expected = variable_shapes(cfg)
-    variables: dict[str, Any] = {}
-    for key, (path, kind) in kmap.items():
-        value = _from_torch(_to_numpy(sd.pop(key)), kind)
-        if value.shape != expected[path]:
-            raise ValueError(
-                f"AV-HuBERT weight {key!r} gives shape {value.shape}, but the config expects "
-                f"{path} of shape {expected[path]}"
-            )
-        node = variables
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
-    unset = sorted(set(expected) - {p for p, _ in kmap.values()})
-    if unset:  # a bug in the key map, not in the user's file
-        raise AssertionError(f"AV-HuBERT key map leaves variables unset: {unset}")
+    variables = common.place_checked(
+        (
+            (key, path, _from_torch(_to_numpy(sd.pop(key)), kind))
+            for key, (path, kind) in kmap.items()
+        ),
+        expected,
+        "AV-HuBERT",
+    )
     prefix = _FT_PREFIX if outside or any(k.startswith(_FT_PREFIX) for k in state_keys) else ""
     unmapped = sorted(outside + [prefix + k for k in sd])
     return variables, unmapped

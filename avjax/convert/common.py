@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
@@ -169,3 +170,45 @@ def load_params_dir(out_dir: PathLike, tool: str) -> tuple[dict[str, Any], Any]:
         raise FileNotFoundError(f"{meta} not found: expected a directory written by {tool}")
     fields = json.loads(meta.read_text())
     return fields, ocp.StandardCheckpointer().restore(out / "params")
+
+
+def place_checked(
+    converted: Iterator[tuple[str, str, Any]], expected: dict[str, tuple[int, ...]], what: str
+) -> dict[str, Any]:
+    """The nested parameter tree of `converted` (source key, our "a/b/kernel" path, array),
+    each array checked against `expected[path]` as it comes, so a conversion streams tensor
+    by tensor.
+
+    Raises:
+      ValueError: naming the source key, its shape and the expected shape, on a mismatch.
+      AssertionError: when a path of `expected` is never filled (a bug in the key map, not
+        in the user's file).
+    """
+    import jax.numpy as jnp
+
+    tree: dict[str, Any] = {}
+    for key, path, value in converted:
+        want = tuple(expected[path])
+        if tuple(value.shape) != want:
+            raise ValueError(
+                f"{what} weight {key!r} gives shape {tuple(value.shape)}, but the config "
+                f"expects {path} of shape {want}"
+            )
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(value)
+    filled = {"/".join(k) for k in _paths(tree)}
+    unset = sorted(set(expected) - filled)
+    if unset:
+        raise AssertionError(f"{what} key map leaves parameters unset: {unset}")
+    return tree
+
+
+def _paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _paths(v, (*prefix, k))
+        else:
+            yield (*prefix, k)

@@ -24,10 +24,10 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from avjax.convert import common
 from avjax.convert.common import index_shards
 from avjax.nn.hubert import HubertConfig, HubertEncoder, param_shapes
 
@@ -178,24 +178,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: HubertConfig) -> d
             + "; ".join(msg)
         )
     expected = param_shapes(config)
-    params: dict[str, Any] = {}
-    for hf_key, (path, fn) in kmap.items():
-        value = fn(sd[hf_key])
-        want = tuple(expected[path])
-        if value.shape != want:
-            raise ValueError(
-                f"HuBERT weight {hf_key!r} has shape {sd[hf_key].shape} (-> {value.shape}), "
-                f"but the config expects {path} of shape {want}"
-            )
-        node = params
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
-    unset = sorted(set(expected) - {p for p, _ in kmap.values()})
-    if unset:  # a bug in the key map, not in the user's file
-        raise AssertionError(f"HuBERT key map leaves parameters unset: {unset}")
-    return params
+    return common.place_checked(
+        ((hf_key, path, fn(sd[hf_key])) for hf_key, (path, fn) in kmap.items()),
+        {p: tuple(s) for p, s in expected.items()},
+        "HuBERT",
+    )
 
 
 def from_hf_hubert(
