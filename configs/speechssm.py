@@ -77,7 +77,7 @@ fix: dots peak 8.20 GiB, full 4.61 GiB, not re-measured since)
 
 Units: 32,768 k-means units (the paper's vocabulary size) need enough vectors to be fitted:
 fitting refuses fewer than `data.min_vectors_per_unit` = 30 per unit (30 x 32,768 = 983k
-25 Hz vectors = 10.9 h of audio; see avjax.data.kmeans for why 30). This config fits on
+25 Hz vectors = 10.9 h of audio; see avjax.data.speech.kmeans for why 30). This config fits on
 `data.fit_minutes` = 1,200 (20 h: 1.8M vectors, 55 per unit); above 4,096 units the feature
 pass writes .npy shards to local disk and mini-batch k-means (batches of 65,536, at most
 `data.kmeans_iters` = 10 epochs, early stopping) streams them, so memory stays at a few

@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 
 from avjax.data import tfds as corpora
-from avjax.data import token_store, tokenize
-from avjax.data import units as units_lib
+from avjax.data.speech import token_store, tokenize
+from avjax.data.speech import units as units_lib
 from avjax.data.tfds import testing
 
 pytest.importorskip("apache_beam")
@@ -162,11 +162,11 @@ def test_tfds_stage_builds_the_dataset_training_reuses_with_the_tokens(tmp_path)
             np.testing.assert_array_equal(g[k], w[k])
     again = tfds_build.build_tfds("librispeech", str(manual), **kw)
     assert not again["built"] and again["key"] == rep["key"]
-    # Training's data preparation (avjax.data.pipeline) reuses the Beam TFDS build, and with
+    # Training's data preparation (avjax.data.speech.pipeline) reuses the Beam TFDS build, and with
     # the tokens stage run on it into <workdir>/units/tokens-<fp>, tokenises nothing more.
     import ml_collections
 
-    from avjax.data import pipeline
+    from avjax.data.speech import pipeline
 
     manifest = (tfds_build.io_lib.as_path(rep["data_dir"]) / "manifest.json").read_text()
     dc = ml_collections.ConfigDict(
@@ -240,8 +240,8 @@ def test_prepare_cli_tokens_of_a_folder_and_the_dataflow_recipe(corpus, tmp_path
 def test_hubert_features_batched_on_device_equal_the_unbatched_ones(tmp_path):
     import transformers
 
-    from avjax.data import features
     from avjax.data.beam import hubert_batch
+    from avjax.data.speech import features
 
     cfg = transformers.HubertConfig(
         hidden_size=32,

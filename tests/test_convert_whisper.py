@@ -24,7 +24,7 @@ from avjax.convert.whisper import (  # noqa: E402
     load_converted,
     load_hf_whisper_encoder,
 )
-from avjax.data.whisper_features import mel_filters, whisper_features  # noqa: E402
+from avjax.data.speech.whisper_features import mel_filters, whisper_features  # noqa: E402
 from avjax.nn.whisper import sinusoids  # noqa: E402
 
 MELS, POSITIONS = 16, 12  # HF insists on exactly 2 * max_source_positions = 24 frames

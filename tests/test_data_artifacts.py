@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from avjax.data import artifacts
-from avjax.data.pipeline import has_checkpoint
+from avjax.data.speech.pipeline import has_checkpoint
 
 
 def _writer(calls: list, content: str = "hello"):

@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from avjax.data import visemes
-from avjax.data.video import av_corpus, av_data, faces, layouts
+from avjax.data.video import av_corpus, av_data, faces, layouts, visemes
 from avjax.data.video.io import read_video
 
 SPEC = av_corpus.TINY

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from avjax.data import audio, corpus, espeak
+from avjax.data import audio
+from avjax.data.speech import corpus, espeak
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from avjax.data import espeak, stories
+from avjax.data.speech import espeak
+from avjax.data.text import stories
 
 TEXT = "The old fisherman Tobias walked slowly to the harbour. He carried a brass lantern."
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from avjax.data import features as features_lib
-from avjax.data import kmeans as kmeans_lib
-from avjax.data.units import UnitTokenizer
+from avjax.data.speech import features as features_lib
+from avjax.data.speech import kmeans as kmeans_lib
+from avjax.data.speech.units import UnitTokenizer
 
 _spec = importlib.util.spec_from_file_location(
     "fit_units", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "fit_units.py")
@@ -184,7 +184,7 @@ def test_streamed_fit_from_disk_shards_equals_in_memory_fit(tmp_path):
     np.testing.assert_array_equal(disk.read(900, 2100), x[900:2100])  # across 2 shard edges
     mean, std = kmeans_lib.source_stats(disk, chunk_rows=500)
     assert disk.largest == 1200  # (the read above)
-    from avjax.data.units import feature_stats
+    from avjax.data.speech.units import feature_stats
 
     ref_mean, ref_std = feature_stats(x)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-5)
@@ -228,7 +228,7 @@ def test_refuses_too_few_vectors_per_unit():
 
 
 def test_fit_units_streams_large_vocabularies_and_refuses_too_little_audio(monkeypatch):
-    from avjax.data import tokenize
+    from avjax.data.speech import tokenize
 
     rng = np.random.default_rng(0)
     t = np.arange(32000) / 16000

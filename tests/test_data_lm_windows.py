@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from avjax.data import lm_windows
+from avjax.data.speech import lm_windows
 
 
 def test_cut_window_wraps_to_document_start():

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from avjax.data import speech_lm
+from avjax.data.speech import speech_lm
 from avjax.tasks import get_task
 from avjax.tasks.speechssm import SpeechSSMTask
 from avjax.tasks.speechtransformer import SpeechTransformerTask

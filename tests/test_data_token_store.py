@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from avjax.data import lm_windows, token_store, tokenize
-from avjax.data.token_store import TokenStore
+from avjax.data.speech import lm_windows, token_store, tokenize
+from avjax.data.speech.token_store import TokenStore
 
 NUM_UNITS = 50
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from avjax.data import tfds as corpora
-from avjax.data import tokenize
-from avjax.data import units as units_lib
+from avjax.data.speech import tokenize
+from avjax.data.speech import units as units_lib
 from avjax.data.tfds import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,14 +132,14 @@ def test_cli_tokenises_a_built_corpus_and_reports_throughput(corpus, tmp_path):
     )
     assert "total: 0 shards written, 4 already done" in r2.stdout, r2.stdout + r2.stderr[-2000:]
     assert "dev_clean: token store" in r2.stdout and "M tokens/s" in r2.stdout, r2.stdout
-    from avjax.data.token_store import TokenStore, store_path
+    from avjax.data.speech.token_store import TokenStore, store_path
 
     store = TokenStore.open(store_path(tmp_path / "u", "dev_clean"))
     assert store.doc_ids == ["84-1"] and store.num_tokens == 2 * 12
 
 
 def test_fit_units_on_mfcc_features_tokenises_with_them(corpus, tmp_path, monkeypatch):
-    from avjax.data import features
+    from avjax.data.speech import features
 
     _, _, source, _ = corpus
     builds = []  # every real fit (the cache must not refit)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from avjax.data import corpus, espeak, units
+from avjax.data.speech import corpus, espeak, units
 
 
 def test_feature_shapes_and_rates():
@@ -112,7 +112,7 @@ def test_prepare_units_on_tiny_corpus(tmp_path, monkeypatch):
 
 
 def test_tokenizer_records_its_extractor_and_old_files_load_as_logmel(tmp_path):
-    from avjax.data import features, tokenize
+    from avjax.data.speech import features, tokenize
 
     wavs = [espeak.synthesize(t).wav for t in ("One two three.", "Four five six seven.")]
     ex = features.get_extractor("mfcc")

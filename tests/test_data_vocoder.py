@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from avjax.data import audio, espeak, plots, units, vocoder
+from avjax.data import audio, plots
+from avjax.data.speech import espeak, units, vocoder
 
 NUM_UNITS = 16
 

@@ -17,7 +17,7 @@ HAS_ST = (
 
 @pytest.mark.skipif(not HAS_PS, reason="pocketsphinx not installed (pip install -e '.[eval]')")
 def test_pocketsphinx_transcribes_a_sentence():
-    from avjax.data import espeak
+    from avjax.data.speech import espeak
     from avjax.eval.asr import PocketSphinxASR
 
     # pocketsphinx is weak on espeak's voice; this voice/rate is recognised in part.

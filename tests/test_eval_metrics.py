@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from avjax.data import units as units_lib
+from avjax.data.speech import units as units_lib
 from avjax.eval import metrics
 
 SR = 16000

@@ -147,7 +147,7 @@ def _stack(frames: np.ndarray, units: int, per_unit: int = 32) -> np.ndarray:
 
 
 def test_hubert_feature_extractor_matches_transformers_layer(tmp_path):
-    from avjax.data.features import HubertFeatures, get_extractor
+    from avjax.data.speech.features import HubertFeatures, get_extractor
 
     _, hf = _hf_model("layer_preln", seed=5)
     hf.save_pretrained(tmp_path / "hub")
@@ -187,7 +187,7 @@ def test_hubert_feature_extractor_matches_transformers_layer(tmp_path):
 def test_hubert_tokenizer_saves_loads_and_encodes_with_its_layer(tmp_path):
     import shutil
 
-    from avjax.data import features, units
+    from avjax.data.speech import features, units
 
     _, hf = _hf_model("group_postln", seed=7)
     hf.save_pretrained(tmp_path / "hub")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from test_speechssm import REPO, TINY, _config
 
+from avjax.data.speech.token_store import TokenStore
 from avjax.data.tfds import LayoutError, testing
-from avjax.data.token_store import TokenStore
 from avjax.tasks import get_task
 from avjax.train.metrics import read_jsonl
 

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from avjax.data import lm_windows
+from avjax.data.speech import lm_windows
 from avjax.tasks.base import Task
 from avjax.train.sharding import DEFAULT_RULES
 

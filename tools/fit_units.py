@@ -5,8 +5,8 @@ r"""Fit k-means speech units on features of a folder of audio.
       [--max_hours=100] [--batch_size=8192] [--epochs=10] [--seed=0]
 
 `--audio_dir` is any folder of .wav/.flac files (searched recursively, see
-`avjax.data.corpus.scan_audio_dir`; files are decoded and resampled to 16 kHz). `--features`
-picks the extractor (`avjax.data.features`), all at 25 Hz (one vector per unit, what the
+`avjax.data.speech.corpus.scan_audio_dir`; files are decoded and resampled to 16 kHz). `--features`
+picks the extractor (`avjax.data.speech.features`), all at 25 Hz (one vector per unit, what the
 vocoder and training windows expect): `logmel` (320-dim), `mfcc` (156-dim) or `hubert` (layer
 `--layer` of the HF HuBERT checkpoint in the local directory `--hubert_dir`, its 50 Hz frames
 stacked 2 per unit: 1536-dim for HuBERT base; nothing is downloaded). Files are taken in a
@@ -16,12 +16,12 @@ scan_audio_dir's splits to use. `--layer` is `config.data.hubert_layer` of the t
 Features are written to `.npy` shards in a temporary folder as they are computed (never all
 in memory), normalised per dimension for logmel/mfcc (`--normalize=auto`; HuBERT features are
 clustered as they are, as GSLM does), then clustered with mini-batch k-means in JAX over all
-devices, streamed from the shards (`avjax.data.kmeans`). Fewer than `--min_vectors_per_unit`
+devices, streamed from the shards (`avjax.data.speech.kmeans`). Fewer than `--min_vectors_per_unit`
 (default 30, as `data.min_vectors_per_unit`) vectors per unit are refused before k-means: a
 centroid from m points is off by ~1/sqrt(m) of its cluster's spread. Writes to `--out`:
 
-  tokenizer.npz, tokenizer.json   `avjax.data.units.UnitTokenizer.save` format (centroids in the
-                                  normalised space, mean, std, and under "extractor" the
+  tokenizer.npz, tokenizer.json   `avjax.data.speech.units.UnitTokenizer.save` format (centroids
+                                  in the normalised space, mean, std, and under "extractor" the
                                   features: name, layer, hubert_dir, ...); `UnitTokenizer.load`
                                   + `encode` (and tools/tokenize_corpus.py) use the same ones
   fit_info.json                   files, hours, frames, timings, throughput, inertia
@@ -77,7 +77,7 @@ def _choose_files(args: argparse.Namespace, progress: bool) -> tuple[list, float
     """The files taken (seeded order, up to --max_hours) and their seconds of audio."""
     import numpy as np
 
-    from avjax.data.corpus import scan_audio_dir
+    from avjax.data.speech.corpus import scan_audio_dir
 
     utts = scan_audio_dir(args.audio_dir, progress=progress)
     if args.splits != "all":
@@ -101,7 +101,7 @@ def _extract(extractor, chosen: list, seconds: float, shard_dir: str, progress: 
     from tqdm import tqdm
 
     from avjax.data import audio as audio_lib
-    from avjax.data import kmeans as kmeans_lib
+    from avjax.data.speech import kmeans as kmeans_lib
 
     writer = kmeans_lib.ShardWriter(shard_dir)
     bar = tqdm(
@@ -121,7 +121,7 @@ def _extract(extractor, chosen: list, seconds: float, shard_dir: str, progress: 
 def _streamed_inertia(shards, centroids, mean, std, rows: int = 65_536) -> float:
     """Mean squared distance of every (normalised) vector to its nearest centroid, read from
     the shards a chunk at a time."""
-    from avjax.data import kmeans as kmeans_lib
+    from avjax.data.speech import kmeans as kmeans_lib
 
     total, n = 0.0, len(shards)
     for a in range(0, n, rows):
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = _args(argv)
     import tempfile
 
-    from avjax.data import features as features_lib
-    from avjax.data import kmeans as kmeans_lib
-    from avjax.data.units import UnitTokenizer
+    from avjax.data.speech import features as features_lib
+    from avjax.data.speech import kmeans as kmeans_lib
+    from avjax.data.speech.units import UnitTokenizer
 
     progress = not args.no_progress
     extractor = features_lib.get_extractor(
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _report(args, extractor, chosen, seconds, frames, normalize, result, t_feat) -> dict:
     """`fit_info.json`'s fields: what was fitted on, and the throughput."""
-    from avjax.data import kmeans as kmeans_lib
+    from avjax.data.speech import kmeans as kmeans_lib
 
     hours = seconds / 3600
     return {

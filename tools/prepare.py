@@ -125,10 +125,10 @@ def _tfds(p: Any, data: dict[str, Any], args: Any, run: dict[str, Any]) -> dict[
 
 
 def _tokens(p: Any, data: dict[str, Any], args: Any, run: dict[str, Any]) -> dict[str, Any]:
-    from avjax.data import tokenize
     from avjax.data.beam import tfds_build
     from avjax.data.beam import tokens as beam_tokens
-    from avjax.data.units import UnitTokenizer
+    from avjax.data.speech import tokenize
+    from avjax.data.speech.units import UnitTokenizer
 
     tok_dir = args.tokenizer or (
         os.path.join(args.workdir, "units", "tokenizer") if args.workdir else ""

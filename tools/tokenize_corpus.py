@@ -14,10 +14,10 @@ the features it records (log-mel, MFCC or HuBERT; a HuBERT tokenizer needs its c
 folder where it was when fitted). Process i of N writes shards s with s % N == i;
 shards with a `.done` marker are skipped, so rerunning the same command resumes. Prints the
 throughput in hours of audio per minute per process (one process per core) and per CPU
-minute. Layout of the output: see `avjax/data/tokenize.py`.
+minute. Layout of the output: see `avjax/data/speech/tokenize.py`.
 
 `--consolidate` (process 0, once every shard of a split is done) also writes each split's
-memory-mapped token store (`avjax/data/token_store.py`, what training reads; documents
+memory-mapped token store (`avjax/data/speech/token_store.py`, what training reads; documents
 joined per chapter / file unless `--no_join_documents`) and prints its speed; training
 reuses a store that matches the shards.
 """
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.process_index < args.process_count:
         p.error(f"--process_index={args.process_index} not in [0, {args.process_count})")
 
-    from avjax.data import tokenize
-    from avjax.data.units import UnitTokenizer
+    from avjax.data.speech import tokenize
+    from avjax.data.speech.units import UnitTokenizer
 
     tok = UnitTokenizer.load(args.tokenizer)
     print(f"tokenizer: {tok.num_units} units on {tok.features} features ({args.tokenizer})")
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(total, f, getattr(total, f) + getattr(stats, f))
     print(f"total: {total.summary()}")
     if args.consolidate and args.process_index == 0:
-        from avjax.data import token_store
+        from avjax.data.speech import token_store
 
         for split in wanted:
             if tokenize.split_status(args.out, split)[1]:

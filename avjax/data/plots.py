@@ -28,7 +28,7 @@ def save_spectrogram_png(
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    from avjax.data import units as units_lib
+    from avjax.data.speech import units as units_lib
 
     x = np.asarray(wav_or_mel, np.float32)
     if x.ndim == 1:

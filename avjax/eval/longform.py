@@ -59,8 +59,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from avjax.data import units as units_lib
-from avjax.data.units import SAMPLES_PER_UNIT, UNIT_RATE
+from avjax.data.speech import units as units_lib
+from avjax.data.speech.units import SAMPLES_PER_UNIT, UNIT_RATE
 from avjax.eval import evaluators, metrics
 from avjax.io import PathLike, as_path, local_then_copy, write_text_atomic
 
@@ -277,7 +277,7 @@ def _vocode(vocoder: Any, units: np.ndarray, path: PathLike | None, n_iter: int)
     at `path` (a path or URL) unless it is None."""
     import soundfile as sf
 
-    from avjax.data import vocoder as vocoder_lib
+    from avjax.data.speech import vocoder as vocoder_lib
 
     def decode(f: str) -> np.ndarray:
         vocoder_lib.decode_units_to_wav(vocoder, units, f, n_iter=n_iter, progress=False)

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avjax.data.whisper_features import log_mel_from_audio
+from avjax.data.speech.whisper_features import log_mel_from_audio
 from avjax.nn import axes
 from avjax.nn.qformer import QFormer
 from avjax.nn.resnet import VisualFrontend

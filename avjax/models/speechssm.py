@@ -4,7 +4,7 @@ Park et al., "Long-Form Speech Generation with Spoken Language Models" (ICML 202
 
 Method, as built here:
 1. Speech is tokenised into discrete semantic units at 25 Hz (the paper: USM-v2 units; here
-   k-means over log-mel features, `avjax.data.units`), over fixed windows.
+   k-means over log-mel features, `avjax.data.speech.units`), over fixed windows.
 2. A decoder-only LM with the Griffin / RecurrentGemma backbone predicts the next unit:
    residual blocks in the pattern (recurrent, recurrent, local attention); recurrent blocks are
    temporal conv1d (width 4) + RG-LRU with a GeLU gate branch; attention is local
@@ -15,7 +15,7 @@ Method, as built here:
 4. Generation runs the recurrence with a constant-size state (RG-LRU state, conv buffer,
    ring buffer of `window` keys/values), so 16 minutes cost the same per token as 1 minute.
 5. Units become audio over overlapping windows stitched at the overlaps (the paper:
-   SoundStorm + SoundStream; here a units->mel network + Griffin-Lim, `avjax.data.vocoder`).
+   SoundStorm + SoundStream; here a units->mel network + Griffin-Lim, `avjax.data.speech.vocoder`).
 """
 
 from __future__ import annotations

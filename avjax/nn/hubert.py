@@ -4,7 +4,7 @@ Waveform `[batch, samples]` (16 kHz, float) -> frames at 50 Hz (20 ms, the produ
 strides: 320 samples for the published models).
 
 A shared encoder core (imports only `avjax.nn`): `avjax.convert.hubert` loads HuggingFace
-weights into it and `avjax.data.features` makes HuBERT speech units with it.
+weights into it and `avjax.data.speech.features` makes HuBERT speech units with it.
 
 1. Feature encoder: a stack of strided 1-D convolutions (no padding) with GELU. Norm
    `feat_extract_norm="group"` (base): a per-channel GroupNorm over time on the first layer

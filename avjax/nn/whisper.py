@@ -8,7 +8,7 @@
     out = LayerNorm(x)
 
 Input is the log-mel spectrogram `[batch, num_mel_bins, frames]` of
-`avjax.data.whisper_features` (100 frames per second; 3000 for Whisper's 30 s window), as
+`avjax.data.speech.whisper_features` (100 frames per second; 3000 for Whisper's 30 s window), as
 `WhisperModel`'s encoder takes it. The positions are Whisper's fixed sinusoids; they are a
 parameter here (initialised to the sinusoids) so imported checkpoints are copied bit for bit;
 freeze them with the rest of the encoder. Unlike transformers, which insists on exactly

@@ -155,7 +155,7 @@ def _heldout_outputs(task: MABTask, model: nn.Module, params: Any) -> dict[str, 
 
 def _speech_scores(task: MABTask, rows: dict[str, Any], out_dir: Any) -> dict[str, float]:
     """STOI / ESTOI of held-out clips decoded from the predicted mel (Griffin-Lim vocoder)."""
-    from avjax.data import vocoder
+    from avjax.data.speech import vocoder
     from avjax.eval import av_metrics
 
     mc = task.config.model

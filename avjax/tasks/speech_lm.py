@@ -1,6 +1,6 @@
 """What spoken-LM tasks share, as functions a task calls (never as a base class).
 
-SpeechSSM and SpeechTransformer are next-unit LMs over `avjax.data.speech_lm.SpeechLMData`;
+SpeechSSM and SpeechTransformer are next-unit LMs over `avjax.data.speech.speech_lm.SpeechLMData`;
 both use `next_token_loss` for the loss, `sample_continuations` for `--mode=sample` and
 `evaluate_lm` for `--mode=eval`. Each function takes the model and its parameters as
 arguments, so a task with another model (or another loss) swaps one piece and keeps the rest.
@@ -24,8 +24,8 @@ import optax
 from absl import logging
 from etils import epath
 
-from avjax.data.speech_lm import SpeechLMData
-from avjax.data.units import UNIT_RATE
+from avjax.data.speech.speech_lm import SpeechLMData
+from avjax.data.speech.units import UNIT_RATE
 from avjax.io import as_path, local_then_copy, write_text_atomic
 
 Metrics = dict[str, jax.Array]
@@ -181,7 +181,7 @@ def write_sample(vocoder: Any, units: np.ndarray, base: epath.Path, title: str) 
     """`base.{npy,wav,png}` of `units [tokens]`: the units, their audio and an overview
     spectrogram. Returns the audio's seconds."""
     from avjax.data import plots
-    from avjax.data import vocoder as vocoder_lib
+    from avjax.data.speech import vocoder as vocoder_lib
 
     with local_then_copy(base.with_suffix(".npy")) as f:
         np.save(f, units)

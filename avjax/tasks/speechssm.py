@@ -1,6 +1,6 @@
 """SpeechSSM task: next-unit prediction over long speech documents; long-form sampling.
 
-A composition: the data module `avjax.data.speech_lm.SpeechLMData` (corpus, units, vocoder,
+A composition: the data module `avjax.data.speech.speech_lm.SpeechLMData` (corpus, units, vocoder,
 windows, prompts), the Griffin model of `avjax.models.speechssm`, the next-unit loss and the
 sampling / evaluation functions of `avjax.tasks.speech_lm`.
 """
@@ -12,13 +12,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from avjax.data import pipeline
-from avjax.data.speech_lm import SpeechLMData
+from avjax.data.speech import pipeline
+from avjax.data.speech.speech_lm import SpeechLMData
 from avjax.models import speechssm as speechssm_lib
 from avjax.tasks import speech_lm
 from avjax.tasks.base import Batch, Metrics, Task
 
-_choose_splits = pipeline.choose_splits  # (moved to avjax.data.pipeline)
+_choose_splits = pipeline.choose_splits  # (moved to avjax.data.speech.pipeline)
 
 
 # Model fields that change only how fresh parameters are drawn, never the checkpoint's meaning.

@@ -1,7 +1,7 @@
 """SpeechTransformer task: SpeechSSM's data, loss and sampling with a Transformer LM.
 
 A composition, as `avjax.tasks.speechssm`: the same data module
-(`avjax.data.speech_lm.SpeechLMData`) and the same loss / sampling / evaluation functions
+(`avjax.data.speech.speech_lm.SpeechLMData`) and the same loss / sampling / evaluation functions
 (`avjax.tasks.speech_lm`), with the decoder of `avjax.models.speechtransformer`.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from avjax.data.speech_lm import SpeechLMData
-from avjax.data.units import UNIT_RATE
+from avjax.data.speech.speech_lm import SpeechLMData
+from avjax.data.speech.units import UNIT_RATE
 from avjax.models import speechtransformer as speechtransformer_lib
 from avjax.tasks import speech_lm
 from avjax.tasks.base import Batch, Metrics, Task

@@ -217,7 +217,7 @@ class TorchAV:
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
 
-        from avjax.data import logmel
+        from avjax.data.speech import logmel
 
         rng = np.random.default_rng()  # fresh OS entropy: a new draw every epoch
         frames, wav = _decode(self.paths[i], video=True)

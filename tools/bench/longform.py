@@ -60,7 +60,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avjax.data.units import UNIT_RATE  # noqa: E402
+from avjax.data.speech.units import UNIT_RATE  # noqa: E402
 from avjax.models import speechssm as speechssm_lib  # noqa: E402
 from avjax.models import speechtransformer as speechtransformer_lib  # noqa: E402
 from avjax.nn.attention import AttentionCache  # noqa: E402

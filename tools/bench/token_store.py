@@ -4,7 +4,7 @@ r"""Benchmark: the memory-mapped token store vs in-memory document lists, same r
 
 Writes a synthetic tokenised split (LibriLight-like: files of 500-9,500 random units, 1-8
 files per document; ~50 M tokens with the default 10,000 files) in a temporary folder,
-consolidates it into a `TokenStore` (avjax/data/token_store.py), then, each in a fresh
+consolidates it into a `TokenStore` (avjax/data/speech/token_store.py), then, each in a fresh
 process (so memory is its own), builds the training pipeline of 6,000-token windows, batch 8
 (`lm_windows.train_windows`, wrapped and packed) from the store and from the in-memory lists
 training used before the store (`tokenize.documents(tokenize.read_split(...))`), and reads
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import numpy as np  # noqa: E402
 
-from avjax.data import lm_windows, token_store, tokenize  # noqa: E402
+from avjax.data.speech import lm_windows, token_store, tokenize  # noqa: E402
 
 NUM_UNITS = 500
 SEQ_LEN = 6000

@@ -4,7 +4,7 @@ Three stages, each a thin Beam driver around the single-machine implementation i
 out (one implementation per stage, so Beam and non-Beam outputs are the same bytes):
 
   tokens  `avjax.data.beam.tokens`: audio -> features -> units of an already fitted
-          `UnitTokenizer`, one element per ArrayRecord shard of `avjax.data.tokenize`
+          `UnitTokenizer`, one element per ArrayRecord shard of `avjax.data.speech.tokenize`
           (written by `tokenize.tokenize_split` itself), then the token stores.
   crops   `avjax.data.beam.crops`: face / mouth crops of a video folder, one element per
           video (`avjax.data.video.crops.run_one`).

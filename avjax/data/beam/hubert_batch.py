@@ -1,6 +1,6 @@
 """HuBERT features for many utterances at once, in padded batches on the worker's device.
 
-`avjax.data.features.HubertFeatures.unit_features` encodes one chunk (<= 30 s) at a time. A
+`avjax.data.speech.features.HubertFeatures.unit_features` encodes one chunk (<= 30 s) at a time. A
 Beam worker with an accelerator (or many cores) is used far better by batches: its
 `batched_unit_features` pools the chunks of several utterances, sorts them by length, pads
 each batch of `batch_size` chunks to a common length (whole seconds, so few shapes compile)
@@ -28,7 +28,7 @@ import numpy as np
 
 def _hubert_of(tokenizer: Any) -> Any:
     """The (cached) `HubertFeatures` instance a HuBERT `UnitTokenizer` encodes with."""
-    from avjax.data import features as features_lib
+    from avjax.data.speech import features as features_lib
 
     spec = tokenizer.extractor
     return features_lib.hubert_features(
@@ -46,7 +46,7 @@ class BatchedTokenizer:
     def __init__(
         self, tokenizer: Any, source: Any, indices: Sequence[int], batch_size: int
     ) -> None:
-        from avjax.data import tokenize
+        from avjax.data.speech import tokenize
 
         self._tok = tokenizer
         self._source = source

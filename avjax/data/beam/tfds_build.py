@@ -9,7 +9,7 @@ as the single-process build and is read by `tfds.data_source` / `corpora.build` 
 the Beam builder keeps the TFDS name, version and config of the corpus' builder.
 
 `build_tfds` publishes the build as the prepared artifact the training path
-(`avjax.data.pipeline.tfds_dataset`) looks for: `<cache>/tfds/<corpus>-<fingerprint>` with
+(`avjax.data.speech.pipeline.tfds_dataset`) looks for: `<cache>/tfds/<corpus>-<fingerprint>` with
 the same manifest fields, so training finds it current and builds nothing. Bad files with
 `skip_bad` are skipped in the workers and counted (`skipped.json`, with the paths).
 """
@@ -179,7 +179,7 @@ def build_tfds(
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
     tag = corpora.manual_dir_fingerprint(manual_dir) + ("-skipbad" if skip_bad else "")
     data_dir = data_dir or default_data_dir(cache or default_cache(), corpus, manual_dir, skip_bad)
-    fields = {  # as avjax.data.pipeline.tfds_dataset keys the same build
+    fields = {  # as avjax.data.speech.pipeline.tfds_dataset keys the same build
         "corpus": corpus,
         "manual_dir": manual_dir,
         "fingerprint": tag,

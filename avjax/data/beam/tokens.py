@@ -1,7 +1,7 @@
 """Beam stage `tokens`: a corpus -> 25 Hz unit shards (ArrayRecord) + token stores.
 
 One Beam element per output shard `(split, shard)`. A worker tokenises its shard with
-`avjax.data.tokenize.tokenize_split(..., process_index=shard, process_count=num_shards)`:
+`avjax.data.speech.tokenize.tokenize_split(..., process_index=shard, process_count=num_shards)`:
 the very code the single-machine path runs, so shards are byte-equal to it, and a shard
 with its `.done` marker is skipped (a rerun redoes only missing shards; a shard is written to
 a temporary file and renamed, and a killed writer's leftovers are removed on retry). The
@@ -9,11 +9,11 @@ split and tokenizer manifests (`tokenize.json`) are checked by every worker, so 
 tokenizer or source in the same folder is refused.
 
 After the pipeline the launcher consolidates each finished split into its memory-mapped
-token store (`avjax.data.token_store.consolidate`, single pass, tens of M tokens/s) and
+token store (`avjax.data.speech.token_store.consolidate`, single pass, tens of M tokens/s) and
 writes `<out>/prepare-tokens.json`: the artifact key of the shards + stores (tokenizer
 fingerprint, each split's manifest and store key) and this run's report.
 
-Pointing training at the output: the training path (`avjax.data.pipeline.prepare_tfds`)
+Pointing training at the output: the training path (`avjax.data.speech.pipeline.prepare_tfds`)
 tokenises into `<workdir>/units/tokens-<tokenizer fingerprint>/` with source id
 `<tfds full name>@<data_dir>:<split>` and `data.num_shards` shards; a Beam run with that
 `out_dir`, the same TFDS data_dir and `num_shards` leaves training only done shards to skip
@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from avjax import io as io_lib
-from avjax.data import artifacts, tokenize
+from avjax.data import artifacts
 from avjax.data.beam import pipeline_options, require_beam
+from avjax.data.speech import tokenize
 
 REPORT = "prepare-tokens.json"
 
@@ -105,7 +106,7 @@ class TokenizeShardFn:
         self._open: dict[str, Any] = {}
 
     def setup(self) -> None:
-        from avjax.data.units import UnitTokenizer
+        from avjax.data.speech.units import UnitTokenizer
 
         self._tok = UnitTokenizer.load(self.tokenizer_dir)
 
@@ -190,8 +191,8 @@ def run_tokens(
     seconds of the workers and wall seconds.
     """
     beam = require_beam()
-    from avjax.data import token_store
-    from avjax.data.units import UnitTokenizer
+    from avjax.data.speech import token_store
+    from avjax.data.speech.units import UnitTokenizer
 
     tok = UnitTokenizer.load(tokenizer_dir)
     out_dir = os.path.abspath(os.fspath(out_dir))

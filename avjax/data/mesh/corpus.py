@@ -3,7 +3,7 @@
 Each of `num_speakers` speakers is an espeak voice (`espeak.SPEAKERS`, cycled) with its own
 identity vector, articulation gain and head-motion style. An utterance is one sentence of the
 generated stories, spoken by espeak; its mouth follows the phone timings through
-`avjax.data.visemes.viseme_trajectory` (coarticulated jaw / width / rounding / teeth /
+`avjax.data.video.visemes.viseme_trajectory` (coarticulated jaw / width / rounding / teeth /
 tongue), and the face adds blinks (Poisson, ~0.3/s), brow raises (at some word starts, plus
 slow drift) and natural head pose (an Ornstein-Uhlenbeck wander of pitch / yaw / roll and
 translation, plus small nods following the speech envelope). The last `heldout_speakers`
@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from avjax.data import espeak, stories, visemes
 from avjax.data.artifacts import prepare_artifact
 from avjax.data.audio import SAMPLE_RATE
 from avjax.data.mesh import head as head_lib
+from avjax.data.speech import espeak
+from avjax.data.text import stories
+from avjax.data.video import visemes
 
 FPS = 30
 VERSION = 1

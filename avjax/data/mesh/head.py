@@ -9,7 +9,7 @@ head (ellipsoid skull, narrower jaw, nose, eye sockets, a mouth groove), with li
 
 Identity (`NUM_IDENTITY` = 10): global width / height / depth, then smooth fields along the
 normal (jaw, cheeks, forehead, nose size, chin, ...). Expression (`EXPRESSION_NAMES`): the
-five articulatory viseme parameters of `avjax.data.visemes` (jaw opening, lip width, lip
+five articulatory viseme parameters of `avjax.data.video.visemes` (jaw opening, lip width, lip
 rounding, teeth / upper-lip raise, tongue) and blinks (left, right) and brows. Units: the head
 is about 2 units tall; a unit is taken as 10 cm when metrics are stated in mm.
 

@@ -14,7 +14,7 @@ feature statistics) is fitted once and saved as `<workdir>/mesh_repr.npz`; sampl
 evaluation load it (never refit). Identity and head pose are part of every frame's mesh (no
 template is subtracted per speaker), so a model of these codes generates them too.
 
-Speech features (`data.audio_features`) are log-mel by default (`avjax.data.logmel`, 100 Hz):
+Speech features (`data.audio_features`) are log-mel by default (`avjax.data.speech.logmel`, 100 Hz):
 for mesh frame k the four mel frames from k / fps on, stacked (`[frames, 320]`); or, as the
 paper conditions, HuBERT (`"hubert"`: layer `data.hubert_layer` of the HF HuBERT checkpoint
 in the local `data.hubert_dir`, 50 Hz frames linearly interpolated to the mesh frame times,
@@ -34,11 +34,11 @@ import grain
 import jax
 import numpy as np
 
-from avjax.data import logmel
 from avjax.data.mesh import corpus as corpus_lib
 from avjax.data.mesh import head as head_lib
 from avjax.data.mesh import vocaset
-from avjax.data.speech_lm import cache_root
+from avjax.data.speech import logmel
+from avjax.data.speech.speech_lm import cache_root
 from avjax.io import as_path, write_text_atomic
 
 Batch = dict[str, np.ndarray]
@@ -413,7 +413,7 @@ class MeshData:
 
     def _hubert(self) -> Any:
         if self._hubert_model is None:
-            from avjax.data.features import HubertFeatures
+            from avjax.data.speech.features import HubertFeatures
 
             if not self.data.get("hubert_dir"):
                 raise ValueError("data.audio_features='hubert' needs data.hubert_dir")

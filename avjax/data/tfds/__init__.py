@@ -60,7 +60,7 @@ def manual_dir_fingerprint(manual_dir: str | os.PathLike) -> str:
     Symlinked folders and files count by what they point to (the files TFDS would read), so
     a file added through a link changes the fingerprint.
     """
-    from avjax.data.corpus import walk_files
+    from avjax.data.speech.corpus import walk_files
 
     root = os.path.abspath(os.fspath(manual_dir))
     h = hashlib.sha256(root.encode())

@@ -228,8 +228,7 @@ def _word_spans(syn: Any) -> list[tuple[str, float, float]]:
 
 def _render(spec: CorpusSpec, job: dict[str, Any], syn: Any, f0: int, num: int) -> np.ndarray:
     """Frames `f0 .. f0 + num` of the job's talking face: uint8 `[num, size, size, 3]`."""
-    from avjax.data import visemes
-    from avjax.data.video import faces
+    from avjax.data.video import faces, visemes
 
     s = job["speaker"]
     t0 = f0 / FPS
@@ -255,7 +254,7 @@ def _audio(wav: np.ndarray, f0: int, num: int) -> np.ndarray:
 
 def _make_clip(args: tuple[CorpusSpec, dict[str, Any], str]) -> dict[str, Any]:
     """Synthesises, renders and writes one job; returns what was written."""
-    from avjax.data.espeak import synthesize
+    from avjax.data.speech.espeak import synthesize
     from avjax.data.video import faces
     from avjax.data.video.io import write_video
 

@@ -1,6 +1,6 @@
 """The audio-visual data module: a corpus on disk -> cached arrays -> augmented fixed-shape batches.
 
-A task composes one `AVData` (like `avjax.data.speech_lm.SpeechLMData`):
+A task composes one `AVData` (like `avjax.data.speech.speech_lm.SpeechLMData`):
 
     data = AVData.from_config(config, workdir)
     facts = data.prepare()              # corpus (built if synthetic) -> decoded, resized arrays
@@ -316,7 +316,7 @@ def _spec_augment(mel: np.ndarray, dc: Any, rng: np.random.Generator) -> np.ndar
 
 
 def _mel(wav: np.ndarray, num_frames: int) -> np.ndarray:
-    from avjax.data import logmel
+    from avjax.data.speech import logmel
 
     return logmel.unit_mel(logmel.log_mel(wav), num_frames)
 

@@ -9,7 +9,7 @@ stripes / blobs), lighting direction and strength, sensor noise and compression 
 
   * the static face (head, hair, eyes, brows, nose) is drawn once per clip at twice the output
     resolution (PIL), so every frame only copies it and draws what moves;
-  * the mouth comes ONLY from the trajectory (`avjax.data.visemes`: jaw opening, lip width,
+  * the mouth comes ONLY from the trajectory (`avjax.data.video.visemes`: jaw opening, lip width,
     rounding, teeth and tongue visibility), drawn inside `mouth_box(identity)`; the chin does
     not move, so nothing outside that box depends on what is said;
   * `Nuisance` (from `sample_nuisance(seed, T)`, independent of the words) gives head-pose

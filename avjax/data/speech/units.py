@@ -11,7 +11,7 @@ Lengths: a waveform of `n` samples gives `n // 640` units (the tail shorter than
 dropped); decoding `u` units gives `640 * u` samples.
 
 Other features: a `UnitTokenizer` records the extractor its centroids were fitted on
-(`extractor`, an `avjax.data.features` spec: log-mel by default, MFCC, or a layer of a local
+(`extractor`, an `avjax.data.speech.features` spec: log-mel by default, MFCC, or a layer of a local
 HuBERT checkpoint) and `encode` uses it; every extractor gives 25 Hz vectors (faster frames
 stacked per unit), so units, vocoder and windows line up whatever the features.
 """
@@ -34,7 +34,7 @@ from absl import logging
 
 from avjax import io as io_lib
 from avjax.data.audio import SAMPLE_RATE  # noqa: F401  (re-exported)
-from avjax.data.logmel import (  # noqa: F401  (re-exported: the features of the units)
+from avjax.data.speech.logmel import (  # noqa: F401  (re-exported: the features of the units)
     FEATURE_DIM,
     FMAX,
     FMIN,
@@ -58,8 +58,8 @@ from avjax.data.logmel import (  # noqa: F401  (re-exported: the features of the
 )
 
 if TYPE_CHECKING:
-    from avjax.data.corpus import Utterance
-    from avjax.data.vocoder import UnitVocoder
+    from avjax.data.speech.corpus import Utterance
+    from avjax.data.speech.vocoder import UnitVocoder
 
 
 TOKENIZER_VERSION = 1
@@ -163,7 +163,7 @@ class UnitTokenizer:
 
     Attributes:
       centroids: `[num_units, dim]` float32 in normalised feature space (dim 320 for log-mel,
-        156 for MFCC, `2 * hidden_size` for HuBERT: see `avjax.data.features`).
+        156 for MFCC, `2 * hidden_size` for HuBERT: see `avjax.data.speech.features`).
       mean, std: `[dim]` float32 feature normalisation (0 / 1 where none was used).
       extractor: the `FeatureExtractor.spec` of the features (name + settings, e.g.
         hubert_dir and layer); default log-mel. Saved in tokenizer.json; `encode` rebuilds it.
@@ -255,7 +255,7 @@ class UnitTokenizer:
         if self.features == "logmel":
             return unit_features(wav)
         if self._features is None:
-            from avjax.data import features as features_lib
+            from avjax.data.speech import features as features_lib
 
             self._features = features_lib.from_spec(self.extractor, f"{self.features} tokenizer")
             if self._features.dim != self.feature_dim:
@@ -310,7 +310,7 @@ class UnitTokenizer:
                 f"{feature_config()}"
             )
         # Files from before the extractor was recorded are log-mel tokenizers.
-        from avjax.data import features as features_lib
+        from avjax.data.speech import features as features_lib
 
         extractor = features_lib.check_spec(meta.get("extractor") or logmel_spec(), str(meta_path))
         with np.load(io.BytesIO(npz_path.read_bytes())) as z:
@@ -391,7 +391,7 @@ def prepare_units(
       with the same corpus and settings loads everything from `out_dir`.
     """
     from avjax.data import artifacts
-    from avjax.data import corpus as corpus_lib
+    from avjax.data.speech import corpus as corpus_lib
 
     utts = (
         corpus_lib.load_manifest(corpus) if isinstance(corpus, str | os.PathLike) else list(corpus)
@@ -446,7 +446,7 @@ def load_units(
     out_dir: str | os.PathLike,
 ) -> tuple[UnitTokenizer, UnitVocoder, dict[str, np.ndarray]]:
     """(tokenizer, vocoder, {utterance id: int32 units}) of a `prepare_units` folder."""
-    from avjax.data import vocoder as vocoder_lib
+    from avjax.data.speech import vocoder as vocoder_lib
 
     out_dir = io_lib.as_path(out_dir)
     tok = UnitTokenizer.load(out_dir / "tokenizer")
@@ -489,7 +489,7 @@ def _fit_units(
 ) -> dict[str, Any]:
     """Fits tokenizer + vocoder on the train split, tokenises every file, saves into `out_dir`;
     returns the info also written to `units_info.json`."""
-    from avjax.data import vocoder as vocoder_lib
+    from avjax.data.speech import vocoder as vocoder_lib
 
     t0 = time.time()
     train = [u for u in utts if u.split == "train"]

@@ -46,7 +46,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from avjax.data.units import _assign, _kmeans_pp
+from avjax.data.speech.units import _assign, _kmeans_pp
 
 MIN_VECTORS_PER_UNIT = 30
 

@@ -118,7 +118,7 @@ def _story_plan(
     Stories have 6-10 paragraphs (~2-3.5 min); corpora under 4 minutes (tests) get short
     4-paragraph stories of 2 sentences per paragraph (~20 s) so they still hold several.
     """
-    from avjax.data.espeak import SPEAKERS
+    from avjax.data.speech.espeak import SPEAKERS
 
     r = random.Random(f"avjax-corpus-{seed}-{index}")
     # Speakers cycle in a seeded order so every block of len(SPEAKERS) stories uses all voices.
@@ -133,7 +133,8 @@ def _story_plan(
 def _synth_story(args: tuple[int, int, float, str]) -> dict[str, Any]:
     """Synthesises story `index` into `tmp_root`; returns its utterances (relative paths)."""
     seed, index, minutes, tmp_root = args
-    from avjax.data import espeak, stories
+    from avjax.data.speech import espeak
+    from avjax.data.text import stories
 
     story_seed, num_paragraphs, max_sentences, (voice, pitch, rate) = _story_plan(
         seed, index, minutes

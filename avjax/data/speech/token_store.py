@@ -22,7 +22,7 @@ is rebuilt.
 
 `TokenStore` is a read-only sequence of `[tokens]` arrays (views into the map) with
 `lengths`, `subset` (held-out documents), `concat` (several train splits) and chunked
-`unigram_counts`; `avjax.data.lm_windows` cuts training windows from it lazily.
+`unigram_counts`; `avjax.data.speech.lm_windows` cuts training windows from it lazily.
 
 Measured (2 shared CPU cores, 50M random units in 10k records, 2,220 documents):
 consolidation 40-47 M tokens/s (LibriLight's 5.4e9: ~2 min); 6,000-token windows, batch 8,
@@ -47,7 +47,7 @@ import numpy as np
 from absl import logging
 
 from avjax import io as io_lib
-from avjax.data import tokenize
+from avjax.data.speech import tokenize
 
 STORE_VERSION = 1
 TOKENS = "tokens.npy"

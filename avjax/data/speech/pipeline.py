@@ -1,6 +1,6 @@
 """Speech LM data preparation, step by step: corpus -> units + vocoder -> token documents.
 
-Used through the data module of spoken LMs (`avjax.data.speech_lm.SpeechLMData`, which the
+Used through the data module of spoken LMs (`avjax.data.speech.speech_lm.SpeechLMData`, which the
 SpeechSSM and SpeechTransformer tasks compose): `prepare_speech(config.data, ctx)` returns
 the unit tokenizer, the unit vocoder and the train / held-out documents (int32 unit sequences,
 or memory-mapped `TokenStore`s for real corpora). Every step is a prepared artifact
@@ -143,8 +143,8 @@ def prepare_speech(dc: Any, ctx: Context) -> Prepared:
 
 def prepare_local(dc: Any, ctx: Context) -> Prepared:
     """The default corpus or a folder of audio: log-mel units of every file, in memory."""
-    from avjax.data import corpus as corpus_lib
-    from avjax.data import units as units_lib
+    from avjax.data.speech import corpus as corpus_lib
+    from avjax.data.speech import units as units_lib
 
     if str(dc.get("features", "logmel")) != "logmel":
         raise ValueError(
@@ -224,7 +224,7 @@ def prepare_tfds(dc: Any, ctx: Context) -> Prepared:
     tokenizer and vocoder (fitted on up to `data.fit_minutes` of train audio) to
     `workdir/units/`; the unit sequences to `workdir/units/tokens-<tokenizer>/<split>/`
     (ArrayRecord shards, resumable, each process writes its share), then consolidated once
-    into a memory-mapped `TokenStore` per split (`avjax.data.token_store`): training reads
+    into a memory-mapped `TokenStore` per split (`avjax.data.speech.token_store`): training reads
     windows from the map, so a 60k-hour corpus never sits in RAM. Documents are the corpus'
     chapters / files (utterances joined when `data.join_documents`). Units come from
     `data.features` (logmel | mfcc | hubert with `data.hubert_dir`, `data.hubert_layer`).
@@ -237,7 +237,7 @@ def prepare_tfds(dc: Any, ctx: Context) -> Prepared:
     sources = {n: builder.as_data_source(split=n) for n in train_splits}
     if eval_split:
         sources[eval_split] = builder.as_data_source(split=eval_split)
-    from avjax.data.tokenize import tfds_source_id
+    from avjax.data.speech.tokenize import tfds_source_id
 
     source_id = tfds_source_id(builder, data_dir)  # (as units were keyed before)
     tokenizer, vocoder = fit_tfds_units(
@@ -354,7 +354,7 @@ def fit_tfds_units(
     units_options: dict[str, Any],
 ) -> tuple[Any, Any]:
     """The tokenizer and vocoder of `workdir/units`, fitted once by process 0."""
-    from avjax.data import tokenize
+    from avjax.data.speech import tokenize
 
     return tokenize.fit_units(
         train_sources,
@@ -380,7 +380,7 @@ def tokens_location(ctx: Context, tokenizer: Any, tag: str) -> tuple[epath.Path,
     Under `workdir/units` (shared by all) for a local workdir; in the local cache for a
     remote one (ArrayRecord and memory maps need local files), shared by each host's group.
     """
-    from avjax.data import tokenize
+    from avjax.data.speech import tokenize
 
     fp = tokenize.tokenizer_fingerprint(tokenizer)
     if not io_lib.is_remote(ctx.workdir):
@@ -400,7 +400,7 @@ def tokenize_sources(
     """Tokenises this process's share of every split's shards (resumable); waits for all.
 
     Read-only runs tokenise nothing (their stores must already be there)."""
-    from avjax.data import tokenize
+    from avjax.data.speech import tokenize
 
     if ctx.read_only:
         return {}
@@ -431,7 +431,7 @@ def token_stores(
 ) -> tuple[dict[str, Any], float]:
     """({split: TokenStore}, consolidation seconds): the group leader consolidates each
     split once, the others wait; read-only runs only open them (or fail naming the path)."""
-    from avjax.data import token_store
+    from avjax.data.speech import token_store
 
     join, stores, seconds = bool(dc.join_documents), {}, 0.0
     for split in sources:
@@ -462,8 +462,8 @@ def split_documents(
 ) -> dict[str, Any]:
     """{"train": uint16 store views, "heldout": int32 copies}: the eval split, or whole train
     documents held out by `data.heldout_fraction` when there is none."""
-    from avjax.data import corpus as corpus_lib
-    from avjax.data import token_store
+    from avjax.data.speech import corpus as corpus_lib
+    from avjax.data.speech import token_store
 
     train = token_store.TokenStore.concat([stores[n] for n in train_splits])
     if eval_split:

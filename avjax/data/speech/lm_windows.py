@@ -17,7 +17,7 @@ the fly.
 
 Documents (`docs`): a list of `[tokens]` int arrays (copied to int32 once, as always), or any
 lazy random-access sequence of them (`__len__`, `__getitem__`; ideally `lengths`
-`[num_docs]`), e.g. `avjax.data.token_store.TokenStore`, whose documents are views into a
+`[num_docs]`), e.g. `avjax.data.speech.token_store.TokenStore`, whose documents are views into a
 memory map: then nothing is copied up front, the window plans are built from `lengths` and
 each window reads only its own tokens.
 

@@ -2,9 +2,9 @@
 
 80-bin log-mel power at 100 Hz (hop 160 at 16 kHz, Slaney filterbank, natural log floored at
 `MEL_FLOOR`); 4 consecutive frames stacked per 40 ms unit: `[units, 320]` (`unit_features`).
-A waveform of `n` samples gives `n // 640` units. `avjax.data.units` (tokenizer),
-`avjax.data.features` (extractors) and `avjax.data.vocoder` (units -> mel -> audio) build on
-this module, which imports none of them.
+A waveform of `n` samples gives `n // 640` units. `units` (tokenizer), `features` (extractors)
+and `vocoder` (units -> mel -> audio) of `avjax.data.speech` build on this module, which imports
+none of them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ FEATURE_DIM = FRAMES_PER_UNIT * N_MELS  # 320
 
 
 def logmel_spec() -> dict[str, Any]:
-    """The extractor spec of the default features (`avjax.data.features.get_extractor`)."""
+    """The extractor spec of the default features (`avjax.data.speech.features.get_extractor`)."""
     return {"name": "logmel", **feature_config()}
 
 

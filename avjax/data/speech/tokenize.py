@@ -33,7 +33,7 @@ from absl import logging
 
 from avjax import io as io_lib
 from avjax.data import audio as audio_lib
-from avjax.data.units import UNIT_RATE, UnitTokenizer
+from avjax.data.speech.units import UNIT_RATE, UnitTokenizer
 
 MANIFEST = "tokenize.json"
 FORMAT_VERSION = 1
@@ -92,7 +92,7 @@ class DirSource:
     """A folder of audio as a random-access source (`corpus.scan_audio_dir` listing)."""
 
     def __init__(self, root: str | os.PathLike, progress: bool = False):
-        from avjax.data import corpus as corpus_lib
+        from avjax.data.speech import corpus as corpus_lib
 
         self.root = os.path.abspath(os.fspath(root))
         self._utts = corpus_lib.scan_audio_dir(self.root, heldout_fraction=0.0, progress=progress)
@@ -413,13 +413,13 @@ def fit_units(
     """Fits the k-means tokenizer and the unit vocoder on up to `max_minutes` of audio.
 
     Refuses (ValueError naming `data.fit_minutes` / `data.num_units`) when the audio taken
-    gives fewer than `min_vectors_per_unit` 25 Hz vectors per unit (see `avjax.data.kmeans`);
+    gives fewer than `min_vectors_per_unit` 25 Hz vectors per unit (see `avjax.data.speech.kmeans`);
     above `STREAM_ABOVE_UNITS` units the features are streamed from disk into mini-batch
     k-means, and the vocoder sees the first `VOCODER_MAX_MINUTES` of the audio.
 
     Examples are taken evenly spread over `sources` (train splits). `features`: "logmel",
     "mfcc" or "hubert" (layer `hubert_layer` of the local HF checkpoint `hubert_dir`), see
-    `avjax.data.features`; all give 25 Hz units, recorded in the tokenizer. HuBERT features
+    `avjax.data.speech.features`; all give 25 Hz units, recorded in the tokenizer. HuBERT features
     are clustered unnormalised (`features.normalize_by_default`). The vocoder always maps
     units to log-mel. `out_dir` is a prepared artifact (`avjax.data.artifacts`: `tokenizer/`,
     `vocoder/`, `fit_info.json`, `manifest.json`); a second call with the same settings
@@ -427,9 +427,9 @@ def fit_units(
     force) go to `artifacts.prepare_artifact`. Returns `(UnitTokenizer, UnitVocoder)`.
     """
     from avjax.data import artifacts
-    from avjax.data import features as features_lib
-    from avjax.data import units as units_lib
-    from avjax.data import vocoder as vocoder_lib
+    from avjax.data.speech import features as features_lib
+    from avjax.data.speech import units as units_lib
+    from avjax.data.speech import vocoder as vocoder_lib
 
     extractor = None  # log-mel: reuse the vocoder's mel below
     if features != "logmel":
@@ -493,8 +493,8 @@ def _fit_examples(
     and only the first `VOCODER_MAX_MINUTES` of mels and features are returned (for the
     vocoder). Refuses (`kmeans.check_enough_vectors`) under `min_per_unit` vectors per unit.
     """
-    from avjax.data import kmeans as kmeans_lib
-    from avjax.data import units as units_lib
+    from avjax.data.speech import kmeans as kmeans_lib
+    from avjax.data.speech import units as units_lib
 
     index = [(k, i) for k, src in enumerate(sources) for i in range(len(src))]
     if not index:
@@ -550,7 +550,7 @@ def _fit_streamed(
     Returns (tokenizer, vocoder mels, their features, samples taken)."""
     import tempfile
 
-    from avjax.data import kmeans as kmeans_lib
+    from avjax.data.speech import kmeans as kmeans_lib
 
     with tempfile.TemporaryDirectory(prefix="avjax-unit-features-") as tmp:
         writer = kmeans_lib.ShardWriter(tmp)
@@ -589,8 +589,8 @@ def _fit(
     min_per_unit: int = 0,
 ) -> dict[str, Any]:
     """Fits tokenizer + vocoder (see `fit_units`) into `out_dir`; returns the fit info."""
-    from avjax.data import features as features_lib
-    from avjax.data import vocoder as vocoder_lib
+    from avjax.data.speech import features as features_lib
+    from avjax.data.speech import vocoder as vocoder_lib
 
     t0 = time.time()
     name = "logmel" if extractor is None else extractor.name

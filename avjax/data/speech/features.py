@@ -11,7 +11,7 @@ Every extractor gives one vector per 25 Hz unit (`units.UNIT_RATE`), `n // 640` 
 `640 / samples_per_frame` HuBERT frames per unit (2 of its 20 ms frames for the published
 models), as TWIST-style 25 Hz HuBERT units come from 2 x 20 ms.
 
-- `"logmel"`: `avjax.data.units.unit_features`, 4 stacked 10 ms 80-bin log-mel frames per
+- `"logmel"`: `avjax.data.speech.units.unit_features`, 4 stacked 10 ms 80-bin log-mel frames per
   40 ms: 320 dims at 25 Hz (`units.UNIT_RATE`), `n // 640` frames.
 - `"mfcc"`: 13 MFCCs + deltas + delta-deltas (39 per 10 ms frame, computed by librosa from the
   same log-mel spectrogram), 4 frames stacked per 40 ms like `"logmel"`: 156 dims at 25 Hz,
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from avjax.data import logmel as units  # (the log-mel primitives of the units)
 from avjax.data.audio import SAMPLE_RATE
+from avjax.data.speech import logmel as units  # (the log-mel primitives of the units)
 
 EXTRACTORS = ("logmel", "mfcc", "hubert")
 N_MFCC = 13

@@ -8,10 +8,10 @@ A task composes one `SpeechLMData` with its model, loss, evaluators and sampling
     held = data.eval_batches(process_index, process_count)  # fixed held-out windows
     prompt = data.prompts(batch_size=2, prompt_seconds=1.0)  # [2, 25] int32
 
-Preparation is `avjax.data.pipeline.prepare_speech` (every step a prepared artifact of
+Preparation is `avjax.data.speech.pipeline.prepare_speech` (every step a prepared artifact of
 `avjax.data.artifacts`: built once by process 0, frozen under a checkpoint, never written by
 read-only runs). Batches are `{"inputs", "targets", "segment_pos": [batch, seq_len] int32,
-"mask": [batch, seq_len] float32}` (`avjax.data.lm_windows`). This module knows no model.
+"mask": [batch, seq_len] float32}` (`avjax.data.speech.lm_windows`). This module knows no model.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from avjax.data import lm_windows, pipeline
-from avjax.data.units import UNIT_RATE
+from avjax.data.speech import lm_windows, pipeline
+from avjax.data.speech.units import UNIT_RATE
 from avjax.io import as_path, write_text_atomic
 
 Batch = dict[str, np.ndarray]
@@ -171,12 +171,12 @@ class SpeechLMData:
 
     @property
     def tokenizer(self) -> Any:
-        """The unit tokenizer (`avjax.data.units.UnitTokenizer`)."""
+        """The unit tokenizer (`avjax.data.speech.units.UnitTokenizer`)."""
         return self._get("tokenizer")
 
     @property
     def vocoder(self) -> Any:
-        """The unit vocoder (`avjax.data.vocoder.UnitVocoder`): units -> mel -> audio."""
+        """The unit vocoder (`avjax.data.speech.vocoder.UnitVocoder`): units -> mel -> audio."""
         return self._get("vocoder")
 
     @property

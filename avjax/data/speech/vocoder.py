@@ -35,7 +35,7 @@ from flax import serialization, traverse_util
 
 from avjax import io as io_lib
 from avjax.data import audio as audio_lib
-from avjax.data import logmel as units_lib  # (the log-mel primitives of the units)
+from avjax.data.speech import logmel as units_lib  # (the log-mel primitives of the units)
 
 VOCODER_VERSION = 1
 FPU = units_lib.FRAMES_PER_UNIT
