@@ -56,3 +56,41 @@ def test_speechssm_2b_is_a_variant_of_the_speechssm_config():
     assert 2.10e9 < n < 2.12e9
     with pytest.raises(ValueError, match="speechssm.py:7b"):
         module.get_config("7b")
+
+
+def _tiny(name: str):
+    cfg = _load(f"configs/{name}.py", f"cfg_{name}").get_config()
+    cfg.model.width, cfg.model.mlp_width, cfg.model.num_layers, cfg.model.num_heads = 32, 64, 3, 2
+    if "lru_width" in cfg.model:
+        cfg.model.lru_width, cfg.model.window = 32, 16
+    cfg.data.num_units, cfg.data.seq_len, cfg.train.batch_size = 32, 64, 8
+    cfg.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
+    return cfg
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices")
+def test_decode_mode_reports_the_cache_per_chip():
+    """`--mode=decode` compiles one cached step: SpeechSSM's state has a constant size
+    (recurrent: RG-LRU state + 3 conv inputs; attention: a 16-slot ring buffer), the
+    Transformer's KV cache holds `cache_tokens` keys and values per layer; the batch (8) is
+    split over data x fsdp = 4, so a chip holds 2 sequences' caches."""
+    tool = _load("tools/aot_compile.py", "aot_tool")
+    ssm = tool.decode_report(_tiny("speechssm"), "cpu:8", batch=8, cache_tokens=100)
+    tf = tool.decode_report(_tiny("speechtransformer"), "cpu:8", batch=8, cache_tokens=100)
+    f32 = 4
+    # 2 recurrent layers x (32 + 3 * 32) floats; 1 attention layer: keys + values
+    # [16, 1 head, 16] + slot positions [16] + index.
+    assert ssm["cache_bytes_per_sequence"] == 2 * 4 * 32 * f32 + (2 * 16 * 16 + 16 + 1) * f32
+    # 3 layers x (keys + values [100, 1 head, 16] + index).
+    assert tf["cache_bytes_per_sequence"] == 3 * (2 * 100 * 16 + 1) * f32
+    assert ssm["cache_tokens"] is None and tf["cache_tokens"] == 100
+    for r in (ssm, tf):
+        assert r["mode"] == "decode" and r["num_chips"] == 8 and r["fits"]
+        assert r["cache_bytes_per_chip"] == 2 * r["cache_bytes_per_sequence"]
+        assert r["bytes_floor_per_chip"] == r["params_bytes_per_chip"] + r["cache_bytes_per_chip"]
+        assert r["bytes_for_roofline_per_chip"] >= r["bytes_floor_per_chip"]
+        assert r["peak_bytes_per_chip"] >= r["bytes_floor_per_chip"]
+        assert r["memory_bound_s_per_step"] is None  # host devices: no HBM bandwidth
+    # The memory roofline on a chip with HBM bandwidth: bytes / bandwidth, batch per step.
+    t = tool._decode_traffic_roofline(1e9, {"hbm_bw": 1e12}, 64)
+    assert t == {"memory_bound_s_per_step": 1e-3, "tokens_per_s": 64_000.0}
