@@ -62,7 +62,30 @@ from avjax.train.defaults import mesh_config, train_config
 from avjax.train.sharding import DEFAULT_RULES
 
 
-def get_config() -> ml_collections.ConfigDict:
+def _model(paper: bool) -> ml_collections.ConfigDict:
+    """The expert: default = the CPU recipe that learns (shallow, centred, signed, BCE + the
+    offset softmax); `paper` = Wav2Lip's stack and loss (BCE on the cosine only)."""
+    m = ml_collections.ConfigDict()
+    m.face_size = 96 if paper else 48  # faces are resized to this; the expert sees the lower half
+    m.arch = "wav2lip" if paper else "shallow"  # shallow: 3 strided convs per encoder
+    m.width = 32 if paper else 16  # Wav2Lip: 32 (channels 32..512)
+    m.deep = paper  # arch=wav2lip: True = the paper's full stack (96 x 96 faces)
+    m.norm_groups = 8 if paper else 0  # GroupNorm groups (Wav2Lip: BatchNorm), 0: none
+    m.similarity = "cosine" if paper else "scaled"  # cosine: P(sync) = cosine (Wav2Lip)
+    m.head = "relu" if paper else "linear"  # linear: signed embeddings (no final ReLU)
+    m.centre = not paper  # each window minus its temporal mean (frames and mel steps)
+    m.offset_radius = 0 if paper else 7  # + softmax over the +-7-frame mel windows of a clip
+    m.offset_weight = 1.0
+    m.min_shift = 1  # off-sync pairs: audio shifted by 1..max_shift frames
+    m.max_shift = 15
+    m.dtype = "float32"
+    return m
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in ("", "paper"):
+        raise ValueError(f"configs/syncnet.py:{arg}: expected '' or 'paper'")
+    paper = arg == "paper"
     c = ml_collections.ConfigDict()
     c.task = "syncnet"
     c.seed = 0
@@ -74,8 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.name = "procedural"
     c.data.view = "lrs3"  # name=synthetic: sentences (long enough for offsets of +-15 frames)
     c.data.num_frames = 50  # 2 s at 25 fps (>= 36)
-    c.data.image_size = 48
-    c.data.crop_size = 48  # the face size the data module hands over
+    c.data.image_size = 96 if paper else 48
+    c.data.crop_size = 96 if paper else 48  # the face size the data module hands over
     c.data.grayscale = False  # Wav2Lip's expert sees RGB
     c.data.hflip = 0.0
     c.data.procedural = {
@@ -85,20 +108,12 @@ def get_config() -> ml_collections.ConfigDict:
         "eval_clips": 32,
     }
 
-    c.model = ml_collections.ConfigDict()
-    c.model.face_size = 48  # faces are resized to this; the expert sees the lower half
-    c.model.width = 8  # Wav2Lip: 32 (channels 32..512)
-    c.model.deep = False  # Wav2Lip: True (for 96 x 96 faces)
-    c.model.norm_groups = 8  # GroupNorm (Wav2Lip: BatchNorm)
-    c.model.similarity = "scaled"  # Wav2Lip: "cosine" (P(sync) = cosine; slow to start)
-    c.model.min_shift = 1  # off-sync pairs: audio shifted by 1..max_shift frames
-    c.model.max_shift = 15
-    c.model.dtype = "float32"
+    c.model = _model(paper)
 
     c.train = train_config(
-        steps=600,
-        eval_every=200,
-        checkpoint_every=200,
+        steps=300,
+        eval_every=100,
+        checkpoint_every=100,
     )
 
     c.evals = ml_collections.ConfigDict()

@@ -79,13 +79,39 @@ def _audio_layers(w: int, deep: bool) -> list[ConvSpec]:
     return layers + [ConvSpec(layers[-1].features, (1, 1), padding=(0, 0))]
 
 
+def _shallow_face_layers(w: int) -> list[ConvSpec]:
+    """Three stride-2 convs (`w, 2w, 4w`) and a `4w` head: the CPU-scale expert that learns."""
+    return [
+        ConvSpec(w, (5, 5), (2, 2), (2, 2)),
+        ConvSpec(2 * w, (3, 3), (2, 2)),
+        ConvSpec(4 * w, (3, 3), (2, 2)),
+        ConvSpec(4 * w, (1, 1), padding=(0, 0)),
+    ]
+
+
+def _shallow_audio_layers(w: int) -> list[ConvSpec]:
+    """`[80, 16, 1]` mel -> three strided convs (to `[3, 4, 4w]`) and a `4w` head."""
+    return [
+        ConvSpec(w, (3, 3), (3, 1)),
+        ConvSpec(2 * w, (3, 3), (3, 2)),
+        ConvSpec(4 * w, (3, 3), (3, 2)),
+        ConvSpec(4 * w, (1, 1), padding=(0, 0)),
+    ]
+
+
 def sync_expert(cfg: Any) -> SyncExpert:
-    """The expert `config.model` describes (`width`, `deep`, `norm_groups`, `similarity`,
-    `dtype`)."""
-    w, deep = int(cfg.width), bool(cfg.deep)
+    """The expert `config.model` describes (`arch`: "wav2lip" (the paper's stack; `deep`) or
+    "shallow"; `width`, `norm_groups`, `similarity`, `head`, `centre`, `dtype`)."""
+    w, deep, arch = int(cfg.width), bool(cfg.deep), str(cfg.get("arch", "wav2lip"))
+    if arch == "wav2lip":
+        face, audio = _face_layers(w, deep), _audio_layers(w, deep)
+    elif arch == "shallow":
+        face, audio = _shallow_face_layers(w), _shallow_audio_layers(w)
+    else:
+        raise ValueError(f"model.arch={arch!r}: expected 'wav2lip' or 'shallow'")
     return SyncExpert(  # tuples: the module stays hashable (jit caches keyed on it)
-        tuple(_face_layers(w, deep)),
-        tuple(_audio_layers(w, deep)),
+        tuple(face),
+        tuple(audio),
         norm_groups=int(cfg.norm_groups),
         similarity=str(cfg.similarity),
         dtype=jnp.dtype(cfg.dtype),
@@ -203,7 +229,12 @@ def offset_loss(
     correct [batch])`. Only differences between candidates of the same clip enter, so what all
     embeddings share (the face's identity, the voice, a common direction) cancels out; the BCE
     on the cosine alone sees it and, at CPU scale, collapses to a constant cosine."""
-    logits = scale * jnp.einsum("bd,bkd->bk", face_emb, audio_emb)
-    mid = audio_emb.shape[1] // 2
+    return offset_loss_from_logits(scale * jnp.einsum("bd,bkd->bk", face_emb, audio_emb))
+
+
+def offset_loss_from_logits(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`logits [batch, candidates]` (the in-sync candidate in the middle) -> `(cross-entropy
+    [batch], correct [batch])` of the softmax over the candidates."""
+    mid = logits.shape[1] // 2
     ce = jax.nn.logsumexp(logits, axis=-1) - logits[:, mid]
     return ce, (jnp.argmax(logits, axis=-1) == mid).astype(jnp.float32)

@@ -194,6 +194,17 @@ class SyncExpert(nn.Module):
         face_emb, audio_emb = self.embed_face(faces), self.embed_audio(mel)
         return self.sync_logit(face_emb, audio_emb), face_emb, audio_emb
 
+    def candidate_logits(self, faces: jax.Array, mels: jax.Array) -> jax.Array:
+        """Sync logits of one face window against several mel windows of the same clip.
+
+        `faces [batch, H/2, W, frames * C]`, `mels [batch, candidates, n_mels, mel_steps]` ->
+        `[batch, candidates]` (the softmax over candidates of `models.syncnet.offset_loss`)."""
+        b, k = mels.shape[:2]
+        face_emb = self.embed_face(faces)  # [batch, dim]
+        audio_emb = self.embed_audio(mels.reshape(b * k, *mels.shape[2:])).reshape(b, k, -1)
+        face_emb = jnp.broadcast_to(face_emb[:, None], audio_emb.shape)
+        return self.sync_logit(face_emb, audio_emb)
+
 
 def sync_probability(face_emb: jax.Array, audio_emb: jax.Array, eps: float = 1e-7) -> jax.Array:
     """Cosine similarity of unit embeddings `[batch, dim]` -> `[batch]` in (0, 1): Wav2Lip's

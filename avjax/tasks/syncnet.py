@@ -261,7 +261,27 @@ class SyncNetTask(Task):
         state = dict(ctx.model_state)
         bce, correct = syncnet_lib.sync_loss(logit, label)
         metrics = {"weight": jnp.asarray(b, jnp.float32), "accuracy": jnp.sum(correct)}
-        return jnp.sum(bce), metrics, state
+        loss = jnp.sum(bce)
+        radius = int(mc.get("offset_radius", 0))
+        if radius:
+            ce, hit = self._offset_term(model, params, batch, jax.random.fold_in(ctx.rng, 1))
+            loss = loss + float(mc.get("offset_weight", 1.0)) * jnp.sum(ce)
+            metrics.update(offset_loss=jnp.sum(ce), offset_accuracy=jnp.sum(hit))
+        return loss, metrics, state
+
+    def _offset_term(
+        self, model: nn.Module, params: Any, batch: Batch, rng: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """`(cross-entropy [batch], correct [batch])` of finding the in-sync mel window among
+        the `2 model.offset_radius + 1` of the same clip (`models.syncnet.offset_loss`)."""
+        b, t = batch["video"].shape[:2]
+        radius = int(self.config.model.offset_radius)
+        v, a = syncnet_lib.sample_offset_windows(rng, b, t, radius)
+        faces = syncnet_lib.face_windows(batch["video"], v, int(self.config.model.face_size))
+        mel = syncnet_lib.wav2lip_mel(batch["audio"])
+        mels = jax.vmap(lambda s: syncnet_lib.mel_windows(mel, s), in_axes=1, out_axes=1)(a)
+        logits = model.apply({"params": params}, faces, mels, method="candidate_logits")
+        return syncnet_lib.offset_loss_from_logits(logits)
 
     def tokens_per_batch(self, batch: Batch) -> int:
         return int(batch["video"].shape[0])
