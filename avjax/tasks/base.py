@@ -75,9 +75,8 @@ class Task(abc.ABC):
     rng_streams: tuple[str, ...] = ()
     parts: tuple[str, ...] = ()
 
-    # A data module (e.g. `avjax.data.speech.speech_lm.SpeechLMData`) with `prepare(read_only)`,
-    # `train_dataset`, `eval_batches`, `dummy_batch` and a `read_only` flag: a task that sets
-    # one gets the data methods below from it; a task without one overrides them.
+    # The task's data (`avjax.data.module.DataModule`: `SpeechLMData`, `AVData`, ...): a task
+    # that sets one gets the data methods below from it; a task without one overrides them.
     data: Any = None
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):

@@ -23,41 +23,27 @@ import grain
 import numpy as np
 
 from avjax.data.image import benchmarks, corpus, noise
+from avjax.data.module import DataModule
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
-class TTAIDData:
+class TTAIDData(DataModule):
     """Noisy/clean crops of one image source, prepared once, lazily.
 
-    Attributes:
-      data: `config.data` (`name`, `crop`, `noise`, `manual_dir`, `skip_bad`, ...).
-      stage: `config.stage` (chooses the noise when `data.noise == "auto"`).
-      seed: the config's seed.
-      batch_size: the global (meta-)batch.
-      num_eval_batches: held-out batches for the held-out loss.
-      read_only: sampling / evaluation (nothing here writes anyway).
+    Fields as `DataModule` (`data`: `config.data` with `name`, `crop`, `noise`, `manual_dir`,
+    `skip_bad`, ...; nothing is written, so `workdir` and `read_only` change nothing), and
+    `stage`: `config.stage` (chooses the noise when `data.noise == "auto"`).
     """
 
-    data: Any
     stage: str = "pretrain"
-    seed: int = 0
-    batch_size: int = 4
-    num_eval_batches: int = 1
-    read_only: bool = False
-    _prepared: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config: Any, workdir: str) -> TTAIDData:
-        del workdir  # nothing is written: the photographs load in well under a second
-        return cls(
-            config.data,
-            stage=str(config.stage),
-            seed=int(config.seed),
-            batch_size=int(config.train.batch_size),
-            num_eval_batches=int(config.train.eval_batches),
-        )
+        data = super().from_config(config, workdir)
+        data.stage = str(config.stage)
+        return data
 
     @property
     def noise_family(self) -> str:
@@ -124,7 +110,9 @@ class TTAIDData:
         self.prepare()
         ds = grain.MapDataset.range(2**31 - 1)[process_index::process_count]
         ds = ds.map(self._example)
-        return ds.batch(self.batch_size // process_count, drop_remainder=True).to_iter_dataset()
+        return ds.batch(
+            self.per_process_batch(process_count), drop_remainder=True
+        ).to_iter_dataset()
 
     def heldout(self, family: str, size: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """`(name, noisy, clean)` float32 `[size, size, 3]` central crops of the held-out
@@ -147,7 +135,7 @@ class TTAIDData:
         """Fixed held-out batches (training crop size, the training noise), this process's
         share: crops of the held-out images, cycled."""
         self.prepare()
-        crop, per = int(self.data.crop), self.batch_size // process_count
+        crop, per = int(self.data.crop), self.per_process_batch(process_count)
         held = self._prepared["heldout"]
         batches = []
         for b in range(self.num_eval_batches):

@@ -37,6 +37,7 @@ import numpy as np
 from avjax.data.mesh import corpus as corpus_lib
 from avjax.data.mesh import head as head_lib
 from avjax.data.mesh import vocaset
+from avjax.data.module import DataModule
 from avjax.data.speech import logmel
 from avjax.data.speech.speech_lm import cache_root
 from avjax.io import as_path, write_text_atomic
@@ -247,33 +248,15 @@ def _stack(items: list[Batch]) -> Batch:
 
 
 @dataclasses.dataclass
-class MeshData:
+class MeshData(DataModule):
     """Mesh sequences with speech, as windows of representation codes; prepared lazily.
 
-    Attributes:
-      data: `config.data` (name, manual_dir, minutes, representation, pca_dim, window, ...).
-      workdir: where `mesh_repr.npz` and `data_facts.json` go.
-      seed, batch_size (global), num_eval_batches, read_only: as `SpeechLMData`.
+    Fields as `DataModule`: `data` is `config.data` (name, manual_dir, minutes,
+    representation, pca_dim, window, ...); `workdir` receives `mesh_repr.npz` and
+    `data_facts.json`.
     """
 
-    data: Any
-    workdir: str
-    seed: int = 0
-    batch_size: int = 8
-    num_eval_batches: int = 1
-    read_only: bool = False
-    _prepared: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     _hubert_model: Any = dataclasses.field(default=None, repr=False)
-
-    @classmethod
-    def from_config(cls, config: Any, workdir: str) -> MeshData:
-        return cls(
-            config.data,
-            workdir,
-            int(config.seed),
-            int(config.train.batch_size),
-            int(config.train.eval_batches),
-        )
 
     def _sequences(self) -> tuple[list[corpus_lib.MeshSequence], Regions | None, Any]:
         dc = self.data
@@ -358,7 +341,7 @@ class MeshData:
         return facts
 
     def _get(self, name: str) -> Any:
-        self.prepare()
+        self.prepare()  # (prepared on first use)
         return self._prepared[name]
 
     @property
@@ -450,13 +433,13 @@ class MeshData:
         ds = grain.MapDataset.source(self._windows("train"))
         ds = ds.shuffle(seed=self.seed).repeat(None)[process_index::process_count]
         return ds.batch(
-            self.batch_size // process_count, drop_remainder=True, batch_fn=_stack
+            self.per_process_batch(process_count), drop_remainder=True, batch_fn=_stack
         ).to_iter_dataset()
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         """`num_eval_batches` fixed batches of held-out windows (cycled to fill)."""
         src = self._windows("test")
-        per = self.batch_size // process_count
+        per = self.per_process_batch(process_count)
         out = []
         for b in range(self.num_eval_batches):
             base = (b * process_count + process_index) * per

@@ -16,7 +16,6 @@ read-only runs). Batches are `{"inputs", "targets", "segment_pos": [batch, seq_l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from avjax.data.module import DataModule
 from avjax.data.speech import lm_windows, pipeline
 from avjax.data.speech.units import UNIT_RATE
 from avjax.io import as_path, write_text_atomic
@@ -93,37 +93,13 @@ def _check_prepared(dc: Any, tokenizer: Any, docs: dict[str, Any]) -> None:
         )
 
 
-@dataclasses.dataclass
-class SpeechLMData:
+class SpeechLMData(DataModule):
     """Unit documents of one corpus, cut into LM windows; prepared once, lazily.
 
-    Attributes:
-      data: `config.data` (corpus, units, windows: `seq_len`, `pack`).
-      workdir: the experiment folder (units, token stores, data_facts.json).
-      seed: the config's seed (units, held-out choice, shuffling).
-      batch_size: the global batch (each process gets `batch_size // process_count`).
-      num_eval_batches: held-out batches per evaluation.
-      read_only: sampling / evaluation: `prepare` never writes to the workdir.
+    Fields as `DataModule`: `data` is `config.data` (corpus, units, windows: `seq_len`, `pack`);
+    `workdir` receives the units, token stores and data_facts.json; `seed` fixes the units, the
+    held-out choice and the shuffling.
     """
-
-    data: Any
-    workdir: str
-    seed: int = 0
-    batch_size: int = 8
-    num_eval_batches: int = 1
-    read_only: bool = False
-    _prepared: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
-
-    @classmethod
-    def from_config(cls, config: Any, workdir: str) -> SpeechLMData:
-        """From an experiment config (`data`, `seed`, `train.batch_size`, `.eval_batches`)."""
-        return cls(
-            config.data,
-            workdir,
-            seed=int(config.seed),
-            batch_size=int(config.train.batch_size),
-            num_eval_batches=int(config.train.eval_batches),
-        )
 
     # --- preparation ------------------------------------------------------------------------
     def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
@@ -138,7 +114,7 @@ class SpeechLMData:
         if self._prepared is not None:
             return self._prepared["facts"]
         dc = self.data
-        read_only = self.read_only if read_only is None else bool(read_only)
+        read_only = self._resolve_read_only(read_only)
         ctx = pipeline.Context(
             as_path(self.workdir),
             cache_root(dc),
@@ -159,11 +135,6 @@ class SpeechLMData:
             write_text_atomic(ctx.workdir / "data_facts.json", json.dumps(facts, indent=2))
         return facts
 
-    def _get(self, name: str) -> Any:
-        if self._prepared is None:
-            raise RuntimeError(f"SpeechLMData.{name} before prepare()")
-        return self._prepared[name]
-
     @property
     def docs(self) -> dict[str, Any]:
         """`{"train", "heldout"}`: sequences of `[tokens]` unit documents (after prepare)."""
@@ -179,10 +150,6 @@ class SpeechLMData:
         """The unit vocoder (`avjax.data.speech.vocoder.UnitVocoder`): units -> mel -> audio."""
         return self._get("vocoder")
 
-    @property
-    def facts(self) -> dict[str, Any]:
-        return self._get("facts")
-
     def compatibility(self) -> dict[str, Any]:
         """`{"units": ...}`: what a checkpoint trained on these data must share."""
         return {"units": units_compatibility(self.data)}
@@ -194,7 +161,7 @@ class SpeechLMData:
         return lm_windows.train_windows(
             self.docs["train"],
             int(self.data.seq_len),
-            self.batch_size // process_count,
+            self.per_process_batch(process_count),
             seed=self.seed,
             process_index=process_index,
             process_count=process_count,
@@ -207,7 +174,7 @@ class SpeechLMData:
         return lm_windows.eval_windows(
             self.docs["heldout"],
             int(self.data.seq_len),
-            self.batch_size // process_count,
+            self.per_process_batch(process_count),
             self.num_eval_batches,
             process_index,
             process_count,
