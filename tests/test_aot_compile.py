@@ -88,9 +88,17 @@ def test_decode_mode_reports_the_cache_per_chip():
         assert r["mode"] == "decode" and r["num_chips"] == 8 and r["fits"]
         assert r["cache_bytes_per_chip"] == 2 * r["cache_bytes_per_sequence"]
         assert r["bytes_floor_per_chip"] == r["params_bytes_per_chip"] + r["cache_bytes_per_chip"]
-        assert r["bytes_for_roofline_per_chip"] >= r["bytes_floor_per_chip"]
         assert r["peak_bytes_per_chip"] >= r["bytes_floor_per_chip"]
-        assert r["memory_bound_s_per_step"] is None  # host devices: no HBM bandwidth
+        assert r["bytes_accessed_per_chip"] > 0
+        # Host devices: no HBM size or bandwidth, so no roofline and no batch limit.
+        assert r["memory_bound_s_per_step"] is None and r["max_batch_estimate"] is None
     # The memory roofline on a chip with HBM bandwidth: bytes / bandwidth, batch per step.
     t = tool._decode_traffic_roofline(1e9, {"hbm_bw": 1e12}, 64)
     assert t == {"memory_bound_s_per_step": 1e-3, "tokens_per_s": 64_000.0}
+    # Largest batch: 8 sequences per chip of 4 chips used 8 x (100 cache + 25 temp) bytes;
+    # 1,000 of HBM less 490 of parameters and 10 of code leave room for 4 per chip.
+    fake = {"hbm_bytes_per_chip": 1000, "params_bytes_per_chip": 490, "code_bytes_per_chip": 10}
+    fake.update(cache_bytes_per_chip=800, temp_bytes_per_chip=200, batch=32)
+    m = tool._max_batch(fake, {"hbm_bw": 1e3}, seqs_per_chip=8)
+    assert m["max_batch_estimate"] == 16
+    assert m["tokens_per_s_at_max_batch"] == pytest.approx(16 / ((490 + 4 * 100) / 1e3))

@@ -13,7 +13,11 @@ row of the implementation our "auto" default picks on this backend has `"default
 The local-attention rows (`--layers=local_attention`) time multi-query attention at width 256
 (`--attn_heads` query heads, one key/value head), window 2,048, forward+backward at 4k and 16k
 tokens: the banded blockwise path (`--block` 512) beside the dense `[T, T]` one; ratio =
-banded / dense (< 1 is faster). The dense path at 16k holds several `[heads, T, T]` float32
+banded / dense (< 1 is faster). Beside the wall time of forward+backward, each path's
+CPU-seconds per call (process CPU time over the timed calls and the warm-up, all threads),
+the bytes XLA allocates for the compiled forward+backward (arguments + outputs + temporaries,
+`*_peak_bytes`) and the process's peak RSS after it (`*_maxrss_bytes`, cumulative: banded runs
+first). The dense path at 16k holds several `[heads, T, T]` float32
 arrays (1 GiB each per head; ~8 GiB peak at the default single head): mind the host memory.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -43,6 +48,12 @@ def _time(fn, *args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _xla_bytes(compiled) -> int:
+    """Bytes XLA allocates for a compiled call: arguments + outputs + temporaries."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
 def _layers(kind: str, impl: str, width: int, heads: int, dtype):
@@ -136,7 +147,12 @@ def bench_local_attention(length, width, heads, window, block, batch, dtype, rep
     for name, fn in paths.items():
         loss = lambda q, k, v, p, fn=fn: jnp.sum(fn(q, k, v, p).astype(jnp.float32) ** 2)  # noqa: E731
         row[f"{name}_fwd_s"] = _time(jax.jit(fn), q, k, v, pos, repeats=repeats)
-        row[f"{name}_s"] = _time(jax.jit(jax.grad(loss, (0, 1, 2))), q, k, v, pos, repeats=repeats)
+        grad = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, k, v, pos).compile()
+        cpu0 = time.process_time()
+        row[f"{name}_s"] = _time(grad, q, k, v, pos, repeats=repeats)
+        row[f"{name}_cpu_s"] = (time.process_time() - cpu0) / (repeats + 1)
+        row[f"{name}_peak_bytes"] = _xla_bytes(grad)
+        row[f"{name}_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row["ratio"] = row["banded_s"] / row["dense_s"]
     row["fwd_ratio"] = row["banded_fwd_s"] / row["dense_fwd_s"]
     return row
@@ -145,7 +161,10 @@ def bench_local_attention(length, width, heads, window, block, batch, dtype, rep
 def _attention_rows(args, dtype, repeats) -> list[dict]:
     """The local-attention rows (`--layers=local_attention`): banded vs dense, 4k and 16k."""
     rows = []
-    print(f"{'layer':<16}{'impl':<22}{'length':>8}{'banded':>20}{'dense':>20}{'ratio':>8}")
+    print(
+        f"{'layer':<16}{'impl':<22}{'length':>8}{'banded':>20}{'dense':>20}{'ratio':>8}"
+        f"{'CPU-s b/d':>16}{'XLA MiB b/d':>16}"
+    )
     for length in [int(n) for n in args.attn_lengths.split(",")]:
         r = bench_local_attention(
             length, args.width, args.attn_heads, args.window, args.block, args.batch, dtype, repeats
@@ -154,7 +173,9 @@ def _attention_rows(args, dtype, repeats) -> list[dict]:
         print(
             f"{'local_attention':<16}{r['impl']:<22}{length:>8}"
             f"{r['banded_s']:>11.4f} ({r['banded_fwd_s']:.4f})"
-            f"{r['dense_s']:>11.4f} ({r['dense_fwd_s']:.4f}){r['ratio']:>8.2f}",
+            f"{r['dense_s']:>11.4f} ({r['dense_fwd_s']:.4f}){r['ratio']:>8.2f}"
+            f"{r['banded_cpu_s']:>8.2f}/{r['dense_cpu_s']:<7.2f}"
+            f"{r['banded_peak_bytes'] / 2**20:>8.0f}/{r['dense_peak_bytes'] / 2**20:<7.0f}",
             flush=True,
         )
     return rows
