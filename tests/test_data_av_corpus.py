@@ -172,7 +172,7 @@ def test_av_data_batches_resume_and_augment(cache):
 def test_babble_snr_and_masks():
     rng = np.random.default_rng(0)
     wav, noise = rng.normal(0, 0.1, 16000), rng.normal(0, 0.3, 16000)
-    mixed = av_data._mix_babble(wav, noise, 10.0)
+    mixed = av_data.mix_babble(wav, noise, 10.0)
     snr = 10 * np.log10(np.mean(wav**2) / np.mean((mixed - wav) ** 2))
     assert abs(snr - 10.0) < 1e-3
     dc = _data_config("", time_masks=1, time_mask_frames=29, hflip=0.0, erase_prob=0.0)

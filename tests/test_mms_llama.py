@@ -3,6 +3,7 @@ eval through the CLI on the tiniest config."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -111,6 +112,18 @@ def test_only_adapters_and_new_modules_carry_optimizer_state(trained):
     opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
     assert opt == 2 * n_trained  # Adam's two moments, for exactly these leaves
     assert n_trained < 0.5 * sum(sizes.values())
+    # a command-line override of model.llm_train reaches the optimizer (groups are derived)
+    cfg2 = copy.deepcopy(cfg)
+    cfg2.model.llm_train = "lora+embed"
+    cfg2.train.param_groups = ()
+    state2 = loop.build_trainer(get_task(cfg2, trained["work"]), cfg2, make_mesh(cfg.mesh))
+    leaves2 = jax.tree.leaves(state2.abstract_state.opt_state)
+    opt2 = sum(int(np.prod(x.shape)) for x in leaves2 if x.ndim > 0)
+    head = sizes["llm/embedding"] + sizes.get("llm/lm_head", 0)
+    assert opt2 == 2 * (n_trained + head)
+    cfg2.model.llm_train = "lora"  # a stale explicit param_groups is refused, not ignored
+    with pytest.raises(ValueError, match="llm_train"):
+        get_task(cfg2, trained["work"])
 
 
 def test_loss_on_transcript_positions_only(trained):
@@ -142,3 +155,51 @@ def test_loss_on_transcript_positions_only(trained):
     moved = batch["targets"].copy()
     moved[:, start] = (moved[:, start] + 1) % t["tok"].vocab_size
     assert not np.isclose(loss(batch), loss({**batch, "targets": moved}))
+
+
+def test_unused_speech_slots_are_masked(trained):
+    """Transcript logits with n_q of max_queries slots used equal the LLM's on the sequence
+    without the unused slots; garbage there changes nothing; a cached decoding step after the
+    padded prefill equals the full forward."""
+    import jax.numpy as jnp
+
+    from avjax.models import mms_llama as mm
+    from avjax.nn.lora import lora_scope
+    from avjax.tasks import get_task
+
+    task = get_task(trained["cfg"], trained["work"])
+    t, batch = task.text(), task.dummy_batch()
+    model = task.build_model()
+    params = nn.meta.unbox(task.init_variables(model, jax.random.key(0), batch)["params"])
+    p, m, w = len(t["prompt"]), t["max_queries"], model.llm.width
+    tokens = jnp.asarray(batch["tokens"][:2])
+    speech = jax.random.normal(jax.random.key(1), (2, m, w))
+    n_q = jnp.asarray([3, m])
+    with lora_scope(task.lora()):
+        run = jax.jit(
+            lambda sp, tk: model.apply({"params": params}, tk, sp, n_q, method="lm_logits")
+        )
+        logits = run(speech.at[:, 3:].set(0.0), tokens)
+        noisy = run(speech.at[0, 3:].set(50.0), tokens.at[0, p : p + m - 3].set(5))
+        compact = jnp.concatenate([tokens[:1, :p], tokens[:1, :3], tokens[:1, p + m :]], 1)
+        embeds = jnp.zeros(compact.shape + (w,)).at[0, p : p + 3].set(speech[0, :3])
+        mask = mm.speech_slots(compact.shape[1], p, 3)[None]
+        ref, _ = model.llm.apply(
+            {"params": params["llm"]}, compact, embeds=embeds, embeds_mask=mask
+        )
+    k = p + m - 1  # the last speech slot predicts the first transcript token
+    np.testing.assert_allclose(logits[0, k:], ref[0, p + 2 :], atol=1e-5)
+    np.testing.assert_allclose(noisy[0, k:], logits[0, k:], atol=1e-5)
+    with lora_scope(task.lora()):  # unmasked zero slots (the old layout) would differ
+        emb, msk, _ = mm.splice(speech.at[:, 3:].set(0.0), n_q, p, tokens.shape[1])
+        plain, _ = model.llm.apply({"params": params["llm"]}, tokens, embeds=emb, embeds_mask=msk)
+    assert not np.allclose(plain[0, k:], ref[0, p + 2 :], atol=1e-3)
+    # decoding: prefill the prompt + slots, then one cached step at the first transcript token
+    lm = mm.PrefixLM(model.llm, task.lora(), p)
+    emb, msk, n_pad = mm.splice(speech.at[:, 3:].set(0.0), n_q, p, k + 1)
+    v = {"params": params["llm"], "embeds": emb, "embeds_mask": msk, "n_pad": n_pad}
+    pos = jnp.broadcast_to(jnp.arange(k + 1), (2, k + 1))
+    first, cache = lm.apply(v, tokens[:, : k + 1], pos, return_cache=True)
+    step, _ = lm.apply(v, tokens[:, k + 1 : k + 2], pos[:, -1:] + 1, cache=cache)
+    np.testing.assert_allclose(first[:, -1], logits[:, k], atol=1e-5)
+    np.testing.assert_allclose(step[:, 0], logits[:, k + 1], atol=1e-5)

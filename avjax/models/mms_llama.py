@@ -10,10 +10,12 @@
     tokens = Projector(QFormer(queries[:n_q], ctx))     # [B, n_q, llm_width]
     LLM([instruction, tokens, transcript + eos])        # LoRA on q/k/v/o, base frozen
 
-The LLM always sees `max_queries` speech slots (fixed shapes); the slots beyond an utterance's
-`n_q` carry a zero vector (TransformerLM has no padding mask; zero slots are identical in
-every row, so the LM learns to ignore them). The Q-Former's own self-attention also runs over
-all `max_queries` queries. The speech-rate predictor is trained jointly here (stop-gradient
+The LLM sequence has `max_queries` speech slots (fixed shapes); an utterance's `n_q` tokens
+sit in the last `n_q` of them and the unused slots are masked out of the LLM's attention
+(`pad_first`: moved to the front as a separate document, positions restarting after them, so
+the logits equal those of the unpadded sequence; the decoding cache drops them,
+`drop_padding`); the loss never weights them. The Q-Former's own self-attention runs over all
+`max_queries` queries. The speech-rate predictor is trained jointly here (stop-gradient
 into its Whisper input; its prediction used for the factor is stop-gradient too) instead of
 the paper's separate pre-training stage; `rate_predictor=False` uses factor 1.
 """
@@ -118,6 +120,78 @@ def speech_slots(length: int, prompt_len: int, max_queries: int) -> jax.Array:
     return (i >= prompt_len) & (i < prompt_len + max_queries)
 
 
+def splice(
+    speech: jax.Array, n_q: jax.Array, prompt_len: int, length: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Speech tokens `[B, M, W]` (the first `n_q [B]` used) -> (`embeds [B, length, W]`,
+    `embeds_mask [B, length]`, `n_pad [B]` = M - n_q): the used tokens sit in the LAST `n_q`
+    of the M slots after the prompt, so the unused slots are the first `n_pad`."""
+    b, m, w = speech.shape
+    n_pad = (m - n_q).astype(jnp.int32)
+    src = (jnp.arange(m)[None] - n_pad[:, None]) % m  # rolled right by n_pad (zeros wrap in)
+    speech = jnp.take_along_axis(speech, src[..., None], axis=1)
+    embeds = jnp.zeros((b, length, w), speech.dtype)
+    embeds = jax.lax.dynamic_update_slice_in_dim(embeds, speech, prompt_len, axis=1)
+    mask = jnp.broadcast_to(speech_slots(length, prompt_len, m), (b, length))
+    return embeds, mask, n_pad
+
+
+def pad_first(n_pad: jax.Array, prompt_len: int, length: int) -> tuple[jax.Array, jax.Array]:
+    """The padding mask for unused speech slots, as a reordering (TransformerLM masks by
+    documents): per row, the unused slots `[prompt_len, prompt_len + n_pad)` move to the
+    front as their own document and the rest keeps its order, positions from 0.
+
+    -> (`order [B, length]`: source position of each new position, `segment_pos [B,
+    length]`). Nothing after the padding attends to it, and RoPE sees the same positions as
+    a sequence without padding, so the result equals the unpadded sequence's."""
+    i = jnp.arange(length)[None]
+    unused = (i >= prompt_len) & (i < prompt_len + n_pad[:, None])
+    order = jnp.argsort(jnp.where(unused, i - length, i), axis=1)
+    seg = jnp.where(i < n_pad[:, None], i, i - n_pad[:, None])
+    return order, seg
+
+
+def _rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """`x [B, T, ...]` gathered along time by `idx [B, T]`."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def padded_lm(
+    llm: Any,
+    tokens: jax.Array,
+    embeds: jax.Array,
+    mask: jax.Array,
+    n_pad: jax.Array,
+    prompt_len: int,
+    **kw: Any,
+) -> tuple[jax.Array, Any]:
+    """`llm(tokens [B, T], segment_pos, embeds=[B, T, W], embeds_mask=[B, T])` with the
+    `n_pad [B]` unused speech slots after `prompt_len` masked out (`pad_first`) -> (logits
+    `[B, T, vocab]` in the original order (meaningless at the unused slots), cache or None:
+    its slots in the reordered order). `llm` is a module or a bound apply; `kw` goes to it."""
+    order, seg = pad_first(n_pad, prompt_len, tokens.shape[1])
+    logits, cache = llm(
+        _rows(tokens, order), seg, embeds=_rows(embeds, order), embeds_mask=_rows(mask, order), **kw
+    )
+    return _rows(logits, jnp.argsort(order, axis=1)), cache
+
+
+def drop_padding(cache: Any, n_pad: jax.Array, scanned: bool) -> Any:
+    """A prefill cache (`KVCache` per layer, or one with a leading layer axis when
+    `scanned`) with each row's first `n_pad [B]` slots (the padding document) removed: slots
+    shift left and `index` drops by `n_pad`, so decoding attends to the real tokens only."""
+
+    def one(c: Any) -> Any:
+        n = c.keys.shape[-3]
+        src = (jnp.arange(n)[None] + n_pad[:, None]) % n  # [B, L]
+        if scanned:
+            shift = jax.vmap(lambda x: _rows(x, src))
+            return type(c)(shift(c.keys), shift(c.values), c.index - n_pad[None])
+        return type(c)(_rows(c.keys, src), _rows(c.values, src), c.index - n_pad)
+
+    return one(cache) if scanned else tuple(one(c) for c in cache)
+
+
 class MMSLLaMA(nn.Module):
     """`(audio [B, T*640], video [B, T, H, W, 1], length [B], tokens [B, L])` -> `(logits
     [B, L, vocab], rate [B])`. `tokens` hold the instruction at `[0, prompt_len)`, anything at
@@ -218,25 +292,31 @@ class MMSLLaMA(nn.Module):
         if self.max_queries == 0:
             logits, _ = self.llm(tokens)
             return logits, jnp.ones((b,), jnp.float32)
-        speech, _, rate = self.speech_tokens(audio, video, length, train)
-        embeds = jnp.zeros((b, n, self.llm.width), speech.dtype)
-        embeds = jax.lax.dynamic_update_slice_in_dim(embeds, speech, self.prompt_len, axis=1)
-        mask = jnp.broadcast_to(speech_slots(n, self.prompt_len, self.max_queries), (b, n))
-        logits, _ = self.llm(tokens, embeds=embeds, embeds_mask=mask)
+        speech, n_q, rate = self.speech_tokens(audio, video, length, train)
+        logits = self.lm_logits(tokens, speech, n_q)
         return logits, rate
+
+    def lm_logits(self, tokens: jax.Array, speech: jax.Array, n_q: jax.Array) -> jax.Array:
+        """The LLM on `tokens [B, L]` with `speech [B, max_queries, W]` (first `n_q [B]`
+        used) spliced in after the prompt, the unused slots masked -> logits `[B, L, V]`."""
+        embeds, mask, n_pad = splice(speech, n_q, self.prompt_len, tokens.shape[1])
+        return padded_lm(self.llm, tokens, embeds, mask, n_pad, self.prompt_len)[0]
 
 
 class PrefixLM:
     """The LLM as `avjax.sample.decode` wants it (`apply(variables, tokens, pos, cache,
-    return_cache)`), whose prefill splices the speech tokens in: `variables` is
-    `{"params": llm params, "embeds": [B, P, width], "embeds_mask": [B, P]}` and the prompt
-    `[B, P]` the instruction with any ids at the speech slots. Runs under LoRA (`lora`)."""
+    return_cache)`), whose prefill splices the speech tokens in and masks the unused slots:
+    `variables` is `{"params": llm params, "embeds": [B, P, width], "embeds_mask": [B, P],
+    "n_pad": [B]}` (`splice`'s) and the prompt `[B, P]` the instruction with any ids at the
+    speech slots. Decoding steps take their positions from the cache (the padding removed),
+    not from `pos`. Runs under LoRA (`lora`)."""
 
-    def __init__(self, llm: TransformerLM, lora: Any):
+    def __init__(self, llm: TransformerLM, lora: Any, prompt_len: int):
         from avjax.nn.lora import LoraModel
 
         self.model = LoraModel(llm, lora, train=False)
         self.max_len, self.scan_layers = llm.max_len, llm.scan_layers
+        self.prompt_len = prompt_len
 
     def apply(
         self,
@@ -247,13 +327,21 @@ class PrefixLM:
         return_cache: bool = False,
     ) -> tuple[jax.Array, Any]:
         v = {"params": variables["params"]}
-        if cache is None:
-            return self.model.apply(
-                v,
-                tokens,
-                pos,
-                return_cache=return_cache,
-                embeds=variables["embeds"],
-                embeds_mask=variables["embeds_mask"],
-            )
-        return self.model.apply(v, tokens, pos, cache=cache)
+        if cache is not None:
+            index = cache.index[0] if self.scan_layers else cache[0].index
+            pos = index[:, None] + jnp.arange(tokens.shape[1])[None]
+            return self.model.apply(v, tokens, pos, cache=cache)
+        n_pad = variables["n_pad"]
+        run = lambda *a, **k: self.model.apply(v, *a, **k)  # noqa: E731
+        logits, new = padded_lm(
+            run,
+            tokens,
+            variables["embeds"],
+            variables["embeds_mask"],
+            n_pad,
+            self.prompt_len,
+            return_cache=return_cache,
+        )
+        if new is not None:
+            new = drop_padding(new, n_pad, self.scan_layers)
+        return logits, new

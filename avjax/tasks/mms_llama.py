@@ -16,6 +16,7 @@ babble at each SNR, speech tokens per second of audio; `<workdir>/eval/step_N/we
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -28,10 +29,38 @@ from avjax.data.video import av_data
 from avjax.eval import evaluators
 from avjax.io import write_text_atomic
 from avjax.models import mms_llama as mm
-from avjax.nn.lora import LoraConfig, lora_scope
+from avjax.nn.lora import LoraConfig, lora_param_groups, lora_scope
 from avjax.nn.transformer import DecoderConfig, Llama3RopeScaling
 from avjax.nn.whisper import WhisperEncoder
 from avjax.tasks.base import Batch, LossContext, Metrics, Task
+
+FROZEN_ENCODERS = {
+    "none": "audio_encoder|video_encoder|llm",
+    "audio": "video_encoder|llm",
+    "all": "llm",
+}
+
+
+def param_groups(model_cfg: Any) -> list[dict[str, Any]]:
+    """`config.train.param_groups` from `model.llm_train` ("lora": adapters only, the paper;
+    "lora+embed": also the LLM's embedding and head) and `model.train_encoders` ("none": both
+    frozen, the paper; "audio": the audio encoder trains; "all"): the LoRA adapters and the
+    new modules (fusion, Q-Former, projector, rate predictor) train; the LLM base and the
+    frozen encoders get no gradient and no optimizer state."""
+    groups = [lora_param_groups()[0]]
+    if model_cfg.llm_train == "lora+embed":
+        groups.append({"regex": r"^llm/(embedding|lm_head)$", "optimizer": "adamw"})
+    elif model_cfg.llm_train != "lora":
+        raise ValueError(
+            f"model.llm_train={model_cfg.llm_train!r}: expected 'lora' or 'lora+embed'"
+        )
+    frozen = FROZEN_ENCODERS.get(str(model_cfg.train_encoders))
+    if frozen is None:
+        raise ValueError(
+            f"model.train_encoders={model_cfg.train_encoders!r}: expected {list(FROZEN_ENCODERS)}"
+        )
+    groups.append({"regex": rf"^({frozen})/", "optimizer": "frozen"})
+    return groups
 
 
 class MMSLLaMATask(Task):
@@ -42,6 +71,16 @@ class MMSLLaMATask(Task):
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
+        derived = param_groups(config.model)
+        given = [dict(g) for g in (config.train.get("param_groups") or ())]
+        if given and given != derived:
+            raise ValueError(
+                "config.train.param_groups disagrees with model.llm_train="
+                f"{config.model.llm_train!r} / model.train_encoders="
+                f"{config.model.train_encoders!r} (it is derived from them): leave it empty; "
+                f"given {given}, derived {derived}"
+            )
+        config.train.param_groups = derived  # what the optimizer (train/optim.py) reads
         self.data = av_data.AVData.from_config(config, workdir)
         self._text: dict[str, Any] | None = None
 
@@ -104,7 +143,10 @@ class MMSLLaMATask(Task):
         return facts
 
     def train_dataset(self, process_index: int, process_count: int):
-        return self.data.train_dataset(process_index, process_count).map(self._add_tokens)
+        bc = self.config.model.babble
+        noisy = lambda b: train_babble(b, float(bc.prob), tuple(bc.snrs))  # noqa: E731
+        ds = self.data.train_dataset(process_index, process_count)
+        return ds.map(noisy).map(self._add_tokens)
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         return [self._add_tokens(b) for b in self.data.eval_batches(process_index, process_count)]
@@ -205,13 +247,12 @@ class MMSLLaMATask(Task):
         else:
             speech = jnp.zeros((b, 0, model.llm.width))
             n_q, rate = np.zeros((b,), np.int32), np.ones((b,), np.float32)
-        embeds = jnp.zeros((b, p, model.llm.width)).at[:, len(t["prompt"]) :].set(speech)
-        mask = jnp.broadcast_to(mm.speech_slots(p, len(t["prompt"]), t["max_queries"]), (b, p))
+        embeds, mask, n_pad = mm.splice(speech, jnp.asarray(n_q), len(t["prompt"]), p)
         prompt = jnp.asarray(batch["tokens"][:, :p])
         lm = self._prefix_lm(model)
         out = beam_search(
             lm,
-            {"params": params["llm"], "embeds": embeds, "embeds_mask": mask},
+            {"params": params["llm"], "embeds": embeds, "embeds_mask": mask, "n_pad": n_pad},
             prompt,
             int(mc.max_text_tokens) + 1,
             num_beams=num_beams,
@@ -228,7 +269,8 @@ class MMSLLaMATask(Task):
     def _prefix_lm(self, model: Any) -> mm.PrefixLM:
         key = id(model)
         if getattr(self, "_lm_key", None) != key:  # one wrapper per model: decode caches jit
-            self._lm, self._lm_key = mm.PrefixLM(model.llm, self.lora()), key
+            prompt_len = len(self.text()["prompt"])
+            self._lm, self._lm_key = mm.PrefixLM(model.llm, self.lora(), prompt_len), key
             self._lm.encode = jax.jit(
                 lambda v, a, vid, ln: model.apply(v, a, vid, ln, method="speech_tokens")
             )
@@ -240,7 +282,24 @@ def _babble(audio: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     shift = int(rng.integers(1, max(len(audio), 2)))
     noise = np.roll(audio, shift, axis=0)
-    return np.stack([av_data._mix_babble(a, n, snr_db) for a, n in zip(audio, noise, strict=True)])
+    return np.stack([av_data.mix_babble(a, n, snr_db) for a, n in zip(audio, noise, strict=True)])
+
+
+def train_babble(batch: Batch, prob: float, snrs: tuple[float, ...]) -> Batch:
+    """Training babble as the paper's: each row of `audio [B, samples]`, with probability
+    `prob`, gets another row of the batch (another utterance) mixed in at an SNR drawn from
+    the discrete set `snrs` (dB). Seeded by the batch's content: deterministic on resume."""
+    audio = np.asarray(batch["audio"])
+    if prob <= 0 or not snrs or len(audio) < 2:
+        return batch
+    rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(audio[:, :256]).tobytes()))
+    out = audio.copy()
+    for i in range(len(audio)):
+        j = (i + int(rng.integers(1, len(audio)))) % len(audio)
+        snr = float(snrs[int(rng.integers(len(snrs)))])
+        if rng.random() < prob:
+            out[i] = av_data.mix_babble(audio[i], audio[j], snr)
+    return {**batch, "audio": out}
 
 
 @evaluators.register("mms_wer")

@@ -48,6 +48,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from avjax.data.module import DataModule
 from avjax.data.video import av_corpus, layouts
 
 Batch = dict[str, np.ndarray]
@@ -78,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
             "train_splits": "",  # comma-separated; "" = the layout's default
             "eval_splits": "",
             "skip_bad": False,
+            "storage": "npy",  # npy (memory-mapped arrays) | tfds (ArrayRecord: data.tfds.av)
             "num_frames": 29,
             "image_size": 96,
             "crop_size": 88,
@@ -194,7 +196,7 @@ def decode_item(item: layouts.AVItem, dc: Any) -> tuple[np.ndarray, np.ndarray, 
     return out, wav, length
 
 
-def _text_within(item: layouts.AVItem, seconds: float) -> str:
+def text_within(item: layouts.AVItem, seconds: float) -> str:
     """The transcript, cut to the words that start within the first `seconds`."""
     if not item.words or item.word is not None or item.words[-1][1] < seconds:
         return item.text
@@ -232,7 +234,7 @@ def _write_cache(tmp: str, items: list[layouts.AVItem], dc: Any) -> dict[str, An
             v, a, n = res
             i = len(meta)
             video[i], audio[i] = v, a
-            text = _text_within(item, t / av_corpus.FPS)
+            text = text_within(item, t / av_corpus.FPS)
             meta.append([item.uid, item.split, item.speaker, text, item.word, n])
     video.flush()
     audio.flush()
@@ -241,37 +243,119 @@ def _write_cache(tmp: str, items: list[layouts.AVItem], dc: Any) -> dict[str, An
     return {"items": len(meta), "skipped": len(skipped), "bytes": video.nbytes + audio.nbytes}
 
 
-class _Source:
-    """Random access to cached examples (memory-mapped; opened lazily in each process)."""
+def _write_tfds(tmp: str, items: list[layouts.AVItem], layout: str, dc: Any) -> dict:
+    """As `_write_cache`, but the arrays go into a TFDS dataset (`avjax.data.tfds.av`) in
+    `tmp`; meta.json lists the kept items in the same order and format."""
+    from avjax.data.tfds import av as tfds_av
 
-    def __init__(self, folder: str, indices: np.ndarray, meta: list, vocab: dict, spk: dict, dc):
-        self.folder, self.indices, self.meta = folder, indices, meta
+    t = int(dc.num_frames)
+    lengths: dict[str, int] = {}
+
+    def decode(item: layouts.AVItem) -> tuple[np.ndarray, np.ndarray, int]:
+        video, audio, lengths[item.uid] = decode_item(item, dc)
+        return video, audio, lengths[item.uid]
+
+    builder = tfds_av.write(
+        tmp,
+        _tfds_config(layout, dc),
+        items,
+        decode,
+        text_of=lambda item: text_within(item, t / av_corpus.FPS),
+        skip_bad=bool(dc.skip_bad),
+    )
+    skipped = builder.info.metadata.get("skipped", [])
+    bad = {path for path, _ in skipped}
+    meta = [
+        [it.uid, it.split, it.speaker, text_within(it, t / av_corpus.FPS), it.word, lengths[it.uid]]
+        for it in items
+        if it.path not in bad
+    ]
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"items": meta, "skipped": skipped}, f)
+    sizes = {k: v.num_bytes for k, v in builder.info.splits.items()}
+    return {"items": len(meta), "skipped": len(skipped), "bytes": int(sum(sizes.values()))}
+
+
+def _tfds_config(layout: str, dc: Any) -> Any:
+    from avjax.data.tfds import av as tfds_av
+
+    ch = 1 if dc.grayscale else 3
+    return tfds_av.config_for(layout, dc.num_frames, dc.image_size, ch, "avdata")
+
+
+def _tfds_positions(meta: list) -> list[tuple[str, int]]:
+    """`(TFDS split, position in it)` of each meta row (splits keep reading order)."""
+    from avjax.data.tfds.base import split_name
+
+    seen: dict[str, int] = {}
+    out = []
+    for m in meta:
+        split = split_name(m[1])
+        out.append((split, seen.get(split, 0)))
+        seen[split] = out[-1][1] + 1
+    return out
+
+
+class _NpyStore:
+    """Decoded arrays of `_write_cache` (memory-mapped; opened lazily in each process)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(video [T, S, S, C] uint8, audio [T * 640] int16)` of meta row `j`."""
+        if self._arrays is None:
+            self._arrays = (
+                np.load(os.path.join(self.folder, "video.npy"), mmap_mode="r"),
+                np.load(os.path.join(self.folder, "audio.npy"), mmap_mode="r"),
+            )
+        return self._arrays[0][j], self._arrays[1][j]
+
+
+class _TfdsStore:
+    """Decoded arrays of `_write_tfds` (TFDS data sources, opened lazily in each process)."""
+
+    def __init__(self, folder: str, layout: str, meta: list, dc: Any):
+        self.folder, self.config = folder, _tfds_config(layout, dc)
+        self.where = _tfds_positions(meta)
+        self._sources: dict[str, Any] | None = None
+
+    def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._sources is None:
+            from avjax.data.tfds import av as tfds_av
+
+            builder = tfds_av.load(self.folder, self.config)
+            self._sources = {s: builder.as_data_source(split=s) for s in builder.info.splits}
+        split, i = self.where[j]
+        ex = self._sources[split][i]
+        return ex["video"], ex["audio"]
+
+
+class _Source:
+    """Random access to the cached examples of some meta rows (`indices`) through a store."""
+
+    def __init__(self, store: Any, indices: np.ndarray, meta: list, vocab: dict, spk: dict, dc):
+        self.store, self.indices, self.meta = store, indices, meta
         self.vocab, self.spk, self.max_text = vocab, spk, int(dc.max_text)
-        self._video = self._audio = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._video is None:
-            self._video = np.load(os.path.join(self.folder, "video.npy"), mmap_mode="r")
-            self._audio = np.load(os.path.join(self.folder, "audio.npy"), mmap_mode="r")
-        return self._video, self._audio
-
     def audio(self, i: int) -> np.ndarray:
         """float32 `[T * 640]` of source element `i`."""
-        return self._arrays()[1][self.indices[i]].astype(np.float32) / 32767.0
+        return self.store.get(int(self.indices[i]))[1].astype(np.float32) / 32767.0
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        video, _ = self._arrays()
         j = int(self.indices[i])
+        video, audio = self.store.get(j)
         _, _, speaker, text, word, length = self.meta[j]
         raw = text.encode("utf-8")[: self.max_text]
         text_arr = np.zeros(self.max_text, np.uint8)
         text_arr[: len(raw)] = np.frombuffer(raw, np.uint8)
         return {
-            "video": np.asarray(video[j]),
-            "audio": self.audio(i),
+            "video": np.asarray(video),
+            "audio": audio.astype(np.float32) / 32767.0,
             "label": np.int32(self.vocab.get(word, -1) if word else -1),
             "text": text_arr,
             "length": np.int32(length),
@@ -291,8 +375,9 @@ def _crop(video: np.ndarray, size: int, rng: np.random.Generator | None) -> np.n
     return video[:, y : y + size, x : x + size]
 
 
-def _mix_babble(wav: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
-    """`wav + noise` scaled so that power(wav) / power(noise) is `snr_db` dB."""
+def mix_babble(wav: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """`wav [samples]` + `noise [samples]` (same length) scaled so that power(wav) /
+    power(noise) is `snr_db` dB -> float32 `[samples]`; `wav` unchanged if either is silent."""
     p_s, p_n = float(np.mean(wav**2)), float(np.mean(noise**2))
     if p_s <= 0 or p_n <= 0:
         return wav
@@ -360,52 +445,63 @@ class _Augment:
             other = int(rng.integers(len(self.source) - 1))
             noise = self.source.audio(other)  # (may be the example itself: rare, harmless)
             lo, hi = (float(v) for v in dc.babble_snr_db)
-            ex["audio"] = _mix_babble(ex["audio"], noise, float(rng.uniform(lo, hi)))
+            ex["audio"] = mix_babble(ex["audio"], noise, float(rng.uniform(lo, hi)))
         if dc.mel:
             ex["mel"] = _spec_augment(_mel(ex["audio"], int(dc.num_frames)), dc, rng)
         return ex
 
 
-@dataclasses.dataclass
-class AVData:
+def _decoded_cache(
+    dc: Any, layout: str, identity: dict, items: list[layouts.AVItem], read_only: bool
+) -> tuple[str, list, int]:
+    """`(folder, meta rows, skipped)` of the prepared artifact holding `items` decoded.
+
+    Keyed by the corpus, the utterances and every field that shapes the arrays; stored as
+    memory-mapped arrays (`data.storage="npy"`) or a TFDS dataset (`"tfds"`)."""
+    from avjax.data import artifacts
+
+    if dc.storage not in ("npy", "tfds"):
+        raise ValueError(f"config.data.storage={dc.storage!r}; expected 'npy' or 'tfds'")
+    fields = {
+        "version": CACHE_VERSION,
+        "corpus": identity,
+        "layout": layout,
+        "uids": artifacts.fingerprint(sorted(it.uid for it in items)),
+        **{k: dc[k] for k in ("num_frames", "image_size", "grayscale", "skip_bad")},
+        "roi": [float(v) for v in dc.roi],
+    }
+    if dc.storage == "tfds":  # (npy caches keep the key they had before storage existed)
+        fields["storage"] = "tfds"
+    folder = os.path.join(cache_root(dc), "av_frames", artifacts.fingerprint(fields))
+    if dc.storage == "tfds":
+        build = lambda tmp: _write_tfds(os.fspath(tmp), items, layout, dc)  # noqa: E731
+    else:
+        build = lambda tmp: _write_cache(os.fspath(tmp), items, dc)  # noqa: E731
+    art = artifacts.prepare_artifact(
+        folder,
+        fields,
+        build,
+        what=f"the decoded {layout} frames",
+        **_artifact_options(cache_root(dc), read_only),
+    )
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)["items"]
+    return folder, meta, int(art.info.get("skipped", 0))
+
+
+class AVData(DataModule):
     """One AV corpus as cached arrays and grain pipelines; prepared once, lazily.
 
-    Attributes:
-      data: `config.data` (see `default_config`).
-      workdir: the experiment folder (`data_facts.json`).
-      seed: shuffling and augmentation.
-      batch_size: the global batch (each process gets `batch_size // process_count`).
-      num_eval_batches: held-out batches per evaluation.
-      read_only: sampling / evaluation: nothing is built.
+    Fields as `DataModule`: `data` is `config.data` (see `default_config`); `seed` drives the
+    shuffling and the augmentations; `workdir` receives `data_facts.json`.
     """
-
-    data: Any
-    workdir: str = ""
-    seed: int = 0
-    batch_size: int = 8
-    num_eval_batches: int = 1
-    read_only: bool = False
-    _prepared: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
-
-    @classmethod
-    def from_config(cls, config: Any, workdir: str) -> AVData:
-        """From an experiment config (`data`, `seed`, `train.batch_size`, `.eval_batches`)."""
-        return cls(
-            config.data,
-            workdir,
-            seed=int(config.seed),
-            batch_size=int(config.train.batch_size),
-            num_eval_batches=int(config.train.eval_batches),
-        )
 
     def prepare(self, read_only: bool | None = None) -> dict[str, Any]:
         """Builds the synthetic corpus if needed and the decoded-array cache; returns facts."""
-        from avjax.data import artifacts
-
         if self._prepared is not None:
             return self._prepared["facts"]
         dc = self.data
-        read_only = self.read_only if read_only is None else bool(read_only)
+        read_only = self._resolve_read_only(read_only)
         layout, root, identity = corpus_root(dc, read_only)
         train_splits, eval_splits = _splits(dc, layout)
         items = layouts.scan(layout, root, skip_bad=bool(dc.skip_bad))
@@ -415,24 +511,7 @@ class AVData:
             raise ValueError(
                 f"{root}: no {layout} utterances in splits {train_splits + eval_splits}"
             )
-        fields = {
-            "version": CACHE_VERSION,
-            "corpus": identity,
-            "layout": layout,
-            "uids": artifacts.fingerprint(sorted(it.uid for it in items)),
-            **{k: dc[k] for k in ("num_frames", "image_size", "grayscale", "skip_bad")},
-            "roi": [float(v) for v in dc.roi],
-        }
-        folder = os.path.join(cache_root(dc), "av_frames", artifacts.fingerprint(fields))
-        art = artifacts.prepare_artifact(
-            folder,
-            fields,
-            lambda tmp: _write_cache(os.fspath(tmp), items, dc),
-            what=f"the decoded {layout} frames",
-            **_artifact_options(cache_root(dc), read_only),
-        )
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)["items"]
+        folder, meta, skipped = _decoded_cache(dc, layout, identity, items, read_only)
         vocab = sorted({m[4] for m in meta if m[4]})
         spk = sorted({m[2] for m in meta})
         split_of = np.array([m[1] for m in meta])
@@ -440,38 +519,34 @@ class AVData:
             "layout": layout,
             "root": root,
             "cache": folder,
+            "storage": str(dc.storage),
             "scanned": scanned,
             "train_items": int(np.isin(split_of, train_splits).sum()),
             "eval_items": int(np.isin(split_of, eval_splits).sum()),
-            "skipped": int(art.info.get("skipped", 0)),
+            "skipped": skipped,
             "vocab_size": len(vocab),
             "speakers": len(spk),
         }
+        store = _TfdsStore(folder, layout, meta, dc) if dc.storage == "tfds" else _NpyStore(folder)
         self._prepared = {
             "facts": facts,
             "meta": meta,
-            "folder": folder,
+            "store": store,
             "vocab": {w: i for i, w in enumerate(vocab)},
             "speakers": {s: i for i, s in enumerate(spk)},
             "train": np.flatnonzero(np.isin(split_of, train_splits)),
             "eval": np.flatnonzero(np.isin(split_of, eval_splits)),
         }
+        self._write_facts(facts, read_only)
+        return facts
+
+    def _write_facts(self, facts: dict[str, Any], read_only: bool) -> None:
         import jax
 
         if self.workdir and not read_only and jax.process_index() == 0:
             os.makedirs(self.workdir, exist_ok=True)
             with open(os.path.join(self.workdir, "data_facts.json"), "w") as f:
                 json.dump(facts, f, indent=2)
-        return facts
-
-    def _get(self, name: str) -> Any:
-        if self._prepared is None:
-            raise RuntimeError(f"AVData.{name} before prepare()")
-        return self._prepared[name]
-
-    @property
-    def facts(self) -> dict[str, Any]:
-        return self._get("facts")
 
     @property
     def vocabulary(self) -> list[str]:
@@ -495,7 +570,7 @@ class AVData:
         idx = p[split]
         if not len(idx):
             raise ValueError(f"AVData: no {split} utterances ({self.facts})")
-        return _Source(p["folder"], idx, p["meta"], p["vocab"], p["speakers"], self.data)
+        return _Source(p["store"], idx, p["meta"], p["vocab"], p["speakers"], self.data)
 
     def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
         """Endless shuffled, augmented batches of this process's share (checkpointable)."""
@@ -505,7 +580,7 @@ class AVData:
         ds = grain.MapDataset.source(src).shuffle(seed=self.seed).repeat(None)
         ds = ds[process_index::process_count]
         ds = ds.random_map(_Augment(src, self.data, train=True), seed=self.seed + 1)
-        ds = ds.batch(self.batch_size // process_count, drop_remainder=True)
+        ds = ds.batch(self.per_process_batch(process_count), drop_remainder=True)
         options = grain.ReadOptions(
             num_threads=int(self.data.read_threads),
             prefetch_buffer_size=int(self.data.prefetch_batches),
@@ -516,7 +591,7 @@ class AVData:
         """`num_eval_batches` fixed held-out batches (centre crop, no augmentation), cycled."""
         src = self._source("eval")
         aug = _Augment(src, self.data, train=False)
-        per = self.batch_size // process_count
+        per = self.per_process_batch(process_count)
         total = per * process_count * self.num_eval_batches
         order = [i % len(src) for i in range(total)][process_index::process_count]
         out = []
