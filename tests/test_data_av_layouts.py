@@ -166,3 +166,55 @@ def test_av_data_on_lrw_layout(corpora, tmp_path):
     assert g.prepare()["train_items"] == 1
     held = g.eval_batches(0, 1)[0]
     assert bytes(held["text"][0]).rstrip(b"\0") == b"BIN BLUE" and held["label"][0] == -1
+
+
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+def test_tfds_storage_gives_the_same_batches(corpora, tmp_path, layout):
+    """`data.storage=tfds` (ArrayRecord through the TFDS builder) == the memory-mapped cache."""
+    root = os.path.join(corpora, layout)
+    splits = {"lrs3": "trainval", "lrs2": "train", "grid": "train", "dir": "train"}
+    extra = {"train_splits": splits[layout]} if layout in splits else {}
+    if layout in ("lrs3", "lrs2", "grid", "dir"):
+        extra["eval_splits"] = {"lrs3": "test", "lrs2": "val", "grid": "test", "dir": "val"}[layout]
+    if layout == "grid":
+        extra["train_splits"] = "train,test"  # (the fixture's two speakers are both train)
+    got = {}
+    for storage in ("npy", "tfds"):
+        dc = _config(layout, root, tmp_path, storage=storage, **extra)
+        data = av_data.AVData(dc, batch_size=1, seed=0)
+        facts = data.prepare()
+        assert facts["storage"] == storage
+        got[storage] = (facts["train_items"], data.eval_batches(0, 1)[0])
+        got[storage] += (next(iter(data.train_dataset(0, 1))),)
+    (n_npy, held_npy, train_npy), (n_tfds, held_tfds, train_tfds) = got["npy"], got["tfds"]
+    assert n_npy == n_tfds > 0
+    for a, b in ((held_npy, held_tfds), (train_npy, train_tfds)):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{layout} {k}")
+
+
+def test_tfds_builder_reads_a_layout_and_skips_a_bad_video(corpora, tmp_path):
+    from avjax.data.tfds import av as tfds_av
+
+    root = tmp_path / "lrw"
+    import shutil
+
+    shutil.copytree(os.path.join(corpora, "lrw"), root)
+    (root / "WATER" / "train" / "WATER_00002.mp4").write_bytes(b"not a video")
+    with pytest.raises(VideoError, match="WATER_00002.mp4"):
+        tfds_av.build_av("lrw", root, tmp_path / "tfds", num_frames=8, image_size=16)
+    builder = tfds_av.build_av(
+        "lrw", root, tmp_path / "tfds", num_frames=8, image_size=16, skip_bad=True
+    )
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "val": 2}
+    skipped = builder.info.metadata["skipped"]
+    assert len(skipped) == 1 and skipped[0][0].endswith("WATER_00002.mp4")
+    ex = builder.as_data_source(split="val")[1]
+    assert ex["video"].shape == (8, 16, 16, 1) and ex["video"].dtype == np.uint8
+    assert ex["audio"].shape == (8 * 640,) and int(ex["length"]) == 6
+    assert (ex["word"], ex["split"]) == (b"WATER", b"val") and np.abs(ex["audio"]).max() > 1000
+    # Built once: a second call loads it (even with the bad file gone).
+    (root / "WATER" / "train" / "WATER_00002.mp4").unlink()
+    again = tfds_av.build_av("lrw", root, tmp_path / "tfds", num_frames=8, image_size=16)
+    assert again.info.splits["train"].num_examples == 3
