@@ -23,8 +23,9 @@ frames and `decode_item` stops after `num_frames`; the torch reader stops decodi
 frames. Training then reads one memory-mapped row per example.
 
 Printed side by side: examples/s (wall), CPU-s per example (process + reaped children: the
-fair figure on a shared machine), peak RSS of the main process and of the largest child, and
-the load average; `--json` gets the rows.
+fair figure on a shared machine), cores kept busy (CPU-s per wall-s: 2.0 = both cores of a
+2-core machine; only meaningful on an otherwise idle machine), peak RSS of the main process
+and of the largest child, and the load average; `--json` gets the rows.
 """
 
 from __future__ import annotations
@@ -303,15 +304,18 @@ def main() -> None:
         load1 = os.getloadavg()[0]
     print(f"load average {load0:.1f} -> {load1:.1f}; {os.cpu_count()} CPUs")
     print(
-        f"{'pipeline':30s} {'files':>5s} {'ex/s':>7s} {'CPU-s/ex':>9s} {'RSS MB':>7s} {'child':>6s}"
+        f"{'pipeline':30s} {'files':>5s} {'ex/s':>7s} {'CPU-s/ex':>9s} {'cores':>5s} "
+        f"{'RSS MB':>7s} {'child':>6s}"
     )
     for r in rows:
         r["examples_per_s"] = r["examples"] / r["wall_s"]
         r["cpu_s_per_example"] = r["cpu_s"] / r["examples"]
+        r["cores_busy"] = r["cpu_s"] / r["wall_s"]  # CPU-s per wall-s: cores kept busy
         r["load_avg"] = [load0, load1]
         print(
             f"{r['pipeline']:30s} {r['files']:5d} {r['examples_per_s']:7.1f} "
-            f"{r['cpu_s_per_example']:9.3f} {r['peak_rss_mb']:7.0f} {r['child_peak_rss_mb']:6.0f}"
+            f"{r['cpu_s_per_example']:9.3f} {r['cores_busy']:5.2f} {r['peak_rss_mb']:7.0f} "
+            f"{r['child_peak_rss_mb']:6.0f}"
         )
     if args.json:
         with open(args.json, "w") as f:
