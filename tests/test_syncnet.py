@@ -5,6 +5,7 @@ tiny train + `--mode=eval` through `avjax.main`."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -222,12 +223,19 @@ def test_centred_expert_ignores_the_static_face_and_loudness():
     params = jax.jit(model.init)(jax.random.key(2), faces, mel)
     apply = jax.jit(model.apply)  # one compile for both calls (op by op is far slower)
     logit, fe, ae = apply(params, faces, mel)
-    assert logit.shape == (2,) and fe.shape == ae.shape == (2, 8 * cfg.width)
+    assert logit.shape == (2,) and fe.shape == ae.shape == (2, 4 * cfg.width)  # shallow: 4 w
     assert float(jnp.min(fe)) < 0.0  # signed embeddings (no ReLU on the last layer)
     still = jnp.tile(jax.random.uniform(jax.random.key(3), (2, 16, 32, 3)), (1, 1, 1, 5))
     np.testing.assert_allclose(centre_frames(faces + still, 3), centre_frames(faces, 3), atol=1e-6)
     logit2, _, _ = apply(params, faces + still, mel + 3.0)
     np.testing.assert_allclose(logit2, logit, atol=1e-4)
+    # The offset softmax's logits: each candidate scored as a pair would be.
+    other = jax.random.normal(jax.random.key(4), (2, 80, 16))
+    cands = jax.jit(functools.partial(model.apply, method="candidate_logits"))
+    both = cands(params, faces, jnp.stack([other, mel], axis=1))
+    assert both.shape == (2, 2)
+    np.testing.assert_allclose(both[:, 1], logit, atol=1e-4)
+    np.testing.assert_allclose(both[:, 0], apply(params, faces, other)[0], atol=1e-4)
 
 
 # --- the CLI ---------------------------------------------------------------------------------
