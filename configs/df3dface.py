@@ -77,9 +77,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = _base()
     if variant == "paper":
         _paper(c)
+    elif variant == "noaudio":
+        _noaudio(c)
     elif variant:
-        raise ValueError(f"configs/df3dface.py: unknown variant {variant!r} (known: paper)")
+        raise ValueError(f"configs/df3dface.py: unknown variant {variant!r} (paper | noaudio)")
     return c
+
+
+def _noaudio(c: ml_collections.ConfigDict) -> None:
+    """The audio-free baseline: the same denoiser, data and schedule with no audio path (no
+    frame-aligned audio, no sync cross-attention); it learns the motion prior only. Give its
+    workdir to the default model's eval (`--config.eval.noaudio_workdir=W`) to see its LVE
+    beside the model's."""
+    c.model.use_audio = False
+    c.model.cond_drop_prob = 0.0
+    c.model.mask_prob = 0.0
 
 
 def _paper(c: ml_collections.ConfigDict) -> None:
@@ -120,6 +132,7 @@ def _base() -> ml_collections.ConfigDict:
     c.data.audio_features = "logmel"  # logmel | hubert (the paper's; needs hubert_dir)
     c.data.hubert_dir = ""  # a local HF HuBERT directory (config.json + weights)
     c.data.hubert_layer = 12  # its layer whose output conditions the denoiser
+    c.data.feature_norm = "global"  # global (training stats) | utterance (CMVN, then those)
     c.data.code_dim = 0  # > 0: the frame code width, declared (AOT without a corpus; checked)
     c.data.feature_dim = 0  # > 0: the speech feature width, declared (as code_dim)
 
@@ -160,6 +173,7 @@ def _base() -> ml_collections.ConfigDict:
     c.eval.num_sequences = 8  # held-out utterances scored
     c.eval.samples = 3  # samples per utterance (diversity)
     c.eval.max_frames = 150
+    c.eval.noaudio_workdir = ""  # a :noaudio run's workdir: its eval LVE joins this report
 
     c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_RULES

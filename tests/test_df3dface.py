@@ -77,6 +77,9 @@ def test_sample_and_eval_write_meshes_video_and_report(trained):
         assert np.isfinite(e[k]), k
     assert e["diversity_identity"] > 0 and e["diversity_pose_deg"] > 0
     assert os.path.exists(e["report"])
+    from avjax.tasks.df3dface import _noaudio_lve  # a :noaudio workdir's LVE joins a report
+
+    assert _noaudio_lve(workdir) == {"lve_noaudio_model": e["lve"]}
 
 
 def test_ddim_50_steps_is_one_compiled_scan(trained):

@@ -251,6 +251,21 @@ def _plot(path, curves: dict, fps: float) -> bool:
     return True
 
 
+def _noaudio_lve(workdir: str) -> dict[str, float]:
+    """`{"lve_noaudio_model": ...}`: the LVE of the newest eval report in `workdir` (a run of
+    the `:noaudio` variant, scored on the same held-out sequences); {} when none is given."""
+    if not workdir:
+        return {}
+    reports = sorted(
+        as_path(workdir).glob("eval/step_*/eval_report.json"),
+        key=lambda p: int(p.parent.name.removeprefix("step_")),
+    )
+    if not reports:
+        raise FileNotFoundError(f"eval.noaudio_workdir={workdir}: no eval report; run its eval")
+    got = json.loads(reports[-1].read_text())
+    return {"lve_noaudio_model": float(got["lve"])}
+
+
 def evaluate_heldout(task: DF3DFaceTask, model, params, step: int) -> dict[str, Any]:
     """Means over `eval.num_sequences` held-out sequences of `_score`; report + plot."""
     n = min(int(task.config.eval.num_sequences), len(task.data.heldout))
@@ -260,6 +275,7 @@ def evaluate_heldout(task: DF3DFaceTask, model, params, step: int) -> dict[str, 
         rows.append(row)
         curves = curves or c
     summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    summary.update(_noaudio_lve(str(task.config.eval.get("noaudio_workdir", ""))))
     summary["sequences"] = n
     out = as_path(task.workdir) / "eval" / f"step_{step}"
     out.mkdir(parents=True, exist_ok=True)

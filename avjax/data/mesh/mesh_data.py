@@ -65,6 +65,14 @@ def interpolate_frames(feats: np.ndarray, rate: float, num_frames: int, fps: flo
     return ((1 - w) * feats[lo] + w * feats[hi]).astype(np.float32)
 
 
+def utterance_normalise(feats: np.ndarray) -> np.ndarray:
+    """`feats [T, D]` with each dimension's mean and std over the utterance removed (CMVN):
+    a voice's spectral envelope and level are taken out, so unseen speakers' features lie
+    where the training speakers' do."""
+    f = np.asarray(feats, np.float32)
+    return ((f - f.mean(0)) / (f.std(0) + 1e-3)).astype(np.float32)
+
+
 def audio_envelope(wav: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
     """RMS energy `[num_frames]` per mesh frame."""
     return corpus_lib._envelope(np.asarray(wav), num_frames, fps)  # noqa: SLF001
@@ -409,11 +417,20 @@ class MeshData(DataModule):
         """Raw speech features `[num_frames, feature_dim]` of 16 kHz audio."""
         kind = self.data.get("audio_features", "logmel")
         if kind == "logmel":
-            return audio_features(wav, num_frames, fps)
-        if kind == "hubert":
+            feats = audio_features(wav, num_frames, fps)
+        elif kind == "hubert":
             h = self._hubert()
-            return interpolate_frames(h(np.asarray(wav, np.float32)), h.frame_rate, num_frames, fps)
-        raise ValueError(f"data.audio_features={kind!r}; expected logmel | hubert")
+            feats = interpolate_frames(
+                h(np.asarray(wav, np.float32)), h.frame_rate, num_frames, fps
+            )
+        else:
+            raise ValueError(f"data.audio_features={kind!r}; expected logmel | hubert")
+        norm = self.data.get("feature_norm", "global")
+        if norm == "utterance":
+            return utterance_normalise(feats)
+        if norm != "global":
+            raise ValueError(f"data.feature_norm={norm!r}; expected global | utterance")
+        return feats
 
     def compatibility(self) -> dict[str, Any]:
         keys = ("name", "manual_dir", "minutes", "representation", "pca_dim", "num_speakers")
@@ -422,6 +439,8 @@ class MeshData(DataModule):
             out.update(
                 {k: self.data.get(k) for k in ("audio_features", "hubert_dir", "hubert_layer")}
             )
+        if self.data.get("feature_norm", "global") != "global":
+            out["feature_norm"] = self.data.get("feature_norm")
         return {"mesh_data": out}
 
     def _windows(self, split: str) -> _Windows:
