@@ -44,9 +44,10 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from fractions import Fraction
 from types import TracebackType
+from typing import Any
 
 import av
 import numpy as np
@@ -295,31 +296,27 @@ def iter_video(
             container.close()
 
 
-def _iter_local(
-    path: avio.PathLike,
-    local: str,
-    container: av.container.InputContainer,
-    chunk_frames: int,
-    fps: float,
-    sample_rate: int,
-    require_audio: bool,
-) -> Iterator[VideoChunk]:
+def _video_stream(
+    path: avio.PathLike, container: av.container.InputContainer, require_audio: bool
+) -> tuple[Any, float | None, float | None]:
+    """`(video stream, its average fps or None, the duration it declares in s or None)`."""
     if not container.streams.video:
         raise VideoError(path, "no video stream")
     vstream = container.streams.video[0]
     vstream.thread_type = "AUTO"
-    has_audio_stream = bool(container.streams.audio)
-    if require_audio and not has_audio_stream:
+    if require_audio and not container.streams.audio:
         raise VideoError(path, "no audio stream (pass require_audio=False to allow silent video)")
     source_fps = float(vstream.average_rate) if vstream.average_rate else None
-    default_dt = 1.0 / source_fps if source_fps else 1.0 / fps
     declared = (
         float(vstream.duration * vstream.time_base)
         if vstream.duration and vstream.time_base
         else None
     )
+    return vstream, source_fps, declared
 
-    decoded = container.decode(vstream)
+
+def _frame_reader(path: avio.PathLike, decoded: Iterator[Any]) -> Callable[[], Any]:
+    """`next_frame()`: the next decoded frame, None at the end; VideoError if corrupt."""
 
     def next_frame() -> av.VideoFrame | None:
         try:
@@ -329,24 +326,76 @@ def _iter_local(
         except av.error.FFmpegError as e:
             raise VideoError(path, f"corrupt video stream ({type(e).__name__}: {e})") from e
 
+    return next_frame
+
+
+def _open_audio(
+    path: avio.PathLike,
+    local: str,
+    container: av.container.InputContainer,
+    sample_rate: int,
+    t0: float,
+    require_audio: bool,
+) -> tuple[_AlignedAudio | None, str | None, int | None]:
+    """`(audio aligned to the first video frame at t0, codec, source rate)`; Nones without
+    an audio stream (or an empty one, when audio is not required)."""
+    if not container.streams.audio:
+        return None, None, None
+    blocks, a0 = _audio_samples(path, local, sample_rate)
+    if a0 is None:
+        if require_audio:
+            raise VideoError(path, "audio stream has no decodable samples")
+        return None, None, None
+    astream = container.streams.audio[0]
+    audio = _AlignedAudio(blocks, round((a0 - t0) * sample_rate))
+    return audio, astream.codec_context.name, astream.rate
+
+
+class _Chunker:
+    """Collects output frames into `VideoChunk`s of `size` frames with their audio."""
+
+    def __init__(self, info: VideoInfo, audio: _AlignedAudio | None, size: int):
+        self.info, self.audio, self.size = info, audio, size
+        self.pending: list[np.ndarray] = []
+        self.emitted = 0  # output frames in the chunks made so far
+
+    def add(self, rgb: np.ndarray) -> VideoChunk | None:
+        """Adds one output frame; returns a chunk when `size` frames are pending."""
+        self.pending.append(rgb)
+        return self.make() if len(self.pending) == self.size else None
+
+    def make(self) -> VideoChunk:
+        start, stop = self.emitted, self.emitted + len(self.pending)
+        sr, fps = self.info.sample_rate, self.info.fps
+        if self.audio is not None:
+            wav = self.audio.take(round(start * sr / fps), round(stop * sr / fps))
+        else:
+            wav = np.zeros(0, np.float32)
+        chunk = VideoChunk(np.stack(self.pending), wav, start, self.info)
+        self.pending, self.emitted = [], stop
+        return chunk
+
+
+def _iter_local(
+    path: avio.PathLike,
+    local: str,
+    container: av.container.InputContainer,
+    chunk_frames: int,
+    fps: float,
+    sample_rate: int,
+    require_audio: bool,
+) -> Iterator[VideoChunk]:
+    """`iter_video` on an open local container: probe, align audio, resample by timestamp."""
+    vstream, source_fps, declared = _video_stream(path, container, require_audio)
+    default_dt = 1.0 / source_fps if source_fps else 1.0 / fps
+    next_frame = _frame_reader(path, container.decode(vstream))
     first = next_frame()
     if first is None:
         raise VideoError(path, "no video frames (zero-frame or undecodable video stream)")
     t0 = _frame_time(first, 0.0)
-
-    audio: _AlignedAudio | None = None
-    audio_codec = None
-    source_sr = None
-    if has_audio_stream:
-        blocks, a0 = _audio_samples(path, local, sample_rate)
-        if a0 is None:
-            if require_audio:
-                raise VideoError(path, "audio stream has no decodable samples")
-        else:
-            audio = _AlignedAudio(blocks, round((a0 - t0) * sample_rate))
-            astream = container.streams.audio[0]
-            audio_codec = astream.codec_context.name
-            source_sr = astream.rate
+    audio, audio_codec, source_sr = _open_audio(
+        path, local, container, sample_rate, t0, require_audio
+    )
     info = VideoInfo(
         path=os.fspath(path),
         fps=float(fps),
@@ -360,61 +409,11 @@ def _iter_local(
         audio_codec=audio_codec,
         start_time=t0,
     )
-
-    def sample_index(k: int) -> int:
-        return round(k * sample_rate / fps)
-
-    pending: list[np.ndarray] = []
-    emitted = 0
-
-    def make_chunk() -> VideoChunk:
-        nonlocal pending, emitted
-        start = emitted
-        stop = start + len(pending)
-        if audio is not None:
-            wav = audio.take(sample_index(start), sample_index(stop))
-        else:
-            wav = np.zeros(0, np.float32)
-        chunk = VideoChunk(np.stack(pending), wav, start, info)
-        pending, emitted = [], stop
-        return chunk
-
+    chunker = _Chunker(info, audio, chunk_frames)
     try:
-        prev, prev_t, prev_rgb = first, t0, None
-        dt = default_dt
-        k = 0  # next output frame index
-        while True:
-            frame = next_frame()
-            if frame is None:
-                duration = prev.duration
-                tb = prev.time_base
-                if duration and tb:
-                    dt = float(duration * tb)
-                end = prev_t + dt
-            else:
-                t = _frame_time(frame, prev_t + dt)
-                if t > prev_t:
-                    dt = t - prev_t
-                end = t
-            # Output frames shown before `end` (the next frame's time) show `prev`.
-            while t0 + k / fps < end - _TIME_EPS:
-                if prev_rgb is None:
-                    prev_rgb = prev.to_ndarray(format="rgb24")
-                pending.append(prev_rgb)
-                k += 1
-                if len(pending) == chunk_frames:
-                    yield make_chunk()
-            if frame is None:
-                break
-            if frame.width != info.width or frame.height != info.height:
-                raise VideoError(
-                    path,
-                    f"frame size changes mid-stream ({info.width}x{info.height} -> "
-                    f"{frame.width}x{frame.height})",
-                )
-            prev, prev_t, prev_rgb = frame, max(end, prev_t), None
-        if pending:
-            yield make_chunk()
+        end, k = yield from _resample(path, first, t0, default_dt, next_frame, chunker)
+        if chunker.pending:
+            yield chunker.make()
         if k == 0:
             raise VideoError(path, "no video frames (zero-length video stream)")
         if declared is not None and end - t0 < declared - max(0.1, 2 * default_dt):
@@ -426,6 +425,50 @@ def _iter_local(
     finally:
         if audio is not None:
             audio.close()
+
+
+def _resample(
+    path: avio.PathLike,
+    first: Any,
+    t0: float,
+    default_dt: float,
+    next_frame: Callable[[], Any],
+    chunker: _Chunker,
+) -> Generator[VideoChunk, None, tuple[float, int]]:
+    """Output frame k (at t0 + k / fps) shows the last source frame shown by then; yields the
+    full chunks and returns `(end time of the last source frame, output frames made)`."""
+    fps, info = chunker.info.fps, chunker.info
+    prev, prev_t, prev_rgb = first, t0, None
+    dt = default_dt
+    k = 0  # next output frame index
+    while True:
+        frame = next_frame()
+        if frame is None:
+            if prev.duration and prev.time_base:
+                dt = float(prev.duration * prev.time_base)
+            end = prev_t + dt
+        else:
+            t = _frame_time(frame, prev_t + dt)
+            if t > prev_t:
+                dt = t - prev_t
+            end = t
+        # Output frames shown before `end` (the next frame's time) show `prev`.
+        while t0 + k / fps < end - _TIME_EPS:
+            if prev_rgb is None:
+                prev_rgb = prev.to_ndarray(format="rgb24")
+            k += 1
+            chunk = chunker.add(prev_rgb)
+            if chunk is not None:
+                yield chunk
+        if frame is None:
+            return end, k
+        if frame.width != info.width or frame.height != info.height:
+            raise VideoError(
+                path,
+                f"frame size changes mid-stream ({info.width}x{info.height} -> "
+                f"{frame.width}x{frame.height})",
+            )
+        prev, prev_t, prev_rgb = frame, max(end, prev_t), None
 
 
 def read_video(
