@@ -150,18 +150,42 @@ def test_adaptation_compiles_once_per_shape_and_tiles(tiny):
     )
     fn = task_lib.adaptation_fn(net, tc, "mask")
     rng = np.random.default_rng(5)
-    outs = [
-        task_lib.denoise_tiled(fn, params, rng.random((16, 16, 3), np.float32), tc)
-        for _ in range(3)
-    ]
+    images = [rng.random((16, 16, 3), np.float32) for _ in range(3)]
+    outs = [task_lib.denoise_tiled(fn, params, img, tc) for img in images]
     assert fn._cache_size() == 1  # three images of one shape: one compilation
     res = outs[0]
+    # the unrolled steps (default, fast on XLA:CPU) are the while loop's math
+    looped = task_lib.adaptation_fn(net, ml_collections.ConfigDict({**tc, "unroll": False}), "mask")
+    ref = task_lib.denoise_tiled(looped, params, images[0], tc)
+    np.testing.assert_allclose(res["adapted"], ref["adapted"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res["aux_losses"], ref["aux_losses"], rtol=1e-5)
     assert res["aux_losses"].shape == (1, 4) and res["aux_losses"][0, -1] < res["aux_losses"][0, 0]
     assert not np.allclose(res["plain"], res["adapted"])
     big = task_lib.denoise_tiled(fn, params, rng.random((30, 37, 3), np.float32), tc)
     assert big["adapted"].shape == (30, 37, 3) and big["aux_losses"].shape[0] == 3 * 3
     assert fn._cache_size() == 1  # tiles share the tile shape
     assert task_lib.tile_positions(37, 16, 4) == [0, 12, 21]
+
+
+def test_heldout_lattice_and_draws():
+    from avjax.data.image.ttaid_data import TTAIDData
+
+    data = TTAIDData(ttaid_config.get_config().data)
+    one = data.heldout("camera", 24)
+    many = data.heldout("camera", 24, grid=2, draws=2)
+    photos = [n for n, _, _ in one]
+    assert len(photos) == 3 and len(many) == 3 * 4 * 2
+    assert many[0][0] == f"{photos[0]}_c0_d0" and many[-1][0] == f"{photos[-1]}_c3_d1"
+    # two draws: one clean crop, different noise; lattice crops differ from each other
+    np.testing.assert_array_equal(many[0][2], many[1][2])
+    assert not np.array_equal(many[0][1], many[1][1])
+    assert not np.array_equal(many[0][2], many[2][2])
+    assert all(n.shape == c.shape == (24, 24, 3) for _, n, c in many)
+    # grid = draws = 1: the central crop, deterministic
+    again = data.heldout("camera", 24)
+    for (_, n1, c1), (_, n2, c2) in zip(one, again, strict=True):
+        np.testing.assert_array_equal(n1, n2)
+        np.testing.assert_array_equal(c1, c2)
 
 
 def _cli_config(stage, **kw):
@@ -259,6 +283,8 @@ def test_cli_sample_and_eval_report(stages, tmp_path):
         eval=ml_collections.ConfigDict(
             {
                 "size": 24,
+                "grid": 2,
+                "draws": 1,
                 "families": "gaussian,camera",
                 "compare": f"pretrain={stages / 'pretrain'}",
             }
@@ -272,3 +298,8 @@ def test_cli_sample_and_eval_report(stages, tmp_path):
         (run, fam) for run in ("meta_transfer", "pretrain") for fam in ("gaussian", "camera")
     }
     assert all(r["psnr_noisy"] < 40 for r in rows)
+    assert all(r["images"] == 3 * 4 and len(r["gain_by_image"]) == 3 for r in rows)
+    for r in rows:  # the mean gain is the mean of the photographs' (equal-sized) means
+        assert r["psnr_gain"] == pytest.approx(np.mean(list(r["gain_by_image"].values())))
+        assert r["psnr_gain"] == pytest.approx(r["psnr_adapted"] - r["psnr_plain"], abs=1e-9)
+        assert np.isfinite(r["psnr_gain_se"]) and np.isfinite(r["psnr_gain_se_images"])

@@ -300,6 +300,7 @@ def main() -> None:
             "max_abs_diff": diff,
             "rows": rows,
             "torch_threads": torch.get_num_threads(),
+            "load_avg_1_5_15": list(os.getloadavg()),
             "devices": str(jax.devices()),
         }
         with open(args.json, "w") as f:

@@ -28,6 +28,17 @@ from avjax.data.module import DataModule
 Batch = dict[str, np.ndarray]
 
 
+def _lattice(shape: tuple[int, ...], size: int, grid: int) -> list[tuple[int, int]]:
+    """Top-left corners of `size` crops of an image `[h, w]`: the central one (`grid` = 1)
+    or a `grid` x `grid` lattice spanning the image evenly."""
+    h, w = shape
+    if grid == 1:
+        return [((h - size) // 2, (w - size) // 2)]
+    ys = np.linspace(0, h - size, grid).round().astype(int)
+    xs = np.linspace(0, w - size, grid).round().astype(int)
+    return [(int(y), int(x)) for y in ys for x in xs]
+
+
 @dataclasses.dataclass
 class TTAIDData(DataModule):
     """Noisy/clean crops of one image source, prepared once, lazily.
@@ -114,21 +125,32 @@ class TTAIDData(DataModule):
             self.per_process_batch(process_count), drop_remainder=True
         ).to_iter_dataset()
 
-    def heldout(self, family: str, size: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """`(name, noisy, clean)` float32 `[size, size, 3]` central crops of the held-out
-        images with `family` noise (seeded by the image's position); benchmark pairs keep
-        their own noise (`family` is ignored)."""
+    def heldout(
+        self, family: str, size: int, grid: int = 1, draws: int = 1
+    ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """`(name, noisy, clean)` float32 `[size, size, 3]` crops of the held-out images with
+        `family` noise: `grid` = 1 the central crop, else a `grid` x `grid` lattice of crops
+        spread evenly over the image (named `<image>_c<k>`), each with `draws` noise draws
+        (`_d<j>`), seeded by (image, family, crop, draw); `grid = draws = 1` is the original
+        one-draw central crop. Benchmark pairs keep their own noise (`family` and `draws`
+        are ignored)."""
         self.prepare()
         out = []
         for i, (name, noisy, clean) in enumerate(self._prepared["heldout"]):
             s = min(size, *clean.shape[:2]) // 2 * 2
-            c = corpus.center_crop(clean, s)
-            if noisy is None:
-                rng = np.random.default_rng([self.seed, 7919, i, noise.FAMILIES.index(family)])
-                n = noise.apply(family, c, rng)
-            else:
-                n = corpus.center_crop(noisy, s)
-            out.append((name, n, c))
+            for k, (y, x) in enumerate(_lattice(clean.shape[:2], s, int(grid))):
+                c = np.ascontiguousarray(clean[y : y + s, x : x + s])
+                tag = name if grid == 1 else f"{name}_c{k}"
+                if noisy is not None:
+                    out.append((tag, np.ascontiguousarray(noisy[y : y + s, x : x + s]), c))
+                    continue
+                for j in range(int(draws)):
+                    extra = [] if grid == 1 and draws == 1 else [k, j]
+                    fam = noise.FAMILIES.index(family)
+                    rng = np.random.default_rng([self.seed, 7919, i, fam, *extra])
+                    out.append(
+                        (tag if draws == 1 else f"{tag}_d{j}", noise.apply(family, c, rng), c)
+                    )
         return out
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
