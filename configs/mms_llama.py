@@ -82,7 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.vocab_size = 384  # BPE (256 bytes + 3 specials + merges)
     c.model.max_text_tokens = 32
     c.model.llama_dir = ""  # a HF Llama directory: its tokenizer.json
-    c.model.whisper_dir = ""
+    c.model.whisper_dir = ""  # a HF Whisper directory: its encoder replaces model.whisper
+    c.model.avhubert_ckpt = ""  # an official AV-HuBERT checkpoint (video_encoder="avhubert")
     c.model.video_encoder = "tiny"  # tiny | avhubert | none
     c.model.video = {"width": 64, "resnet_widths": (4, 8, 16, 32), "num_layers": 1}
     c.model.whisper = {"width": 64, "num_layers": 2, "num_heads": 4, "mlp_width": 256}

@@ -62,15 +62,22 @@ def _config(cache_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def env(tmp_path_factory):
+    """The :test config (its tiny corpus cached under a temp dir) and a workdir."""
+    root = tmp_path_factory.mktemp("mms")
+    (root / "work").mkdir()
+    return {"cfg": _config(root / "cache"), "work": str(root / "work")}
+
+
+@pytest.fixture(scope="module")
+def trained(env):
     """train 2 steps -> stop (checkpoint, as on SIGTERM) -> resume to 3 -> --mode=eval."""
     from avjax.main import run
     from avjax.tasks import get_task
     from avjax.train import loop
     from avjax.train.sharding import make_mesh
 
-    root = tmp_path_factory.mktemp("mms")
-    cfg, work = _config(root / "cache"), str(root / "work")
+    cfg, work = env["cfg"], env["work"]
     one = make_mesh(cfg.mesh, jax.devices()[:1])  # one device: compiles in a fraction
     first = {"step": int(loop.train(get_task(cfg, work), cfg, work, one, stop_after=2).step)}
     second = {"step": int(loop.train(get_task(cfg, work), cfg, work, one).step)}
@@ -93,13 +100,13 @@ def test_stop_resume_and_eval_report(trained):
     assert np.isfinite(ev["eval_loss"]) and len(report["examples"]) == min(n_eval, 5)
 
 
-def test_only_adapters_and_new_modules_carry_optimizer_state(trained):
+def test_only_adapters_and_new_modules_carry_optimizer_state(env):
     from avjax.tasks import get_task
     from avjax.train import loop
     from avjax.train.sharding import make_mesh
 
-    cfg = trained["cfg"]
-    task = get_task(cfg, trained["work"])
+    cfg = env["cfg"]
+    task = get_task(cfg, env["work"])
     task.prepare()
     trainer = loop.build_trainer(task, cfg, make_mesh(cfg.mesh))
     state = trainer.abstract_state
@@ -116,24 +123,24 @@ def test_only_adapters_and_new_modules_carry_optimizer_state(trained):
     cfg2 = copy.deepcopy(cfg)
     cfg2.model.llm_train = "lora+embed"
     cfg2.train.param_groups = ()
-    state2 = loop.build_trainer(get_task(cfg2, trained["work"]), cfg2, make_mesh(cfg.mesh))
+    state2 = loop.build_trainer(get_task(cfg2, env["work"]), cfg2, make_mesh(cfg.mesh))
     leaves2 = jax.tree.leaves(state2.abstract_state.opt_state)
     opt2 = sum(int(np.prod(x.shape)) for x in leaves2 if x.ndim > 0)
     head = sizes["llm/embedding"] + sizes.get("llm/lm_head", 0)
     assert opt2 == 2 * (n_trained + head)
     cfg2.model.llm_train = "lora"  # a stale explicit param_groups is refused, not ignored
     with pytest.raises(ValueError, match="llm_train"):
-        get_task(cfg2, trained["work"])
+        get_task(cfg2, env["work"])
 
 
-def test_loss_on_transcript_positions_only(trained):
+def test_loss_on_transcript_positions_only(env):
     """Changing the targets outside the weighted (transcript + eos) positions changes nothing;
     the weights sit right after the speech slots and cover len(transcript) + 1 tokens."""
     from avjax.tasks import get_task
     from avjax.tasks.base import LossContext
 
-    cfg = trained["cfg"]
-    task = get_task(cfg, trained["work"])
+    cfg = env["cfg"]
+    task = get_task(cfg, env["work"])
     t = task.text()
     batch = task.dummy_batch()
     text = np.zeros_like(batch["text"])
@@ -157,7 +164,7 @@ def test_loss_on_transcript_positions_only(trained):
     assert not np.isclose(loss(batch), loss({**batch, "targets": moved}))
 
 
-def test_unused_speech_slots_are_masked(trained):
+def test_unused_speech_slots_are_masked(env):
     """Transcript logits with n_q of max_queries slots used equal the LLM's on the sequence
     without the unused slots; garbage there changes nothing; a cached decoding step after the
     padded prefill equals the full forward."""
@@ -167,7 +174,7 @@ def test_unused_speech_slots_are_masked(trained):
     from avjax.nn.lora import lora_scope
     from avjax.tasks import get_task
 
-    task = get_task(trained["cfg"], trained["work"])
+    task = get_task(env["cfg"], env["work"])
     t, batch = task.text(), task.dummy_batch()
     model = task.build_model()
     params = nn.meta.unbox(task.init_variables(model, jax.random.key(0), batch)["params"])
@@ -203,3 +210,65 @@ def test_unused_speech_slots_are_masked(trained):
     step, _ = lm.apply(v, tokens[:, k + 1 : k + 2], pos[:, -1:] + 1, cache=cache)
     np.testing.assert_allclose(first[:, -1], logits[:, k], atol=1e-5)
     np.testing.assert_allclose(step[:, 0], logits[:, k + 1], atol=1e-5)
+
+
+def test_real_encoders_load(env, tmp_path):
+    """`model.whisper_dir` (a tiny WhisperModel saved by transformers) and
+    `model.video_encoder="avhubert"` + `model.avhubert_ckpt` (a tiny fairseq-style checkpoint):
+    their weights land in the initial variables; the audio encoder equals transformers'."""
+    import argparse
+
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from avjax.convert.avhubert import to_fairseq_state_dict
+    from avjax.data.speech.whisper_features import log_mel_from_audio
+    from avjax.nn.avhubert import AVHubertConfig, AVHubertEncoder
+    from avjax.tasks import get_task
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.WhisperConfig(
+        d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=64,
+        num_mel_bins=80, max_source_positions=64, max_target_positions=16, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    hf = transformers.WhisperModel(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "whisper")
+    av_cfg = AVHubertConfig.tiny()
+    video = jnp.zeros((1, 4, 16, 16))
+    audio = jnp.zeros((1, 4, av_cfg.audio_feat_dim))
+    av_vars = nn.meta.unbox(AVHubertEncoder(av_cfg).init(jax.random.key(3), audio, video))
+    sd = {k: torch.from_numpy(v) for k, v in to_fairseq_state_dict(av_vars, av_cfg).items()}
+    args = argparse.Namespace(encoder_attention_heads=4, layer_norm_first=True)
+    torch.save({"args": args, "cfg": None, "model": sd}, tmp_path / "avhubert.pt")
+
+    cfg = copy.deepcopy(env["cfg"])
+    cfg.model.whisper_dir = str(tmp_path / "whisper")
+    cfg.model.video_encoder, cfg.model.avhubert_ckpt = "avhubert", str(tmp_path / "avhubert.pt")
+    task = get_task(cfg, env["work"])
+    batch = task.dummy_batch()
+    model = task.build_model()
+    variables = nn.meta.unbox(
+        jax.jit(lambda r: task.init_variables(model, r, batch))(jax.random.key(0))
+    )
+    got = variables["params"]["video_encoder"]["avhubert"]
+    want = {k: v for k, v in av_vars["params"].items() if k != "frontend"}  # (audio side unused)
+    jax.tree.map(np.testing.assert_array_equal, {k: got[k] for k in want}, want)
+    np.testing.assert_array_equal(
+        got["frontend"]["video_proj"]["kernel"],
+        av_vars["params"]["frontend"]["video_proj"]["kernel"],
+    )
+    mel = log_mel_from_audio(jnp.asarray(batch["audio"][:2], jnp.float32))  # [2, 80, 128]
+    ours = model.apply(variables, mel, method=lambda m, x: m.audio_encoder(x))
+    with torch.no_grad():
+        ref = hf.encoder(torch.from_numpy(np.asarray(mel))).last_hidden_state.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    tokens, n_q, _ = jax.jit(
+        lambda v: model.apply(
+            v, batch["audio"], batch["video"], batch["length"], method="speech_tokens"
+        )
+    )(variables)
+    assert tokens.shape == (len(n_q), task.text()["max_queries"], model.llm.width)
+    assert np.isfinite(np.asarray(tokens)).all()

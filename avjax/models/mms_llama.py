@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from avjax.data.speech.whisper_features import log_mel_from_audio
 from avjax.nn import axes
+from avjax.nn.avhubert import AVHubertConfig, AVHubertEncoder
 from avjax.nn.qformer import QFormer
 from avjax.nn.resnet import VisualFrontend
 from avjax.nn.transformer import TransformerLM
@@ -68,6 +69,27 @@ class TinyVideoEncoder(nn.Module):
                 x
             )
         return nn.LayerNorm(name="norm")(x)
+
+
+class AVHubertVideoEncoder(nn.Module):
+    """AV-HuBERT on video only, as the paper uses it: mouth crops `[batch, time, H, W, 1]`
+    uint8/float -> `last_hidden_state [batch, time, encoder_embed_dim]` at 25 Hz (frozen: no
+    modality dropout, stored BatchNorm statistics). The official pipeline normalises the
+    grey 88 x 88 crops with mean 0.421, std 0.165, as here."""
+
+    config: AVHubertConfig
+    dtype: jnp.dtype | None = None
+
+    @property
+    def width(self) -> int:
+        return self.config.encoder_embed_dim
+
+    @nn.compact
+    def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
+        del train  # frozen
+        x = (video.astype(jnp.float32) / 255.0 - 0.421) / 0.165
+        out = AVHubertEncoder(self.config, dtype=self.dtype, name="avhubert")(video=x)
+        return out["last_hidden_state"]
 
 
 class RatePredictor(nn.Module):
@@ -220,7 +242,10 @@ class MMSLLaMA(nn.Module):
             raise ValueError(f"model.fusion={self.fusion!r}: expected 'concat' or 'add'")
         aw = self.audio_encoder.width
         self.audio_down = nn.Conv(aw, (2,), strides=(2,), padding="VALID", name="audio_down")
-        fused = 2 * aw if self.fusion == "concat" and self.video_encoder is not None else aw
+        vw = 0 if self.video_encoder is None else self.video_encoder.width
+        if self.fusion == "add" and vw not in (0, aw):
+            raise ValueError(f"model.fusion='add' needs equal widths: audio {aw}, video {vw}")
+        fused = aw + vw if self.fusion == "concat" else aw
         if self.max_queries:  # (none for the text-only baseline: no zero-size params)
             self.queries = self.param(
                 "queries", nn.initializers.normal(0.02), (self.max_queries, self.qformer_width)

@@ -168,24 +168,17 @@ class MMSLLaMATask(Task):
             rope_scaling=Llama3RopeScaling(*scaling) if scaling else None,
             **lm,
         )
-        if mc.video_encoder == "tiny":
-            video = mm.TinyVideoEncoder(**dict(mc.video))
-        elif mc.video_encoder == "avhubert":
-            raise NotImplementedError(
-                "model.video_encoder='avhubert': the AV-HuBERT encoder (avjax/nn/avhubert.py) "
-                "is not wired into MMS-LLaMA yet; use model.video_encoder='tiny' or 'none'"
-            )
-        elif mc.video_encoder == "none":
-            video = None
+        self._pretrained = {}
+        video = self._video_encoder()
+        if mc.whisper_dir:  # a HF Whisper (or WhisperModel) directory: its encoder, frozen
+            from avjax.convert.whisper import load_hf_whisper_encoder
+
+            audio, wv = load_hf_whisper_encoder(mc.whisper_dir)
+            self._pretrained["audio_encoder"] = {"params": wv["params"]}
         else:
-            raise ValueError(f"model.video_encoder={mc.video_encoder!r}: tiny | avhubert | none")
-        if mc.whisper_dir:
-            raise NotImplementedError(
-                "model.whisper_dir: loading a Whisper encoder into MMS-LLaMA is not wired yet "
-                "(avjax.convert.whisper.load_hf_whisper_encoder converts one)"
-            )
+            audio = WhisperEncoder(max_source_positions=1500, **dict(mc.whisper))
         return mm.MMSLLaMA(
-            audio_encoder=WhisperEncoder(max_source_positions=1500, **dict(mc.whisper)),
+            audio_encoder=audio,
             video_encoder=video,
             llm=llm_cfg.make(max_len=t["seq_len"]),
             fusion=mc.fusion,
@@ -197,12 +190,38 @@ class MMSLLaMATask(Task):
             rate_width=int(mc.rate_width),
         )
 
+    def _video_encoder(self) -> nn.Module | None:
+        """`model.video_encoder`: tiny (random, CPU scale) | avhubert (`model.avhubert_ckpt`,
+        an official fairseq checkpoint; video only, frozen) | none (audio only)."""
+        mc = self.config.model
+        if mc.video_encoder == "tiny":
+            return mm.TinyVideoEncoder(**dict(mc.video))
+        if mc.video_encoder == "avhubert":
+            if not mc.avhubert_ckpt:
+                raise ValueError("model.video_encoder='avhubert' needs model.avhubert_ckpt")
+            from avjax.convert.avhubert import load_avhubert
+
+            enc, variables, _ = load_avhubert(mc.avhubert_ckpt)
+            self._pretrained["video_encoder"] = {
+                k: {"avhubert": v} for k, v in nn.meta.unbox(variables).items()
+            }
+            return mm.AVHubertVideoEncoder(enc.config)
+        if mc.video_encoder == "none":
+            return None
+        raise ValueError(f"model.video_encoder={mc.video_encoder!r}: tiny | avhubert | none")
+
     def model_inputs(self, batch: Batch) -> dict[str, Any]:
         return {k: batch[k] for k in ("audio", "video", "length", "tokens")}
 
     def init_variables(self, model: nn.Module, rng: jax.Array, batch: Batch) -> Any:
+        """Random init, then the loaded encoders' weights (`model.whisper_dir`,
+        `model.avhubert_ckpt`) in place of the random ones (shapes checked)."""
         with lora_scope(self.lora()):
-            return super().init_variables(model, rng, batch)
+            variables = dict(super().init_variables(model, rng, batch))
+        for part, loaded in getattr(self, "_pretrained", {}).items():
+            for col, tree in loaded.items():
+                variables[col] = {**variables[col], part: _place(variables[col][part], tree, part)}
+        return variables
 
     def apply_loss(
         self, model: nn.Module, params: Any, batch: Batch, ctx: LossContext
@@ -275,6 +294,26 @@ class MMSLLaMATask(Task):
                 lambda v, a, vid, ln: model.apply(v, a, vid, ln, method="speech_tokens")
             )
         return self._lm
+
+
+def _place(init: Any, loaded: Any, where: str) -> Any:
+    """`loaded` (plain arrays) in the structure of `init` (possibly boxed with logical axes),
+    shapes checked: a missing or mismatched parameter is named."""
+    boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    flat_i, tree = jax.tree_util.tree_flatten_with_path(init, is_leaf=boxed)
+    flat_l = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+    missing = sorted(jax.tree_util.keystr(p) for p, _ in flat_i if p not in flat_l)
+    if missing:  # (extra loaded ones, e.g. AV-HuBERT's unused audio front-end, are dropped)
+        raise ValueError(f"loaded {where}: no weights for the model's {missing}")
+    out = []
+    for path, x in flat_i:
+        new = jnp.asarray(flat_l[path], jnp.float32)
+        ref = x.unbox() if boxed(x) else x
+        if new.shape != ref.shape:
+            name = where + jax.tree_util.keystr(path)
+            raise ValueError(f"loaded {name}: shape {new.shape}, the model expects {ref.shape}")
+        out.append(x.replace_boxed(new.astype(ref.dtype)) if boxed(x) else new.astype(ref.dtype))
+    return jax.tree_util.tree_unflatten(tree, out)
 
 
 def _babble(audio: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
