@@ -21,32 +21,45 @@ W/meta_transfer/eval/step_<N>/ttaid_report.{md,json}. Data: 32 x 32 crops of the
 photographs (embedded, offline) with synthetic noise (Gaussian + speckle sigma in [5, 50]/255
 + salt-and-pepper, random order) in pretrain / meta_aux and camera noise (an image-formation
 model, avjax/data/image/noise.py) in meta_transfer; three whole photographs are held out
-(96 x 96 central crops). Real benchmarks: --config.data.name=sidd_small|sidd_val|polyu|nam
---config.data.manual_dir=DIR. Test-time adaptation and denoising of a PNG or a folder (tiled,
-one compile per tile shape): --mode=sample --config.sample.image=photo.png.
+(eval: a 2 x 2 lattice of 96 x 96 crops each, 2 noise draws per crop). Real benchmarks:
+--config.data.name=sidd_small|sidd_val|polyu|nam --config.data.manual_dir=DIR. Test-time
+adaptation and denoising of a PNG or a folder (tiled, one compile per tile shape):
+--mode=sample --config.sample.image=photo.png.
 
 Measured 2026-11-30, second run (masked-mean auxiliary loss, `meta.aux_norm="mask"`, below;
-2 CPU cores shared with other jobs, load average 5-14; CPU-seconds are user+sys, wall is
-inflated ~3-4x by the load): meta_aux 200 steps 253 CPU-s (619 s wall); meta_transfer 60
+2 CPU cores shared with other jobs, load average 5-18; CPU-seconds are user+sys, wall is
+inflated ~3-6x by the load): meta_aux 200 steps 253 CPU-s (619 s wall); meta_transfer 60
 steps 225 CPU-s (625 s); pretrain 200 steps 50 CPU-s (141 s); pretrain_camera 60 steps 38
-CPU-s (103 s); eval 111 CPU-s (332 s). In all ~680 CPU-s: roughly 6-10 minutes on 2 idle cores.
-  Held-out PSNR (dB), 3 images x 1 draw, TTA = 5 Adam steps lr 1e-5 on the heads:
-                      camera (noisy 27.98)   gaussian (18.23)   speckle (25.81)   s&p (26.97)
-                      no TTA   TTA gain       no TTA   gain      no TTA   gain     no TTA  gain
-    pretrain          26.98    -0.006         18.75    -0.006    25.16    -0.015   26.82  -0.006
-    pretrain_camera   27.51    +0.005         18.82    -0.003    25.69    -0.002   27.38  +0.006
-    meta_aux          28.40    -0.202         25.68    +0.018    28.24    +0.122   30.01  -0.283
-    meta_transfer     28.65    +0.068         23.77    +0.025    28.30    +0.036   29.60  +0.084
-  Mean mask on the held-out crops: pretrain 0.39 (its mask net is never trained), meta_aux
-  0.61, meta_transfer 0.27; during meta_aux training 0.60 +- 0.01, meta_transfer 0.34 +- 0.05.
-With the mask kept alive, the paper's claim holds in direction at this scale: test-time
-adaptation improves the meta-transfer model on every noise family (+0.03 to +0.08 dB; camera
-+0.07) and the plainly pretrained ones not at all (-0.015 to +0.006). The gains are small
-(3 images, one noise draw each: within what another draw could move), and adapting the stage-1
-model hurts on camera and salt-and-pepper noise (-0.2 / -0.3 dB): stage 2 is what makes the
-adaptation safe. The masked mean rescales the auxiliary term, so the pretrain baselines moved
-too (camera 27.63 -> 26.98 dB with aux_weight 10 unchanged) and meta_transfer without TTA is
-28.65 dB, below the first run's 29.05.
+CPU-s (103 s); eval (4 runs x 4 families x 24 items, 384 adaptations of 96 x 96) 180 CPU-s
+(1064 s wall at load 17). In all ~750 CPU-s: roughly 7-10 minutes on 2 idle cores.
+  Held-out PSNR (dB), re-measured 2026-12-01 on the same checkpoints: each of the 3 held-out
+  photographs gives a 2 x 2 lattice of 96 x 96 crops x 2 noise draws (`eval.grid`,
+  `eval.draws`): 24 items per family; TTA = 5 Adam steps lr 1e-5 on the heads; gain = mean
+  TTA gain, +- its standard error over the 24 items (over the 3 photographs' means in []):
+    PSNR without TTA   camera   gaussian   speckle   s&p
+      noisy input      28.54    19.08      26.77     26.39
+      pretrain         27.66    19.45      25.74     26.33
+      pretrain_camera  28.19    19.57      26.33     26.77
+      meta_aux         29.56    27.52      30.83     30.99
+      meta_transfer    29.68    24.96      29.90     29.72
+    TTA gain           camera             gaussian           speckle            s&p
+      pretrain         +.009+-.003[.006]  +.001+-.002[.002]  +.023+-.009[.010]  +.009+-.002[.002]
+      pretrain_camera  +.005+-.002[.005]  -.004+-.001[.001]  -.002+-.002[.004]  +.005+-.002[.004]
+      meta_aux         -.255+-.063[.101]  +.039+-.094[.226]  -.146+-.113[.256]  -.404+-.149[.282]
+      meta_transfer    +.077+-.012[.027]  +.037+-.008[.013]  +.095+-.017[.022]  +.091+-.023[.033]
+  Mean mask on the held-out crops: pretrain 0.40 (its mask net is never trained), meta_aux
+  0.60, meta_transfer 0.29; during meta_aux training 0.60 +- 0.01, meta_transfer 0.34 +- 0.05.
+The paper's claim holds at this scale: test-time adaptation improves the meta-transfer model
+on every noise family (+0.04 to +0.10 dB, 4-6 standard errors over items, >= 2.8 over the
+photographs' means) and on every photograph of every family (per-photograph gains +0.02 to
++0.15 dB), and by more than it improves the plainly pretrained models (-0.004 to +0.023 dB;
+camera: +0.077 vs +0.009 / +0.005). The gains are small. Adapting the stage-1 model hurts on
+camera, speckle and salt-and-pepper noise (-0.15 to -0.40 dB, varying strongly by photograph:
+clock -0.4 to -1.0 dB): stage 2 is what makes the adaptation safe. The earlier 3-item eval
+(central crops, one draw: meta_transfer +0.03 to +0.08, pretrain <= +0.006) agreed in
+direction. The masked mean rescales the auxiliary term, so the pretrain baselines moved too
+(central-crop camera PSNR 27.63 -> 26.98 dB with aux_weight 10 unchanged) and meta_transfer
+without TTA is below the first run's (central crops 28.65 vs 29.05 dB).
 
 First run (the paper's `mean(|noisy - recon| * mask)`, `--config.meta.aux_norm=mean`; same
 stages): camera-noise PSNR without TTA / TTA gain at lr 1e-5: pretrain 27.63 / +0.040,
