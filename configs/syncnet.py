@@ -17,7 +17,7 @@ Evaluation (`avjax.tasks.syncnet.sync_eval` through the `task` evaluator, option
 audio delayed 8 frames, and the offsets recovered for clips shifted by -10..+10 frames.
 
 Data (`config.data.name`): "procedural" (default): in-memory talking faces
-(`avjax.tasks.syncnet.SyntheticAVClips`: 40 identities, 8 held out; syllables of
+(`avjax.data.video.procedural.ProceduralClips`: 40 identities, 8 held out; syllables of
 formant-shaped harmonics with pauses and unvoiced bursts; the mouth opens and widens with
 them), 160 train + 32 held-out clips of 2 s at 48 x 48, made in ~0.25 s per clip on an idle
 core (about 1 minute; nothing is written). "synthetic": the embedded AV corpus of

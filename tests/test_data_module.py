@@ -8,8 +8,9 @@ from avjax.data.mesh.mesh_data import MeshData
 from avjax.data.module import DataModule
 from avjax.data.speech.speech_lm import SpeechLMData
 from avjax.data.video.av_data import AVData
+from avjax.data.video.procedural import ProceduralClips
 
-MODULES = [SpeechLMData, AVData, MeshData, TTAIDData]
+MODULES = [SpeechLMData, AVData, MeshData, TTAIDData, ProceduralClips]
 
 
 def _config() -> ml_collections.ConfigDict:
