@@ -112,7 +112,8 @@ def adaptation_fn(model: nn.Module, tc: Any, aux_norm: str = "mean") -> Callable
     steps (`tc.optimizer`: adam | sgd, lr `tc.lr`) on the masked auxiliary loss (`aux_norm`)
     over the heads only (the body and mask network frozen). Compiled once per image shape.
     The steps' scan is unrolled unless `tc.unroll` is False: in a while loop XLA:CPU ran them
-    ~13x slower (256 x 256, 16 features: 6 CPU-s per step, unrolled 0.4)."""
+    ~13x slower (256 x 256, 16 features: 6 CPU-s per step, unrolled 0.4); the gradient
+    convolutions of a while body miss the fast path (cf. jax-ml/jax#12868)."""
     opt = optax.adam(float(tc.lr)) if str(tc.optimizer) == "adam" else optax.sgd(float(tc.lr))
 
     def run(params, noisy):
