@@ -162,12 +162,8 @@ def test_quantized_base_forward_and_qlora_merge():
     assert sizes["nf4"] < sizes["int8"] < base_bytes
 
 
-def test_lora_finetune_through_the_train_loop(tmp_path):
-    """A few real train-loop steps of a tiny Llama with LoRA: the base is bit-for-bit
-    unchanged, every adapter moved, and Adam's state covers the adapters only."""
-    from toy_task import ToyTask, single_device_mesh, toy_config
-
-    from avjax.train import loop
+def _lora_toy_task():
+    from toy_task import ToyTask
 
     class LoraToyTask(ToyTask):
         name = "toy_lora"
@@ -178,6 +174,17 @@ def test_lora_finetune_through_the_train_loop(tmp_path):
             )
             return LoraModel(arch.make(max_len=16, decode_block=0), LORA)
 
+    return LoraToyTask
+
+
+def test_lora_finetune_through_the_train_loop(tmp_path):
+    """A few real train-loop steps of a tiny Llama with LoRA: the base is bit-for-bit
+    unchanged, every adapter moved, and Adam's state covers the adapters only."""
+    from toy_task import single_device_mesh, toy_config
+
+    from avjax.train import loop
+
+    LoraToyTask = _lora_toy_task()
     cfg = toy_config(
         steps=3, log_every=1, eval_every=0, checkpoint_every=100, param_groups=lora_param_groups()
     )
@@ -195,3 +202,35 @@ def test_lora_finetune_through_the_train_loop(tmp_path):
     assert n_adapter == 2 * (256 + 192 + 192 + 256)  # 2 layers x q, k, v, out: A [in, 4], B
     opt = [x for _, x in _leaves(jax.device_get(state.opt_state)) if x.dtype.kind == "f"]
     assert sum(x.size for x in opt) == 2 * n_adapter  # Adam's mu and nu: adapters only
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices")
+def test_lora_step_sharded_over_8_devices_equals_single_device(tmp_path):
+    """LoRA fine-tuning on a data x fsdp x tensor = 2 x 2 x 2 mesh: the adapters are sharded
+    along their base kernel's axes and the steps equal the single-device ones."""
+    from toy_task import single_device_mesh, toy_config
+
+    from avjax.train import loop
+    from avjax.train.metrics import read_jsonl
+    from avjax.train.sharding import make_mesh
+
+    LoraToyTask = _lora_toy_task()
+    groups = lora_param_groups()
+    cfg = toy_config(steps=2, log_every=1, eval_every=0, checkpoint_every=100, param_groups=groups)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    single = loop.train(LoraToyTask(cfg, a), cfg, a, single_device_mesh())
+    cfg8 = toy_config(steps=2, log_every=1, eval_every=0, checkpoint_every=100, param_groups=groups)
+    cfg8.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = loop.train(LoraToyTask(cfg8, b), cfg8, b, make_mesh(cfg8.mesh))
+    q = sharded.params["blocks_0"]["attention"]["q"]
+    assert q["kernel"].sharding.spec[0] == q["lora_a"].sharding.spec[0] == "fsdp"
+    assert q["kernel"].sharding.spec[-1] == q["lora_b"].sharding.spec[-1] == "tensor"
+    assert len(q["lora_a"].addressable_shards) == 8
+    for (path, x), (_, y) in zip(
+        _leaves(jax.device_get(single.params)), _leaves(jax.device_get(sharded.params)), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-5, err_msg=path)
+    la = [r["loss"] for r in read_jsonl(f"{a}/metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_jsonl(f"{b}/metrics.jsonl") if "loss" in r]
+    assert len(la) == 2
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
