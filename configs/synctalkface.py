@@ -38,13 +38,17 @@ LSE of generated and real held-out clips), `stf/lmd` with `stf_eval.lmd=True` (d
 compiled or fit-checked on a TPU topology yet).
 
 Measured so far (tiny test shapes only, 16 x 16 faces, widths 4-16, batch 8, on the shared
-2-core machine at load average ~17): a 3-step train from scratch costs ~100 CPU-s, almost
-all XLA compilation (the generator step differentiates through the identity / audio / lip
-encoders, the memory, the decoder, the frozen expert and the discriminator); a resume from
-the compilation cache ~20 CPU-s; eval of 2 clips ~38 CPU-s; sampling 1 s ~21 CPU-s.
+2-core machine at load average 12-20, 2026-12-01): the 1-step expert of step 1 above (now
+configs/syncnet.py's learning default: shallow, centred, signed head, offset softmax) costs
+22 CPU-s, a 2-step SyncTalkFace train from scratch 66 CPU-s, almost all XLA compilation (the
+generator step differentiates through the identity / audio / lip encoders, the memory, the
+decoder, the frozen expert and the discriminator); a stop or resume from the compilation
+cache ~6 CPU-s each; eval of 2 clips ~38 CPU-s; sampling 1 s ~21 CPU-s.
 NOT yet measured: the default run's wall time and its numbers (LSE-C of generated vs real
-held-out clips, and vs `:nosync` at the same run length). The 1,500-step default and the
-expert could not be run on the shared machine before this was committed; fill them in.
+held-out clips, and vs `:nosync` at the same run length). The expert of step 1 learns on the
+procedural clips (configs/syncnet.py: held-out pair accuracy 0.875, offsets exact for
+168 / 168 shifted clips) but has not been trained or checked on the `lrw` view of the
+embedded corpus at 32 x 32, and the 1,500-step default was not run; fill them in.
 """
 
 from __future__ import annotations
