@@ -218,3 +218,25 @@ def test_tfds_builder_reads_a_layout_and_skips_a_bad_video(corpora, tmp_path):
     (root / "WATER" / "train" / "WATER_00002.mp4").unlink()
     again = tfds_av.build_av("lrw", root, tmp_path / "tfds", num_frames=8, image_size=16)
     assert again.info.splits["train"].num_examples == 3
+
+
+def test_preprocessed_crops_are_read_in_place_of_the_videos(corpora, tmp_path):
+    """`data.crops_dir` (tools/preprocess_video.py's output, at the corpus' relative paths)."""
+    root = os.path.join(corpora, "lrw")
+    crops = tmp_path / "crops"
+    items = layouts.scan("lrw", root)
+    for it in items:  # stand-ins for the mouth crops: a uniform grey of 90
+        _clip(os.path.join(crops, *it.uid.split("/"), "mouth.mp4"), value=90)
+    os.remove(os.path.join(crops, "WATER", "val", "WATER_00003", "mouth.mp4"))
+    dc = _config("lrw", root, tmp_path, crops_dir=str(crops))
+    with pytest.raises(FileNotFoundError, match="WATER_00003/mouth.mp4"):
+        av_data.AVData(dc, batch_size=1).prepare()
+    dc.skip_bad = True
+    data = av_data.AVData(dc, batch_size=1)
+    facts = data.prepare()
+    assert (facts["train_items"], facts["eval_items"], facts["skipped"]) == (4, 1, 1)
+    held = data.eval_batches(0, 1)[0]
+    left = held["video"][0, 0, :, :4].mean()  # the stand-in's left half is 255 - 90
+    assert abs(left - 165) < 12, left
+    raw = av_data.AVData(_config("lrw", root, tmp_path), batch_size=1)
+    assert raw.prepare()["cache"] != facts["cache"]

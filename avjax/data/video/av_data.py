@@ -80,6 +80,8 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_splits": "",
             "skip_bad": False,
             "storage": "npy",  # npy (memory-mapped arrays) | tfds (ArrayRecord: data.tfds.av)
+            "crops_dir": "",  # tools/preprocess_video.py --out: read DIR/<uid>/<crop>.mp4
+            "crop": "mouth",  # with crops_dir: mouth (96² grey ROI) | face (128² aligned)
             "num_frames": 29,
             "image_size": 96,
             "crop_size": 88,
@@ -451,6 +453,30 @@ class _Augment:
         return ex
 
 
+def with_crops(items: list[layouts.AVItem], dc: Any) -> tuple[list[layouts.AVItem], int]:
+    """`(items, skipped)`: with `data.crops_dir` set, each item reads its preprocessed crop
+    `crops_dir/<uid>/<crop>.mp4` (`tools/preprocess_video.py --input=<manual_dir>` writes them
+    at the same relative paths) instead of its video; an item without one (e.g. a video in
+    which no face was found) is an error naming the file, or skipped and counted with
+    `skip_bad`. Without `crops_dir`, the items as they are (the raw frames)."""
+    if not dc.crops_dir:
+        return items, 0
+    if dc.crop not in ("mouth", "face"):
+        raise ValueError(f"config.data.crop={dc.crop!r}; expected 'mouth' or 'face'")
+    root, out = os.path.abspath(os.path.expanduser(dc.crops_dir)), []
+    for it in items:
+        path = os.path.join(root, *it.uid.split("/"), f"{dc.crop}.mp4")
+        if os.path.exists(path):
+            out.append(dataclasses.replace(it, path=path))
+        elif not dc.skip_bad:
+            raise FileNotFoundError(
+                f"{path}: no {dc.crop} crop of {it.path} in config.data.crops_dir (run "
+                f"tools/preprocess_video.py --input=<manual_dir> --out={dc.crops_dir}, or set "
+                "config.data.skip_bad=True to skip videos without one)"
+            )
+    return out, len(items) - len(out)
+
+
 def _decoded_cache(
     dc: Any, layout: str, identity: dict, items: list[layouts.AVItem], read_only: bool
 ) -> tuple[str, list, int]:
@@ -472,6 +498,8 @@ def _decoded_cache(
     }
     if dc.storage == "tfds":  # (npy caches keep the key they had before storage existed)
         fields["storage"] = "tfds"
+    if dc.crops_dir:
+        fields["crops"] = [os.path.abspath(os.path.expanduser(dc.crops_dir)), str(dc.crop)]
     folder = os.path.join(cache_root(dc), "av_frames", artifacts.fingerprint(fields))
     if dc.storage == "tfds":
         build = lambda tmp: _write_tfds(os.fspath(tmp), items, layout, dc)  # noqa: E731
@@ -507,11 +535,13 @@ class AVData(DataModule):
         items = layouts.scan(layout, root, skip_bad=bool(dc.skip_bad))
         scanned = len(items)
         items = [it for it in items if it.split in train_splits + eval_splits]
+        items, no_crop = with_crops(items, dc)
         if not items:
             raise ValueError(
                 f"{root}: no {layout} utterances in splits {train_splits + eval_splits}"
             )
         folder, meta, skipped = _decoded_cache(dc, layout, identity, items, read_only)
+        skipped += no_crop
         vocab = sorted({m[4] for m in meta if m[4]})
         spk = sorted({m[2] for m in meta})
         split_of = np.array([m[1] for m in meta])
