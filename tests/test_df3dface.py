@@ -11,6 +11,8 @@ import pytest
 
 from avjax import main
 from avjax.data.mesh import vocaset
+from avjax.tasks import get_task
+from avjax.tasks.df3dface import _noaudio_lve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -77,16 +79,12 @@ def test_sample_and_eval_write_meshes_video_and_report(trained):
         assert np.isfinite(e[k]), k
     assert e["diversity_identity"] > 0 and e["diversity_pose_deg"] > 0
     assert os.path.exists(e["report"])
-    from avjax.tasks.df3dface import _noaudio_lve  # a :noaudio workdir's LVE joins a report
-
-    assert _noaudio_lve(workdir) == {"lve_noaudio_model": e["lve"]}
+    assert _noaudio_lve(workdir) == {"lve_noaudio_model": e["lve"]}  # (:noaudio's, beside)
 
 
 def test_ddim_50_steps_is_one_compiled_scan(trained):
     c, workdir = trained
     c = _config([*TINY, f"--config.data.cache_dir={c.data.cache_dir}"])
-    from avjax.tasks import get_task
-
     task = get_task(c, workdir)
     task.read_only = True
     task.prepare()
@@ -132,8 +130,6 @@ def test_trains_from_vocaset_layout(tmp_path):
 
 
 def test_paper_variant_builds_from_declared_shapes_without_a_corpus(tmp_path):
-    from avjax.tasks import get_task
-
     c = _config([], "paper")
     c.data.manual_dir = str(tmp_path / "nowhere")  # never read: shapes are declared
     task = get_task(c, str(tmp_path / "w"))
