@@ -96,8 +96,8 @@ def test_decode_mode_reports_the_cache_per_chip():
     t = tool._decode_traffic_roofline(1e9, {"hbm_bw": 1e12}, 64)
     assert t == {"memory_bound_s_per_step": 1e-3, "tokens_per_s": 64_000.0}
     # Largest batch: 8 sequences per chip of 4 chips used 8 x (100 cache + 25 temp) bytes;
-    # 1,000 of HBM less 490 of parameters and 10 of code leave room for 4 per chip.
-    fake = {"hbm_bytes_per_chip": 1000, "params_bytes_per_chip": 490, "code_bytes_per_chip": 10}
+    # 1,024 of HBM less the reserve (16), 490 of parameters and 10 of code leave room for 4.
+    fake = {"hbm_bytes_per_chip": 1024, "params_bytes_per_chip": 490, "code_bytes_per_chip": 10}
     fake.update(cache_bytes_per_chip=800, temp_bytes_per_chip=200, batch=32)
     m = tool._max_batch(fake, {"hbm_bw": 1e3}, seqs_per_chip=8)
     assert m["max_batch_estimate"] == 16

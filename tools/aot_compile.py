@@ -167,14 +167,20 @@ def _decode_traffic_roofline(nbytes: float, chip: dict, batch: int) -> dict[str,
     return {"memory_bound_s_per_step": step_s, "tokens_per_s": batch / step_s if step_s else None}
 
 
+# The TPU runtime keeps part of HBM: XLA refuses programs over 15.75 of v5e's 16 GiB.
+_HBM_RESERVED_FRACTION = 1 / 64
+
+
 def _max_batch(r: dict[str, Any], chip: dict, seqs_per_chip: int) -> dict[str, Any]:
-    """The largest batch that fits in HBM, extrapolated linearly from the compiled one (each
-    sequence on a chip costs its cache and its share of the temporaries), and the floor
-    roofline's tokens/s there; None on host devices."""
+    """The largest batch that fits in HBM less the runtime's reserve, extrapolated linearly
+    from the compiled one (each sequence on a chip costs its cache and its share of the
+    temporaries; temporaries grow slower than that, so it errs low), and the floor roofline's
+    tokens/s there; None on host devices."""
     if not r["hbm_bytes_per_chip"]:
         return {"max_batch_estimate": None, "tokens_per_s_at_max_batch": None}
     per_seq = (r["cache_bytes_per_chip"] + r["temp_bytes_per_chip"]) / seqs_per_chip
-    free = r["hbm_bytes_per_chip"] - r["params_bytes_per_chip"] - r["code_bytes_per_chip"]
+    usable = r["hbm_bytes_per_chip"] * (1 - _HBM_RESERVED_FRACTION)
+    free = usable - r["params_bytes_per_chip"] - r["code_bytes_per_chip"]
     fit = max(int(free // per_seq), 0)
     cache_seq = r["cache_bytes_per_chip"] / seqs_per_chip
     max_batch = fit * (r["batch"] // seqs_per_chip)
