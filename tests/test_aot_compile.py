@@ -102,3 +102,21 @@ def test_decode_mode_reports_the_cache_per_chip():
     m = tool._max_batch(fake, {"hbm_bw": 1e3}, seqs_per_chip=8)
     assert m["max_batch_estimate"] == 16
     assert m["tokens_per_s_at_max_batch"] == pytest.approx(16 / ((490 + 4 * 100) / 1e3))
+
+
+def test_hlo_bytes_count_an_async_copy_pair_once():
+    """TPU HLO moves buffers with copy-start / copy-done pairs: the transfer (read the source,
+    write the destination) is counted once, not on both ops with their echoed operands."""
+    from avjax.train.aot import hlo_bytes_by_category
+
+    hlo = """HloModule m, entry_computation_layout={(f32[256]{0})->f32[256]{0}}
+
+ENTRY %main (p0: f32[256]) -> f32[256] {
+  %p0 = f32[256]{0} parameter(0)
+  %cs = (f32[256]{0}, f32[256]{0}, u32[]) copy-start(f32[256]{0} %p0)
+  %cd = f32[256]{0} copy-done((f32[256]{0}, f32[256]{0}, u32[]) %cs)
+  ROOT %n = f32[256]{0} negate(f32[256]{0} %cd)
+}
+"""
+    total = sum(hlo_bytes_by_category(hlo).values())
+    assert total == (2 * 1024 + 4) + 2 * 1024  # the copy (+ its context word), the negate

@@ -115,7 +115,9 @@ def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
 
     Every executed instruction outside fusions (a fusion counts as one) reads its operands
     and writes its result: bytes = operand sizes + result size (in-place dynamic updates: the
-    update only), times the trip count of the
+    update only; an async start/done pair such as TPU's copy-start/copy-done once, at its
+    start, whose result tuple already holds the operands and the destination), times the
+    trip count of the
     while loops around it (XLA's `known_trip_count`). Categories: "attention" (ops under the
     `attention_core` name scope: logits, mask, softmax, weighted values), "matmul" (dots and
     convolutions, fused or not, elsewhere), "recurrence" (RG-LRU gates' elementwise work, the
@@ -143,12 +145,14 @@ def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
                 ):
                     visit(callee, mult, depth + 1)
                 continue
-            if opcode in _NO_TRAFFIC:
-                continue
+            if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
+                continue  # (an async pair's transfer is counted once, at its start)
             operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
             sizes = [_shape_bytes(shapes.get(o, "")) for o in operands]
             nbytes = _shape_bytes(shape) + sum(sizes)
-            if "dynamic-update-slice" in opcode or "dynamic-update-slice" in name:
+            if opcode.endswith("-start") and shape.startswith("("):
+                nbytes = _shape_bytes(shape)  # (operands echoed, destination, context)
+            elif "dynamic-update-slice" in opcode or "dynamic-update-slice" in name:
                 nbytes = 2 * (sum(sizes) - max(sizes, default=0))  # in place: the update only
             elif opcode == "dynamic-slice":
                 nbytes = 2 * _shape_bytes(shape)
