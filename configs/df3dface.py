@@ -25,7 +25,9 @@ ground truth); diversity across samples (identity, pose in degrees, lip vs upper
 
   python -m avjax.main --config=configs/df3dface.py --workdir=workdir/df3dface --mode=eval
 
-A model trained without audio (the other baseline): --config.model.use_audio=False.
+The audio-free baseline is the variant `configs/df3dface.py:noaudio` (no audio path): train
+it in its own workdir, run its eval, and pass that workdir to the default model's eval
+(--config.eval.noaudio_workdir=W) to get its LVE (`lve_noaudio_model`) in the same report.
 HuBERT conditioning as in the paper (a local HF directory, nothing downloaded):
 --config.data.audio_features=hubert --config.data.hubert_dir=DIR [--config.data.hubert_layer=12].
 
@@ -37,25 +39,44 @@ wav/, templates.pkl as FaceFormer prepares BIWI; 25 fps; its seen/unseen subject
 [T, V, 3] + <name>.wav, data.fps; the last data.heldout_speakers subjects held out). Meshes
 without triangles are not rendered.
 
-Measured (the default run, 2 CPU cores shared with other jobs at load average 13-16, so
-wall times are upper bounds): corpus 5 s (cached after the first build), representation +
-features 2 min, 1,607,488 parameters, 1,500 steps in 27 min wall (480 CPU-seconds for the
-whole job); train loss 0.20 at step 1,500, held-out eval loss 6.67 / 5.99 / 5.93 at steps
-500 / 1,000 / 1,500 (held-out identities cannot be predicted from speech: the codes are of
-whole posed meshes). `--mode=eval` (21 min wall under that load, 4 samples x 8 held-out
-sequences) gives, on pose- and identity-free motion:
+Measured (default: 1,000 steps, speech features normalised per utterance; 2 CPU cores shared
+with other jobs at `uptime` load average 13-16, so wall times are upper bounds): corpus 5 s
+(cached), representation + features 2 min, 1,607,488 parameters, 1,000 steps in 20 min
+wall (about 1.8 steps/s when the load dropped to ~8; the old 1,500-step run took 480
+CPU-seconds for the whole job); train loss 0.27, held-out eval loss 6.10 (held-out
+identities cannot be predicted from speech: the codes are of whole posed meshes). The
+`:noaudio` baseline (1,212,224 parameters) was trained the same way (eval loss 6.11).
+`--mode=eval --config.eval.num_sequences=4 --config.eval.max_frames=120
+--config.sample.steps=20` (3 samples x 4 held-out sequences of 120 frames, 2 min wall each)
+gives, on pose- and identity-free motion (units^2, a unit ~10 cm):
 
-  LVE 2.81e-3 vs mean-motion baseline 1.00e-3 and audio-masked 1.63e-3 (units^2, a unit
-  ~10 cm); FDD -5.8e-4; lip sync (mouth opening vs speech envelope) 0.24 vs 0.31 for the
-  ground truth; diversity: identity 0.022, pose 5.8 deg, lip spread 0.019 vs upper-face
-  0.0096.
+  | LVE, held-out speakers      | default | :noaudio | mean motion | default, audio masked |
+  |-----------------------------|---------|----------|-------------|-----------------------|
+  |                             | 2.26e-3 | 1.40e-3  | 1.18e-3     | 1.23e-3               |
 
-So at this scale the paper's claim is NOT reproduced: the samples move their lips with the
-speech (correlation 0.24, ground truth 0.31; audio masked is worse) and identity and pose
-vary across samples, but their lip motion has more spread than the upper face and their
-LVE is above the no-motion baseline (a zero-motion guess beats lips that move with the
-wrong amplitude or phase). More data or steps, or classifier-free guidance on the audio,
-are the next things to try; the model trained with use_audio=False was not run to the end.
+  lip sync (mouth opening vs speech envelope) 0.40 (ground truth 0.34; :noaudio 0.03);
+  FDD -3.0e-4; diversity: identity 0.054, pose 3.3 deg, lip spread 0.0187 vs upper-face
+  0.0089 (:noaudio: identity 0.081, pose 4.8 deg, lip 0.0081 vs upper 0.0039).
+
+So the paper's LVE claim is NOT reproduced at this scale. The lips do follow the held-out
+speech (correlation 0.40, above the ground truth's 0.34) and identity and pose vary across
+samples, but the samples disagree on their lips (lip spread twice the upper face's) and
+their lip motion is too large, so any sample's LVE is above a no-motion guess. Diagnostics
+(`step`: LVE / zero-motion LVE / sample-to-GT lip amplitude / lip acceleration ratio /
+lip-motion correlation with GT, 4 sequences x 3 samples, 20 DDIM steps): global feature
+statistics, step 500: held-out 1.22e-3 / 1.18e-3 / 0.95 / 4.5 / 0.36, train speakers
+0.56e-3 / 0.89e-3 / 0.92 / 2.9 / 0.55; step 1,051: held-out 3.03e-3 / 1.18e-3 / 1.80 /
+3.4 / 0.38, train speakers 0.81e-3 / 0.89e-3 / 1.38 / 2.7 / 0.55. So (1) on training
+speakers' sequences the model beats the baseline; on held-out voices it generalises worse
+(per-utterance CMVN, now the default, took held-out LVE at ~1,000 steps from 3.03e-3 to
+2.26e-3; the old 1,500-step run with global statistics had lip sync 0.24); (2) lip
+amplitude grows past the ground truth's with training (0.95x at step 500, 1.8x at step
+1,051; no early-stopping default is claimed from one run): the PCA codes' identity components
+drift within a sample (their per-sequence std 0.27-0.39 vs 0.05-0.08 in the data), which
+after rigid alignment reads as lip motion; (3) classifier-free guidance 2 doubles the
+amplitude (LVE 3.3e-3 at step 500), and holding the identity subspace fixed inside the DDIM
+chain made it worse (train-speaker LVE 2.7e-3). A representation with one identity code per
+sequence (static) plus per-frame motion is the next thing to try.
 
 Variant `configs/df3dface.py:paper`: FLAME-topology vertex offsets (5,023 x 3), HuBERT-base
 features, 150-frame windows, 8 layers x 512, bfloat16, batch 64 (the paper gives no sizes;
@@ -132,7 +153,7 @@ def _base() -> ml_collections.ConfigDict:
     c.data.audio_features = "logmel"  # logmel | hubert (the paper's; needs hubert_dir)
     c.data.hubert_dir = ""  # a local HF HuBERT directory (config.json + weights)
     c.data.hubert_layer = 12  # its layer whose output conditions the denoiser
-    c.data.feature_norm = "global"  # global (training stats) | utterance (CMVN, then those)
+    c.data.feature_norm = "utterance"  # utterance (CMVN, then training stats) | global
     c.data.code_dim = 0  # > 0: the frame code width, declared (AOT without a corpus; checked)
     c.data.feature_dim = 0  # > 0: the speech feature width, declared (as code_dim)
 
@@ -157,7 +178,7 @@ def _base() -> ml_collections.ConfigDict:
     c.diffusion.eta = 0.0
 
     c.train = train_config(
-        steps=1500,
+        steps=1000,
         warmup_steps=100,
         weight_decay=0.01,
         b2=0.99,
