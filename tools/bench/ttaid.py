@@ -189,6 +189,7 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--inner_steps", type=int, default=5)
     ap.add_argument("--inner_lr", type=float, default=1e-3)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--meta_unroll", action="store_true", help="meta.unroll=True (large crops)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", choices=("", "tta", "meta"), default="", help="one row only")
     args = ap.parse_args()
@@ -234,7 +235,8 @@ def _tta_row(args, net, params, tp, img) -> dict:
 
 
 def _ours_meta_step(args, net, params):
-    """Our jitted meta-transfer step (tasks mapped one at a time, as the task does)."""
+    """Our jitted meta-transfer step (tasks one at a time, as the task does; `--meta_unroll`:
+    inner steps and task loop unrolled, the task's `meta.unroll`)."""
     meta = ml_collections.ConfigDict(
         {
             "inner_lr": args.inner_lr,
@@ -243,6 +245,7 @@ def _ours_meta_step(args, net, params):
             "outer_weight": 10.0,
             "mask_tv": 0.0,
             "first_order": False,
+            "unroll": args.meta_unroll,
         }
     )
     tx = optax.adam(1e-4)
@@ -251,7 +254,8 @@ def _ours_meta_step(args, net, params):
         per = lambda nc: task_lib.meta_objective(  # noqa: E731
             net, p, nc[0][None], nc[1][None], "meta_transfer", meta
         )[0]
-        return jnp.mean(jax.lax.map(per, (n, c)))
+        outer = jax.lax.scan(lambda _, nc: (None, per(nc)), None, (n, c), unroll=args.meta_unroll)
+        return jnp.mean(outer[1])
 
     @jax.jit
     def step(p, s, n, c):
