@@ -19,6 +19,9 @@ Measured 2026-12-01 (default sizes, 2 shared CPU cores at load average 16-18, to
 wall, 0.23x CPU); meta step 4 x 32^2 ours 25.3 s / 2.86 CPU-s vs torch 120.6 s / 19.0 CPU-s
 (0.21x, 0.15x); denoisers agree to 3.8e-5. Before `tta.unroll` (the 5 Adam steps in a while
 loop, whose gradient convolutions XLA:CPU ran ~13x slower) ours was 3.2x torch on tta.
+At the paper's crop, `--only=meta --crop=128 --batch=2 --repeats=1` (load 6-9): looped
+(`meta.unroll=False`) ours 76.6 s / 32.0 CPU-s vs torch 48.3 s / 26.5 CPU-s (1.6x, 1.2x);
+with `--meta_unroll` ours 21.0 s / 6.3 CPU-s vs torch 93.3 s / 36.3 CPU-s (0.23x, 0.17x).
 """
 
 from __future__ import annotations
