@@ -1,7 +1,8 @@
 """MMS-LLaMA task: AV speech recognition with an LLM on few multimodal speech tokens.
 
-Data: `avjax.data.video.av_data.AVData` (the embedded AV corpus' LRS3 view by default; babble
-noise from other utterances in training) + the text tokenizer (`avjax.data.text.tokenizer`: a
+Data: `avjax.data.video.av_data.AVData` (the embedded AV corpus' LRS3 view by default;
+training babble, `train_babble`: another utterance of the batch at an SNR from the paper's
+discrete set, `model.babble`) + the text tokenizer (`avjax.data.text.tokenizer`: a
 BPE trained on the train transcripts, or `model.llama_dir`'s tokenizer.json). Each batch gets
 `tokens / targets / weights [B, L]` laid out as
 
@@ -9,7 +10,11 @@ BPE trained on the train transcripts, or `model.llama_dir`'s tokenizer.json). Ea
 
 with weights 1 exactly on the positions that predict the transcript and its eos, and
 `rate [B]`, the utterance's text tokens per second over the training mean (the speech-rate
-predictor's target). Evaluator `mms_wer` (`--mode=eval`): beam search, WER clean and with
+predictor's target). The speech slots an utterance does not use are masked in the LLM
+(`avjax.models.mms_llama.padded_lm`) and carry no loss weight. `train.param_groups` is
+derived here from `model.llm_train` / `model.train_encoders` (`param_groups`), so overrides
+of those reach the optimizer. `model.whisper_dir` / `model.avhubert_ckpt` weights replace
+the random encoders at init (`init_variables`). Evaluator `mms_wer` (`--mode=eval`): beam search, WER clean and with
 babble at each SNR, speech tokens per second of audio; `<workdir>/eval/step_N/wer.json`.
 """
 
