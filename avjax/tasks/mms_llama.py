@@ -14,8 +14,9 @@ predictor's target). The speech slots an utterance does not use are masked in th
 (`avjax.models.mms_llama.padded_lm`) and carry no loss weight. `train.param_groups` is
 derived here from `model.llm_train` / `model.train_encoders` (`param_groups`), so overrides
 of those reach the optimizer. `model.whisper_dir` / `model.avhubert_ckpt` weights replace
-the random encoders at init (`init_variables`). Evaluator `mms_wer` (`--mode=eval`): beam search, WER clean and with
-babble at each SNR, speech tokens per second of audio; `<workdir>/eval/step_N/wer.json`.
+the random encoders at init (`init_variables`). Evaluator `mms_wer` (`--mode=eval`): beam
+search, WER clean and with babble at each SNR, speech tokens per second of audio;
+`<workdir>/eval/step_N/wer.json`.
 """
 
 from __future__ import annotations
