@@ -133,16 +133,26 @@ def test_only_adapters_and_new_modules_carry_optimizer_state(env):
         get_task(cfg2, env["work"])
 
 
-def test_loss_on_transcript_positions_only(env):
+@pytest.fixture(scope="module")
+def built(env):
+    """The :test task, its dummy batch, model and initial variables (one jitted init)."""
+    from avjax.tasks import get_task
+
+    task = get_task(env["cfg"], env["work"])
+    batch = task.dummy_batch()
+    model = task.build_model()
+    init = jax.jit(lambda r: task.init_variables(model, r, batch))
+    return task, batch, model, dict(nn.meta.unbox(init(jax.random.key(0))))
+
+
+def test_loss_on_transcript_positions_only(built):
     """Changing the targets outside the weighted (transcript + eos) positions changes nothing;
     the weights sit right after the speech slots and cover len(transcript) + 1 tokens."""
-    from avjax.tasks import get_task
     from avjax.tasks.base import LossContext
 
-    cfg = env["cfg"]
-    task = get_task(cfg, env["work"])
+    task, batch, model, variables = built
+    variables = dict(variables)
     t = task.text()
-    batch = task.dummy_batch()
     text = np.zeros_like(batch["text"])
     text[:, :11] = np.frombuffer(b"THE CAT SAT", np.uint8)
     batch = task._add_tokens({**batch, "text": text})
@@ -151,9 +161,7 @@ def test_loss_on_transcript_positions_only(env):
     w = batch["weights"][0]
     assert w.sum() == n_ids + 1 and w[start : start + n_ids + 1].all()
     assert batch["targets"][0, start + n_ids] == t["tok"].eos_id
-    model = task.build_model()
-    variables = task.init_variables(model, jax.random.key(0), batch)
-    params = nn.meta.unbox(variables.pop("params"))
+    params = variables.pop("params")
     ctx = LossContext(train=False, rng=jax.random.key(1), model_state=variables)
     loss = jax.jit(lambda b: task.apply_loss(model, params, b, ctx)[0])  # one compile
     other = batch["targets"].copy()
@@ -164,7 +172,7 @@ def test_loss_on_transcript_positions_only(env):
     assert not np.isclose(loss(batch), loss({**batch, "targets": moved}))
 
 
-def test_unused_speech_slots_are_masked(env):
+def test_unused_speech_slots_are_masked(built):
     """Transcript logits with n_q of max_queries slots used equal the LLM's on the sequence
     without the unused slots; garbage there changes nothing; a cached decoding step after the
     padded prefill equals the full forward."""
@@ -172,12 +180,9 @@ def test_unused_speech_slots_are_masked(env):
 
     from avjax.models import mms_llama as mm
     from avjax.nn.lora import lora_scope
-    from avjax.tasks import get_task
 
-    task = get_task(env["cfg"], env["work"])
-    t, batch = task.text(), task.dummy_batch()
-    model = task.build_model()
-    params = nn.meta.unbox(task.init_variables(model, jax.random.key(0), batch)["params"])
+    task, batch, model, variables = built
+    t, params = task.text(), variables["params"]
     p, m, w = len(t["prompt"]), t["max_queries"], model.llm.width
     tokens = jnp.asarray(batch["tokens"][:2])
     speech = jax.random.normal(jax.random.key(1), (2, m, w))
