@@ -190,3 +190,17 @@ def test_lm_packed_documents_and_bfloat16():
     l16, c16 = _jit_apply(model.clone(dtype=jnp.bfloat16), return_cache=True)(params, tok, pos)
     assert l16.dtype == jnp.float32 and all(c.ssm_state.dtype == jnp.float32 for c in c16)
     assert float(jnp.abs(l16 - packed).max()) < 0.05 * float(jnp.abs(packed).max())
+
+
+@pytest.mark.parametrize(
+    "preset,count", [("mamba_130m", 129_135_360), ("mamba_2_8b", 2_768_345_600)]
+)
+def test_presets_have_the_published_sizes(preset, count):
+    """`MambaConfig` presets: Mamba-130M / 2.8B (published: 129M / 2.77B with tied embeddings)."""
+    from avjax.models.mamba import MambaConfig
+
+    model = getattr(MambaConfig, preset)().make()
+    shapes = jax.eval_shape(
+        lambda k: model.init(k, jnp.zeros((1, 4), jnp.int32)), jax.random.key(0)
+    )
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count

@@ -39,22 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from avjax.convert.common import index_shards, load_params_dir, save_params_dir
-from avjax.models.mamba import MambaLM
+from avjax.models.mamba import MambaConfig, MambaLM
 
-_MODEL_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "num_layers",
-    "d_state",
-    "conv_width",
-    "expand",
-    "d_inner",
-    "dt_rank",
-    "use_bias",
-    "norm_eps",
-    "tie_embeddings",
-    "residual_in_fp32",
-)
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(MambaConfig))
 
 
 def _cfg(hf_config: Any, key: str, default: Any = None) -> Any:
@@ -73,7 +60,7 @@ def model_from_config(hf_config: Any, dtype: Any = jnp.float32, **overrides: Any
     d_inner = int(_cfg(hf_config, "intermediate_size", None) or expand * d_model)
     rank = _cfg(hf_config, "time_step_rank", "auto")
     rank = math.ceil(d_model / 16) if rank in (None, "auto") else int(rank)
-    kw = dict(
+    arch = MambaConfig(
         vocab_size=int(_cfg(hf_config, "vocab_size")),
         d_model=d_model,
         num_layers=int(_cfg(hf_config, "num_hidden_layers")),
@@ -86,10 +73,10 @@ def model_from_config(hf_config: Any, dtype: Any = jnp.float32, **overrides: Any
         norm_eps=float(_cfg(hf_config, "layer_norm_epsilon", 1e-5)),
         tie_embeddings=bool(_cfg(hf_config, "tie_word_embeddings", True)),
         residual_in_fp32=bool(_cfg(hf_config, "residual_in_fp32", True)),
-        dtype=dtype,
     )
-    kw.update(overrides)
-    return MambaLM(**kw)
+    arch = dataclasses.replace(arch, **{k: v for k, v in overrides.items() if k in _MODEL_FIELDS})
+    options = {k: v for k, v in overrides.items() if k not in _MODEL_FIELDS}
+    return arch.make(dtype=dtype, **options)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -269,4 +256,4 @@ def load_converted(out_dir: str, dtype: Any = jnp.float32) -> tuple[MambaLM, dic
     unknown = sorted(set(kw) - set(_MODEL_FIELDS))
     if unknown:
         raise ValueError(f"{out_dir}/model.json: unknown MambaLM fields {unknown}")
-    return MambaLM(**kw, dtype=dtype), {"params": params}
+    return MambaConfig(**kw).make(dtype=dtype), {"params": params}

@@ -15,7 +15,9 @@ one token per sequence. The cache is a tuple over layers of `MambaCache` (consta
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -189,3 +191,54 @@ class MambaLM(nn.Module):
             init_mamba_cache(batch_size, self.inner, self.d_state, self.conv_width, self.dtype)
             for _ in range(self.num_layers)
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """The architecture of a `MambaLM` (everything but compute options), as RecurrentGemma's
+    `GriffinConfig` is Griffin's. `make(**options)` builds the module (options: scan_impl,
+    dtype). Presets: the sizes of the published Mamba LMs (`mamba_130m` ... `mamba_2_8b`:
+    d_state 16, conv 4, expand 2, GPT-NeoX vocabulary 50,277 padded to a multiple of 8, tied
+    embeddings). See `MambaLM` for the fields."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    d_state: int = 16
+    conv_width: int = 4
+    expand: int = 2
+    d_inner: int | None = None
+    dt_rank: int | None = None
+    use_bias: bool = False
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    residual_in_fp32: bool = True
+
+    def make(self, **options: Any) -> MambaLM:
+        """The module with this architecture and `options` (scan_impl, dtype)."""
+        return MambaLM(**dataclasses.asdict(self), **options)
+
+    @classmethod
+    def mamba_130m(cls, vocab_size: int = 50_280) -> MambaConfig:
+        """Mamba-130M: 24 layers, d_model 768."""
+        return cls(vocab_size, 768, 24)
+
+    @classmethod
+    def mamba_370m(cls, vocab_size: int = 50_280) -> MambaConfig:
+        """Mamba-370M: 48 layers, d_model 1024."""
+        return cls(vocab_size, 1024, 48)
+
+    @classmethod
+    def mamba_790m(cls, vocab_size: int = 50_280) -> MambaConfig:
+        """Mamba-790M: 48 layers, d_model 1536."""
+        return cls(vocab_size, 1536, 48)
+
+    @classmethod
+    def mamba_1_4b(cls, vocab_size: int = 50_280) -> MambaConfig:
+        """Mamba-1.4B: 48 layers, d_model 2048."""
+        return cls(vocab_size, 2048, 48)
+
+    @classmethod
+    def mamba_2_8b(cls, vocab_size: int = 50_280) -> MambaConfig:
+        """Mamba-2.8B: 64 layers, d_model 2560."""
+        return cls(vocab_size, 2560, 64)
