@@ -236,7 +236,7 @@ def test_real_encoders_load(env, tmp_path):
     hf_cfg = transformers.WhisperConfig(
         d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
         decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=64,
-        num_mel_bins=80, max_source_positions=64, max_target_positions=16, pad_token_id=0,
+        num_mel_bins=128, max_source_positions=64, max_target_positions=16, pad_token_id=0,
         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
     )  # fmt: skip
     hf = transformers.WhisperModel(hf_cfg).eval()
@@ -265,7 +265,8 @@ def test_real_encoders_load(env, tmp_path):
         got["frontend"]["video_proj"]["kernel"],
         av_vars["params"]["frontend"]["video_proj"]["kernel"],
     )
-    mel = log_mel_from_audio(jnp.asarray(batch["audio"][:2], jnp.float32))  # [2, 80, 128]
+    # 128 mel bins as Whisper large-v3: the model's front-end follows the loaded encoder.
+    mel = log_mel_from_audio(jnp.asarray(batch["audio"][:2], jnp.float32), 128)  # [2, 128, 128]
     ours = model.apply(variables, mel, method=lambda m, x: m.audio_encoder(x))
     with torch.no_grad():
         ref = hf.encoder(torch.from_numpy(np.asarray(mel))).last_hidden_state.numpy()

@@ -266,7 +266,8 @@ class MMSLLaMA(nn.Module):
     def encode(self, audio: jax.Array, video: jax.Array, train: bool) -> tuple[jax.Array, ...]:
         """-> (fused `[B, T, Df]` at 25 Hz, Whisper features `[B, 2T, Da]` at 50 Hz)."""
         t = video.shape[1]
-        mel = log_mel_from_audio(audio.astype(jnp.float32))  # [B, 80, 4T] at 100 Hz
+        bins = int(getattr(self.audio_encoder, "num_mel_bins", 80))  # 128 for large-v3
+        mel = log_mel_from_audio(audio.astype(jnp.float32), bins)  # [B, bins, 4T] at 100 Hz
         whisper = self.audio_encoder(mel)  # [B, 2T, Da]
         a = self.audio_down(whisper)[:, :t]
         if self.video_encoder is None:
