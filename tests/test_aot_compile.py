@@ -74,6 +74,8 @@ def test_decode_mode_reports_the_cache_per_chip():
     (recurrent: RG-LRU state + 3 conv inputs; attention: a 16-slot ring buffer), the
     Transformer's KV cache holds `cache_tokens` keys and values per layer; the batch (8) is
     split over data x fsdp = 4, so a chip holds 2 sequences' caches."""
+    import avjax.main  # noqa: F401  (the tool imports beside it: both have --config / --mode)
+
     tool = _load("tools/aot_compile.py", "aot_tool")
     ssm = tool.decode_report(_tiny("speechssm"), "cpu:8", batch=8, cache_tokens=100)
     tf = tool.decode_report(_tiny("speechtransformer"), "cpu:8", batch=8, cache_tokens=100)

@@ -45,21 +45,34 @@ from avjax.train.aot import (  # noqa: E402
     topology_devices,
 )
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", "v5e:16x16", "TPU topology 'v5e:16x16', 'v5p:4x4x4', 'v4:4x4x4' or 'cpu:N'."
-)
-_JSON = flags.DEFINE_string("json", None, "Write the report as JSON here.")
-_MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "decode"], "Compile the train step or one decode step."
-)
-_BATCH = flags.DEFINE_integer("batch", 64, "decode: sequences decoded together.")
-_CACHE_TOKENS = flags.DEFINE_integer(
-    "cache_tokens", 24_000, "decode: KV-cache length of models with one (config.model.max_len)."
-)
-_PARAM_DTYPE = flags.DEFINE_string(
-    "param_dtype", "", "decode: parameter dtype ('' = config.model.dtype)."
-)
+
+def _define_flags() -> dict[str, Any]:
+    """The command line's flags (defined only when run as a script, so the module imports
+    beside `avjax.main`, which defines its own --config and --mode)."""
+    return {
+        "config": config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True),
+        "topology": flags.DEFINE_string(
+            "topology",
+            "v5e:16x16",
+            "TPU topology 'v5e:16x16', 'v5p:4x4x4', 'v4:4x4x4' or 'cpu:N'.",
+        ),
+        "json": flags.DEFINE_string("json", None, "Write the report as JSON here."),
+        "mode": flags.DEFINE_enum(
+            "mode", "train", ["train", "decode"], "Compile the train step or one decode step."
+        ),
+        "batch": flags.DEFINE_integer("batch", 64, "decode: sequences decoded together."),
+        "cache_tokens": flags.DEFINE_integer(
+            "cache_tokens",
+            24_000,
+            "decode: KV-cache length of models with one (config.model.max_len).",
+        ),
+        "param_dtype": flags.DEFINE_string(
+            "param_dtype", "", "decode: parameter dtype ('' = config.model.dtype)."
+        ),
+    }
+
+
+_FLAGS: dict[str, Any] = {}
 
 
 def _gib(b: float) -> str:
@@ -254,7 +267,7 @@ def _print_decode(r: dict[str, Any]) -> None:
     print(
         f"  traffic    floor (params + cache) {_gib(r['bytes_floor_per_chip'])}, compiler "
         f"{_gib(r['bytes_accessed_per_chip'])} per chip and step (HLO walk "
-        f"{_gib(r['bytes_accessed_hlo_estimate_per_chip'])}, overcounts async copies)"
+        f"{_gib(r['bytes_accessed_hlo_estimate_per_chip'])})"
     )
     if r["memory_bound_s_per_step"]:
         print(
@@ -270,18 +283,19 @@ def _print_decode(r: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    if _MODE.value == "decode":
+    fv = {k: v.value for k, v in _FLAGS.items()}
+    if fv["mode"] == "decode":
         report = decode_report(
-            _CONFIG.value, _TOPOLOGY.value, _BATCH.value, _CACHE_TOKENS.value, _PARAM_DTYPE.value
+            fv["config"], fv["topology"], fv["batch"], fv["cache_tokens"], fv["param_dtype"]
         )
         _print_decode(report)
     else:
-        report = compile_report(_CONFIG.value, _TOPOLOGY.value)
+        report = compile_report(fv["config"], fv["topology"])
         _print_train(report)
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {_JSON.value}")
+    if fv["json"]:
+        with open(fv["json"], "w") as out:
+            json.dump(report, out, indent=2)
+        print(f"wrote {fv['json']}")
 
 
 def _print_train(r: dict[str, Any]) -> None:
@@ -324,5 +338,6 @@ def _print_train(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    _FLAGS.update(_define_flags())
     flags.mark_flag_as_required("config")
     app.run(main)
