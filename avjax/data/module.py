@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any, Self
 
 import grain
 import numpy as np
+
+from avjax.io import as_path, write_text_atomic
 
 Batch = Mapping[str, np.ndarray]
 
@@ -85,6 +88,16 @@ class DataModule(abc.ABC):
     def facts(self) -> dict[str, Any]:
         """What `prepare` returned (after prepare)."""
         return self._get("facts")
+
+    def _write_facts(self, facts: dict[str, Any], read_only: bool) -> None:
+        """`<workdir>/data_facts.json` (atomically; local or gs://), by process 0, unless
+        read-only or without a workdir."""
+        import jax
+
+        if self.workdir and not read_only and jax.process_index() == 0:
+            write_text_atomic(
+                as_path(self.workdir) / "data_facts.json", json.dumps(facts, indent=2)
+            )
 
     def _resolve_read_only(self, read_only: bool | None) -> bool:
         """`prepare`'s argument, or the module's `read_only` flag when it is None."""

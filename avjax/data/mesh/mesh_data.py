@@ -27,7 +27,6 @@ Batches: `x [batch, window, dim]`, `audio [batch, window, feature_dim]` float32,
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import grain
@@ -40,7 +39,7 @@ from avjax.data.mesh import vocaset
 from avjax.data.module import DataModule
 from avjax.data.speech import logmel
 from avjax.data.speech.speech_lm import cache_root
-from avjax.io import as_path, write_text_atomic
+from avjax.io import as_path
 
 Batch = dict[str, np.ndarray]
 FEATURE_DIM = 4 * logmel.N_MELS
@@ -344,8 +343,7 @@ class MeshData(DataModule):
             "fps": train[0].fps,
         }
         self._prepared = dict(facts=facts, repr=rep, codes=codes, feats=feats, heldout=held)
-        if jax.process_index() == 0 and not read_only:
-            write_text_atomic(as_path(self.workdir) / "data_facts.json", json.dumps(facts))
+        self._write_facts(facts, read_only)
         return facts
 
     def _get(self, name: str) -> Any:

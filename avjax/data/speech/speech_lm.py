@@ -16,19 +16,17 @@ read-only runs). Batches are `{"inputs", "targets", "segment_pos": [batch, seq_l
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 from etils import epath
 
 from avjax.data.module import DataModule
 from avjax.data.speech import lm_windows, pipeline
 from avjax.data.speech.units import UNIT_RATE
-from avjax.io import as_path, write_text_atomic
+from avjax.io import as_path
 
 Batch = dict[str, np.ndarray]
 
@@ -131,8 +129,7 @@ class SpeechLMData(DataModule):
             "vocoder": prepared.vocoder,
             "docs": prepared.docs,
         }
-        if jax.process_index() == 0 and not read_only:
-            write_text_atomic(ctx.workdir / "data_facts.json", json.dumps(facts, indent=2))
+        self._write_facts(facts, read_only)
         return facts
 
     @property

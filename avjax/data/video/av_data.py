@@ -570,14 +570,6 @@ class AVData(DataModule):
         self._write_facts(facts, read_only)
         return facts
 
-    def _write_facts(self, facts: dict[str, Any], read_only: bool) -> None:
-        import jax
-
-        if self.workdir and not read_only and jax.process_index() == 0:
-            os.makedirs(self.workdir, exist_ok=True)
-            with open(os.path.join(self.workdir, "data_facts.json"), "w") as f:
-                json.dump(facts, f, indent=2)
-
     @property
     def vocabulary(self) -> list[str]:
         """Word labels (`label` indexes it)."""
