@@ -1,9 +1,11 @@
 """DF-3DFace (Park et al., 2023, arXiv 2310.05934): speech -> 3D face mesh sequences by
 diffusion, one-to-many.
 
-The denoiser is a bidirectional transformer over the noisy mesh sequence `x_t [batch, frames,
-dim]` (each frame a vertex-offset vector or a PCA code of the whole posed mesh, identity and
-head pose included, `avjax.data.mesh.mesh_data`), conditioned on
+The denoiser is a bidirectional transformer over the noisy mesh sequence `x_t [batch, 1 +
+frames, dim]`: one static token (the sequence's mean mesh, i.e. identity and mean head pose,
+as a code) then one token per frame (its motion: expression, jaw, lips, pose changes), each a
+vertex-offset vector or a PCA code (`avjax.data.mesh.mesh_data.MeshRepr`). Identity is
+generated once per sequence, so it cannot drift into the lips. It is conditioned on
 
   - the diffusion timestep (sinusoidal embedding -> MLP -> adaptive RMSNorm shift/scale in
     every block, as in DiT);
@@ -50,6 +52,7 @@ class DF3DFaceConfig:
     mlp_width: int = 384
     sync_window: int = 4
     use_audio: bool = True
+    static_token: bool = False  # x_t row 0 is the sequence's static code (identity + mean pose)
     dtype: Any = jnp.float32
 
 
@@ -100,35 +103,51 @@ class DenoiserBlock(nn.Module):
 
 
 class DF3DFace(nn.Module):
-    """The denoiser: (x_t `[b, t, dim]`, timesteps `[b]`, audio `[b, t, feat]`, audio_mask
-    `[b, t]`, frame_mask `[b, t]`) -> predicted x0 `[b, t, dim]` float32."""
+    """The denoiser: (x_t `[b, s + t, dim]`, timesteps `[b]`, audio `[b, t, feat]`,
+    audio_mask `[b, t]`, frame_mask `[b, t]`) -> predicted x0 `[b, s + t, dim]` float32, where
+    s = 1 with `static_token` (row 0: the sequence's static code, a token that attends to and
+    is attended by every frame but hears no audio; it gets a learned type embedding) else 0."""
 
     cfg: DF3DFaceConfig
 
     @nn.compact
     def __call__(self, x_t, timesteps, audio, audio_mask, frame_mask):
         c = self.cfg
-        b, t, _ = x_t.shape
+        s = int(c.static_token)
+        b, t = audio.shape[:2]
         h = dense(c.width, (None, axes.EMBED), dtype=c.dtype, name="in_proj")(x_t)
         temb = diffusion.timestep_embedding(timesteps, c.width)
         temb = dense(c.width, (None, axes.MLP), dtype=c.dtype, name="t_in")(temb)
         temb = dense(c.width, (axes.MLP, axes.EMBED), dtype=c.dtype, name="t_out")(nn.silu(temb))
-        null = self.param(
-            "audio_null",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (axes.EMBED,)),
-            (c.width,),
-        )
+
+        def vector(name):
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (axes.EMBED,))
+            return self.param(name, init, (c.width,))[None, None].astype(c.dtype)
+
+        null = vector("audio_null")
         a = dense(c.width, (None, axes.EMBED), dtype=c.dtype, name="audio_proj")(audio)
         keep = (audio_mask > 0)[:, :, None]
         if not c.use_audio:
             keep = jnp.zeros_like(keep)
-        a = jnp.where(keep, a, jnp.broadcast_to(null[None, None].astype(a.dtype), a.shape))
-        if c.use_audio:
-            h = h + a
+        a = jnp.where(keep, a, jnp.broadcast_to(null, a.shape))
         valid = frame_mask > 0
-        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-        self_mask = valid[:, None, :] & jnp.ones((b, t, t), bool)
+        if s:  # the static token: its own type embedding, no audio (a null frame), always valid
+            a = jnp.concatenate([jnp.broadcast_to(null, (b, 1, c.width)), a], axis=1)
+            h = h + jnp.concatenate(
+                [vector("static_embed"), jnp.zeros((1, t, c.width), c.dtype)], axis=1
+            )
+            valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
+        if c.use_audio:
+            h = h + jnp.concatenate([jnp.zeros_like(a[:, :s]), a[:, s:]], axis=1)
+        n = s + t
+        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
+        self_mask = valid[:, None, :] & jnp.ones((b, n, n), bool)
         near = jnp.abs(pos[:, :, None] - pos[:, None, :]) <= c.sync_window
+        if s:  # frames hear frames' audio only; the static token its null frame only
+            is_frame = pos >= s
+            near = (near & is_frame[:, :, None] & is_frame[:, None, :]) | (
+                ~is_frame[:, :, None] & ~is_frame[:, None, :]
+            )
         sync_mask = near & valid[:, None, :]
         for i in range(c.num_layers):
             h = DenoiserBlock(c, name=f"block_{i}")(h, a, temb, pos, self_mask, sync_mask)

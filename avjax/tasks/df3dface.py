@@ -53,6 +53,7 @@ class DF3DFaceTask(Task):
                 mlp_width=int(m.mlp_width),
                 sync_window=int(m.sync_window),
                 use_audio=bool(m.use_audio),
+                static_token=True,
                 dtype=jnp.dtype(m.dtype),
             )
         )
@@ -60,7 +61,7 @@ class DF3DFaceTask(Task):
     def model_inputs(self, batch: Batch) -> dict[str, Any]:
         b = batch["x"].shape[0]
         return {
-            "x_t": batch["x"],
+            "x_t": pack(batch),
             "timesteps": jnp.zeros((b,), jnp.int32),
             "audio": batch["audio"],
             "audio_mask": batch["mask"],
@@ -68,21 +69,39 @@ class DF3DFaceTask(Task):
         }
 
     def loss(self, model, params, batch, rng) -> tuple[jax.Array, Metrics]:
-        """x0-prediction MSE per valid frame (sum over frames, mean over dims); audio masked
+        """x0-prediction MSE per valid token (the static token and each valid frame; sum over
+        tokens, mean over the code's own dims) plus the frames' velocity error; audio masked
         on random spans and dropped whole with `model.cond_drop_prob` (guidance)."""
         m, dc = self.config.model, self.config.diffusion
-        x, mask = jnp.asarray(batch["x"]), jnp.asarray(batch["mask"])
+        x, mask = pack(batch), jnp.asarray(batch["mask"])
         r_noise, r_span, r_drop = jax.random.split(rng, 3)
         inp = diffusion.training_inputs(r_noise, x, self.schedule, dc.prediction_type)
         span = model_lib.random_span_mask(r_span, mask.shape, float(m.mask_prob), int(m.mask_span))
         keep = diffusion.condition_keep_mask(r_drop, x.shape[0], float(m.cond_drop_prob))
         audio_mask = mask * span * keep[:, None].astype(jnp.float32)
         out = model.apply({"params": params}, inp.x_t, inp.t, batch["audio"], audio_mask, mask)
-        err = jnp.mean(jnp.square(out - inp.target), axis=-1) * mask
-        vel = jnp.mean(jnp.square(jnp.diff(out, axis=1) - jnp.diff(inp.target, axis=1)), -1)
-        vel = vel * mask[:, 1:] * mask[:, :-1]
-        loss_sum = jnp.sum(err) + float(m.velocity_weight) * jnp.sum(vel)
-        return loss_sum, {"weight": jnp.sum(mask), "mse": jnp.sum(err)}
+        dims = self._dim_weights()  # [1 + 1, dim]: static row, motion rows
+        sq = jnp.square(out - inp.target)
+        err_static = jnp.sum(sq[:, 0] * dims[:1], axis=-1)
+        err = jnp.sum(sq[:, 1:] * dims[None, 1:], axis=-1) * mask
+        vel = jnp.square(jnp.diff(out[:, 1:], axis=1) - jnp.diff(inp.target[:, 1:], axis=1))
+        vel = jnp.sum(vel * dims[None, 1:], axis=-1) * mask[:, 1:] * mask[:, :-1]
+        loss_sum = jnp.sum(err) + jnp.sum(err_static) + float(m.velocity_weight) * jnp.sum(vel)
+        return loss_sum, {
+            "weight": jnp.sum(mask) + x.shape[0],
+            "mse": jnp.sum(err) + jnp.sum(err_static),
+        }
+
+    def _dim_weights(self) -> jax.Array:
+        """`[2, dim]`: 1 / (code width) on the static code's (row 0) and the motion code's
+        (row 1) own dims, 0 on their zero padding."""
+        declared = int(self.config.data.get("code_dim", 0) or 0)
+        if declared and self.data._prepared is None:  # noqa: SLF001 (AOT: shapes only)
+            widths = (declared, declared)
+        else:
+            widths = (self.data.repr.static_dim, self.data.repr.motion_dim)
+        dim = self.data.code_dim
+        return jnp.stack([(jnp.arange(dim) < w).astype(jnp.float32) / w for w in widths])
 
     def tokens_per_batch(self, batch: Batch) -> int:
         return int(np.sum(batch["mask"]))
@@ -97,7 +116,8 @@ class DF3DFaceTask(Task):
 
     # --- generation -------------------------------------------------------------------------
     def sampler(self, model: nn.Module, steps: int, guidance: float):
-        """`(params, audio [N, T, F], audio_mask [N, T], rng) -> x0 [N, T, dim]`: `steps`
+        """`(params, audio [N, T, F], audio_mask [N, T], rng) -> x0 [N, 1 + T, dim]` (row 0:
+        the static code; `MeshRepr.decode` turns it into meshes): `steps`
         DDIM steps as one `lax.scan`, jitted once per (steps, guidance) and input shape; the
         timesteps are an argument, so other step values reuse the executable."""
         key = (steps, guidance)
@@ -111,7 +131,7 @@ class DF3DFaceTask(Task):
 
         def denoise(params, x, tt, cond):
             audio, audio_mask = cond
-            frames = jnp.ones(x.shape[:2], jnp.float32)
+            frames = jnp.ones(audio_mask.shape, jnp.float32)
             return model.apply({"params": params}, x, tt, audio, audio_mask, frames)
 
         @jax.jit
@@ -126,7 +146,7 @@ class DF3DFaceTask(Task):
                 )
             return diffusion.sample(
                 fn,
-                (audio.shape[0], audio.shape[1], dim),
+                (audio.shape[0], 1 + audio.shape[1], dim),
                 rng,
                 self.schedule,
                 ts,
@@ -190,6 +210,13 @@ class DF3DFaceTask(Task):
         """LVE / FDD / lip sync vs ground truth, baselines and diversity on held-out speech
         (`eval_report.json` and `.md` under `<workdir>/eval/step_<N>/`)."""
         return evaluate_heldout(self, model, params, step)
+
+
+def pack(batch: Batch) -> jax.Array:
+    """The model's array `[b, 1 + window, dim]`: the static code (`batch["static"] [b, dim]`)
+    as row 0, then the motion codes (`batch["x"] [b, window, dim]`)."""
+    x = jnp.asarray(batch["x"], jnp.float32)
+    return jnp.concatenate([jnp.asarray(batch["static"], jnp.float32)[:, None], x], axis=1)
 
 
 def _score(task: DF3DFaceTask, model, params, i: int) -> tuple[dict[str, float], dict]:

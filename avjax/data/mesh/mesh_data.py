@@ -2,17 +2,20 @@
 
     data = MeshData.from_config(config, workdir)
     facts = data.prepare()          # corpus -> representation -> codes + features per frame
-    it = data.train_dataset(0, 1)   # endless batches {"x", "audio", "mask"}
+    it = data.train_dataset(0, 1)   # endless batches {"x", "static", "audio", "mask"}
     held = data.eval_batches(0, 1)  # fixed windows of the held-out speakers
 
 Sequences come from the embedded corpus (`corpus.py`, `data.name="default"`), VOCASET or a
-folder of vertex sequences (`vocaset.py`). A mesh frame is represented (`data.representation`)
-either by its vertex offsets from the training mean mesh (`vertices`: `V * 3` numbers) or by
-a PCA code of those offsets (`pca`: `data.pca_dim` numbers, fitted on training frames), each
-dimension scaled to unit variance. The representation (mean mesh, PCA basis, scales, audio
-feature statistics) is fitted once and saved as `<workdir>/mesh_repr.npz`; sampling and
-evaluation load it (never refit). Identity and head pose are part of every frame's mesh (no
-template is subtracted per speaker), so a model of these codes generates them too.
+folder of vertex sequences (`vocaset.py`). A sequence is represented as one static code (its
+mean mesh: identity and mean head pose) plus per-frame motion codes (each frame minus that
+mean: expression, jaw, lips and pose changes), so identity cannot drift within a sequence
+(`MeshRepr`). Each part is (`data.representation`) either raw vertex offsets (`vertices`:
+`V * 3` numbers) or a PCA code (`pca`: `data.identity_dim` components over the training
+sequences' means, `data.pca_dim` over their frames' motion), each dimension scaled to unit
+variance. The representation (mean mesh, bases, scales, audio feature statistics) is fitted
+once and saved as `<workdir>/mesh_repr.npz`; sampling and evaluation load it (never refit).
+No template is subtracted per speaker, so a model of these codes generates identity and head
+pose too.
 
 Speech features (`data.audio_features`) are log-mel by default (`avjax.data.speech.logmel`, 100 Hz):
 for mesh frame k the four mel frames from k / fps on, stacked (`[frames, 320]`); or, as the
@@ -20,8 +23,9 @@ paper conditions, HuBERT (`"hubert"`: layer `data.hubert_layer` of the HF HuBERT
 in the local `data.hubert_dir`, 50 Hz frames linearly interpolated to the mesh frame times,
 `[frames, hidden_size]`). Either is normalised by training statistics.
 
-Batches: `x [batch, window, dim]`, `audio [batch, window, feature_dim]` float32, `mask
-[batch, window]` float32 (0 = padding past a short sequence's end).
+Batches: `x [batch, window, dim]` (motion codes), `static [batch, dim]` (the sequence's
+static code), `audio [batch, window, feature_dim]` float32, `mask [batch, window]` float32
+(0 = padding past a short sequence's end).
 """
 
 from __future__ import annotations
@@ -110,31 +114,66 @@ def _heuristic_regions(mean: np.ndarray, sample: np.ndarray) -> Regions:
 
 @dataclasses.dataclass
 class MeshRepr:
-    """Frames <-> model vectors. mean `[V, 3]`; basis `[k, V*3]` (PCA) or None (vertices);
-    scale `[dim]`; audio feature mean / std `[feature_dim]`; regions."""
+    """Sequences <-> model arrays: one static code per sequence (the sequence's mean mesh:
+    identity and mean pose) plus per-frame motion codes (each frame minus that mean:
+    expression, jaw, lips, pose changes), so identity cannot drift within a sequence.
+
+    mean `[V, 3]`: the training mean mesh. basis `[km, V*3]` (PCA of frame motion) or None
+    (`vertices`: the V*3 offsets); scale `[km]`. static_basis `[ki, V*3]` (PCA of sequence
+    means) or None; static_scale `[ki]`. Audio feature mean / std `[feature_dim]`; regions.
+    A sequence's model array is `[1 + T, dim]` with `dim = max(ki, km)`: row 0 the static code,
+    rows 1.. the motion codes, each zero-padded to `dim`.
+    """
 
     mean: np.ndarray
     basis: np.ndarray | None
     scale: np.ndarray
+    static_basis: np.ndarray | None
+    static_scale: np.ndarray
     feat_mean: np.ndarray
     feat_std: np.ndarray
     regions: Regions
     faces: np.ndarray | None = None
 
     @property
-    def dim(self) -> int:
+    def motion_dim(self) -> int:
         return int(self.scale.shape[0])
 
+    @property
+    def static_dim(self) -> int:
+        return int(self.static_scale.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Width of a packed row (static and motion codes zero-padded to it)."""
+        return max(self.motion_dim, self.static_dim)
+
+    def _pad(self, x: np.ndarray) -> np.ndarray:
+        return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.dim - x.shape[-1])])
+
     def encode(self, verts: np.ndarray) -> np.ndarray:
-        """`[T, V, 3]` -> `[T, dim]` float32."""
-        off = (np.asarray(verts, np.float32) - self.mean).reshape(len(verts), -1)
-        code = off if self.basis is None else off @ self.basis.T
-        return (code / self.scale).astype(np.float32)
+        """`[T, V, 3]` -> `[1 + T, dim]` float32 (row 0: static code, rows 1..: motion)."""
+        v = np.asarray(verts, np.float32).reshape(len(verts), -1)
+        seq_mean = v.mean(0)
+        static = seq_mean - self.mean.reshape(-1)
+        if self.static_basis is not None:
+            static = static @ self.static_basis.T
+        motion = v - seq_mean
+        if self.basis is not None:
+            motion = motion @ self.basis.T
+        rows = [self._pad((static / self.static_scale)[None]), self._pad(motion / self.scale)]
+        return np.concatenate(rows).astype(np.float32)
 
     def decode(self, x: np.ndarray) -> np.ndarray:
-        """`[..., T, dim]` -> `[..., T, V, 3]` float32."""
-        code = np.asarray(x, np.float32) * self.scale
-        off = code if self.basis is None else code @ self.basis
+        """`[..., 1 + T, dim]` -> `[..., T, V, 3]` float32."""
+        x = np.asarray(x, np.float32)
+        static = x[..., :1, : self.static_dim] * self.static_scale
+        motion = x[..., 1:, : self.motion_dim] * self.scale
+        if self.static_basis is not None:
+            static = static @ self.static_basis
+        if self.basis is not None:
+            motion = motion @ self.basis
+        off = static + motion
         return (off.reshape(*off.shape[:-1], -1, 3) + self.mean).astype(np.float32)
 
     def save(self, path: Any) -> None:
@@ -142,16 +181,16 @@ class MeshRepr:
         arrays = dict(
             mean=self.mean,
             scale=self.scale,
+            static_scale=self.static_scale,
             feat_mean=self.feat_mean,
             feat_std=self.feat_std,
             lip=r.lip,
             upper_face=r.upper_face,
             lips=np.array([r.upper_lip, r.lower_lip]),
         )
-        if self.basis is not None:
-            arrays["basis"] = self.basis
-        if self.faces is not None:
-            arrays["faces"] = self.faces
+        for k in ("basis", "static_basis", "faces"):
+            if getattr(self, k) is not None:
+                arrays[k] = getattr(self, k)
         tmp = as_path(str(path) + ".tmp.npz")
         with tmp.open("wb") as f:
             np.savez(f, **arrays)
@@ -161,11 +200,18 @@ class MeshRepr:
     def load(cls, path: Any) -> MeshRepr:
         with as_path(path).open("rb") as f:
             z = dict(np.load(f))
+        if "static_scale" not in z:
+            raise ValueError(
+                f"{path} holds a per-frame representation without a static code (an older "
+                "layout): train in a new workdir"
+            )
         regions = Regions(z["lip"], z["upper_face"], int(z["lips"][0]), int(z["lips"][1]))
         return cls(
             z["mean"],
             z.get("basis"),
             z["scale"],
+            z.get("static_basis"),
+            z["static_scale"],
             z["feat_mean"],
             z["feat_std"],
             regions,
@@ -182,6 +228,17 @@ def _top_components(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     return np.linalg.svd(q.T @ x, full_matrices=False)[2][:k].astype(np.float32)
 
 
+def _fit_codes(
+    x: np.ndarray, representation: str, k: int, rng: np.random.Generator
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Basis `[k, n]` (PCA; None for `vertices`) and per-dimension scales of the centred rows
+    `x [m, n]`: unit variance per PCA component, one global std for raw vertex offsets."""
+    if representation == "vertices":
+        return None, np.full(x.shape[1], x.std() + 1e-6, np.float32)
+    basis = _top_components(x, min(k, x.shape[0], x.shape[1]), rng)
+    return basis, ((x @ basis.T).std(0) + 1e-6).astype(np.float32)
+
+
 def fit_repr(
     seqs: list[corpus_lib.MeshSequence],
     feats: list[np.ndarray],
@@ -191,44 +248,47 @@ def fit_repr(
     regions: Regions | None = None,
     faces: np.ndarray | None = None,
     max_frames: int = 3000,
+    identity_dim: int = 16,
 ) -> MeshRepr:
-    """Fits the mean mesh, PCA basis (`representation="pca"`) and scales on training frames
-    (`seqs`, with their raw speech features `feats`, each `[T, feature_dim]`)."""
+    """Fits the representation on training sequences `seqs` (with their raw speech features
+    `feats`, each `[T, feature_dim]`): the mean mesh, the static codes (PCA of `identity_dim`
+    over the sequences' mean meshes) and the motion codes (PCA of `pca_dim` over sampled
+    frames minus their sequence's mean), or raw offsets for `representation="vertices"`."""
     if representation not in ("pca", "vertices"):
         raise ValueError(f"data.representation={representation!r}; expected pca | vertices")
     rng = np.random.default_rng(seed)
     per = max(1, max_frames // max(len(seqs), 1))
-    frames = []
+    frames, means = [], []
     for s in seqs:
         v = s.vertices
-        frames.append(v[rng.choice(len(v), min(per, len(v)), replace=False)])
-    sample = np.concatenate(frames)
-    mean = sample.mean(0)
-    off = (sample - mean).reshape(len(sample), -1)
-    basis = None
-    if representation == "pca":
-        basis = _top_components(off, min(pca_dim, off.shape[0], off.shape[1]), rng)
-        off = off @ basis.T
-        scale = off.std(0) + 1e-6
-    else:
-        scale = np.full(off.shape[1], off.std() + 1e-6)
+        means.append(v.mean(0))
+        frames.append(v[rng.choice(len(v), min(per, len(v)), replace=False)] - means[-1])
+    means_a = np.stack(means)
+    mean = means_a.mean(0)
+    moves = np.concatenate(frames)
+    static = (means_a - mean).reshape(len(means_a), -1)
+    static_basis, static_scale = _fit_codes(static, representation, identity_dim, rng)
+    basis, scale = _fit_codes(moves.reshape(len(moves), -1), representation, pca_dim, rng)
     allf = np.concatenate(feats)
     return MeshRepr(
         mean.astype(np.float32),
         basis,
-        scale.astype(np.float32),
+        scale,
+        static_basis,
+        static_scale,
         allf.mean(0).astype(np.float32),
         (allf.std(0) + 1e-3).astype(np.float32),
-        regions or _heuristic_regions(mean, sample),
+        regions or _heuristic_regions(mean, moves + mean),
         faces,
     )
 
 
 class _Windows:
-    """Windows `(sequence, start)` of per-frame arrays, padded to `window` frames."""
+    """Windows `(sequence, start)` of per-frame arrays, padded to `window` frames, each with
+    its sequence's static code."""
 
-    def __init__(self, codes: list, feats: list, window: int, stride: int):
-        self.codes, self.feats, self.window = codes, feats, window
+    def __init__(self, codes: list, statics: list, feats: list, window: int, stride: int):
+        self.codes, self.statics, self.feats, self.window = codes, statics, feats, window
         self.index = [
             (i, s)
             for i, c in enumerate(codes)
@@ -245,6 +305,7 @@ class _Windows:
         mask = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
         return {
             "x": np.pad(x, ((0, pad), (0, 0))),
+            "static": self.statics[i],
             "audio": np.pad(a, ((0, pad), (0, 0))),
             "mask": mask,
         }
@@ -322,16 +383,20 @@ class MeshData(DataModule):
                 self.seed,
                 regions,
                 faces,
+                identity_dim=int(dc.get("identity_dim", 16)),
             )
             if jax.process_index() == 0:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 rep.save(path)
         self._check_declared(rep)
         codes = {"train": [], "test": []}
+        statics = {"train": [], "test": []}
         feats = {"train": [], "test": []}
         for split, group in (("train", train), ("test", held)):
             for s, f in zip(group, raw[split], strict=True):
-                codes[split].append(rep.encode(s.vertices))
+                packed = rep.encode(s.vertices)
+                statics[split].append(packed[0])
+                codes[split].append(packed[1:])
                 feats[split].append(((f - rep.feat_mean) / rep.feat_std).astype(np.float32))
         facts = {
             "train_sequences": len(train),
@@ -340,9 +405,13 @@ class MeshData(DataModule):
             "heldout_speakers": sorted({s.speaker for s in held}),
             "vertices": int(rep.mean.shape[0]),
             "dim": rep.dim,
+            "static_dim": rep.static_dim,
+            "motion_dim": rep.motion_dim,
             "fps": train[0].fps,
         }
-        self._prepared = dict(facts=facts, repr=rep, codes=codes, feats=feats, heldout=held)
+        self._prepared = dict(
+            facts=facts, repr=rep, codes=codes, statics=statics, feats=feats, heldout=held
+        )
         self._write_facts(facts, read_only)
         return facts
 
@@ -439,11 +508,14 @@ class MeshData(DataModule):
             )
         if self.data.get("feature_norm", "global") != "global":
             out["feature_norm"] = self.data.get("feature_norm")
+        out["layout"] = "static+motion"  # one static code per sequence (older: per frame)
+        out["identity_dim"] = int(self.data.get("identity_dim", 16))
         return {"mesh_data": out}
 
     def _windows(self, split: str) -> _Windows:
         w = int(self.data.window)
-        return _Windows(self._get("codes")[split], self._get("feats")[split], w, w // 2)
+        got = self._get
+        return _Windows(got("codes")[split], got("statics")[split], got("feats")[split], w, w // 2)
 
     def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
         """Endless shuffled batches of `batch_size // process_count` windows."""
@@ -468,6 +540,7 @@ class MeshData(DataModule):
         w, d = int(self.data.window), self.code_dim
         return {
             "x": np.zeros((self.batch_size, w, d), np.float32),
+            "static": np.zeros((self.batch_size, d), np.float32),
             "audio": np.zeros((self.batch_size, w, self.feature_dim), np.float32),
             "mask": np.ones((self.batch_size, w), np.float32),
         }
