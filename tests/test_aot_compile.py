@@ -122,3 +122,70 @@ ENTRY %main (p0: f32[256]) -> f32[256] {
 """
     total = sum(hlo_bytes_by_category(hlo).values())
     assert total == (2 * 1024 + 4) + 2 * 1024  # the copy (+ its context word), the negate
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices")
+def test_mfu_counts_remat_recomputation_in_scanned_builds(monkeypatch):
+    """A scanned build's compiler FLOPs count one loop iteration, so the step time once came
+    from the analytic FLOPs, as did MFU: 100 % whatever remat recomputed (compute-bound). The
+    compute time now comes from the HLO walk's matmuls times their trip counts: with
+    remat=full the forward is recomputed (~1.3x the useful FLOPs at this size), so MFU drops
+    below that of remat=none."""
+    from avjax.train import aot
+
+    chip = {"hbm": 2**34, "flops": 1e12, "hbm_bw": 1e15}  # compute-bound: MFU = 1 / factor
+    real = aot.topology_devices
+    monkeypatch.setattr(aot, "topology_devices", lambda t, n=1: (real("cpu:8", n)[0], chip))
+    reports = {}
+    for remat in ("none", "full"):
+        cfg = _tiny("speechssm")
+        cfg.model.num_layers, cfg.model.scan_layers, cfg.model.remat = 7, True, remat
+        reports[remat] = aot.compile_report(cfg, "v5e:fake")
+    none, full = reports["none"], reports["full"]
+    print(
+        {
+            k: {f: r[f] for f in ("recompute_factor", "estimated_mfu", "flops_per_step")}
+            for k, r in reports.items()
+        }
+    )
+    for r in (none, full):  # 7 layers scanned as 2 x (r, r, a) + (r): one body counted
+        assert r["flops_per_step"] < r["analytic_flops_per_step"] < r["executed_flops_per_step"]
+        assert r["executed_flops_source"] == "hlo_matmul"
+        assert r["estimated_mfu"] == pytest.approx(1 / r["recompute_factor"])
+    assert 0.95 < none["recompute_factor"] < 1.12, none
+    assert full["recompute_factor"] > none["recompute_factor"] + 0.15, full
+    assert full["estimated_mfu"] < 0.9 and none["estimated_mfu"] > full["estimated_mfu"]
+
+
+def test_hlo_matmul_flops_multiply_loop_bodies_by_their_trip_count():
+    """A dot [4, 8] x [8, 16] (2 x 64 x 8 = 1,024 FLOPs) inside a fusion in a while body run
+    3 times, and a convolution outside (2 x 16 outputs x 12 kernel elements per output
+    feature = 384) are counted 3 x 1,024 + 384 times."""
+    from avjax.train.aot import hlo_matmul_flops
+
+    hlo = """HloModule m
+
+%fused_dot (param_0: f32[4,8], param_1: f32[8,16]) -> f32[4,16] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  %param_1 = f32[8,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,16]{1,0} dot(%param_0, %param_1), DOT_DIMS
+}
+
+%body (p: (s32[], f32[4,8], f32[8,16])) -> (s32[], f32[4,8], f32[8,16]) {
+  %p = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) parameter(0)
+  %a = f32[4,8]{1,0} get-tuple-element(%p), index=1
+  %b = f32[8,16]{1,0} get-tuple-element(%p), index=2
+  %f = f32[4,16]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused_dot
+  ROOT %t = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) tuple(%i, %a, %b)
+}
+
+ENTRY %main (x: f32[1,8,3], k: f32[4,3,2]) -> f32[1,8,2] {
+  %x = f32[1,8,3]{2,1,0} parameter(0)
+  %k = f32[4,3,2]{2,1,0} parameter(1)
+  %w = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, TRIPS
+  ROOT %c = f32[1,8,2]{2,1,0} convolution(%x, %k), window={size=4 pad=3_0}, dim_labels=b0f_0io->b0f
+}
+"""
+    hlo = hlo.replace("DOT_DIMS", "lhs_contracting_dims={1}, rhs_contracting_dims={0}")
+    hlo = hlo.replace("TRIPS", 'backend_config={"known_trip_count":{"n":"3"}}')
+    assert hlo_matmul_flops(hlo) == 3 * 1024 + 384

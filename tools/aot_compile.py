@@ -6,10 +6,12 @@ r"""Ahead-of-time fit check: compile a config's real train step for a TPU topolo
 
 Compiles the sharded train step (same code as training) for the topology's devices and prints
 the per-chip memory (parameters, optimizer state, batch, temporaries) against the chip's HBM,
-the compiler's FLOPs and the implied step time and MFU, and the bytes accessed per step with
-their split by op category (attention, recurrence, matmul, other; estimated from the compiled
-HLO, scaled to the compiler's total). `--topology=cpu:8` compiles for host CPU devices instead
-(for testing the tool itself without libtpu).
+the compiler's FLOPs and the implied step time and MFU (useful FLOPs over peak x a step time
+that counts remat's recomputation: the FLOPs executed are the largest of the compiler's count,
+the analytic one and the compiled HLO's matmuls times their loop trip counts), and the bytes
+accessed per step with their split by op category (attention, recurrence, matmul, other;
+estimated from the compiled HLO, scaled to the compiler's total). `--topology=cpu:8` compiles
+for host CPU devices instead (for testing the tool itself without libtpu).
 
 `--mode=decode` compiles one cached sampling step instead (one token for each of `--batch`
 sequences, the model's decoding cache donated and updated in place; layers unscanned, no
@@ -314,6 +316,9 @@ def _print_train(r: dict[str, Any]) -> None:
     print(
         f"  FLOPs/step compiler {r['flops_per_step']:.3e}, "
         + (f"analytic {analytic:.3e}" if analytic else "analytic n/a (MFU from the compiler's)")
+        + f", matmuls executed (HLO walk) {r['hlo_matmul_flops_per_step']:.3e}: "
+        + f"{r['executed_flops_per_step']:.3e} executed ({r['executed_flops_source']}, "
+        + f"x{r['recompute_factor'] or 0:.2f} the useful FLOPs)"
     )
     if r["compute_bound_s"] is not None:
         mem = r["memory_bound_s"]

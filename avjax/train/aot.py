@@ -9,7 +9,9 @@ libtpu).
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from avjax.train.hardware import TPU_CHIPS as CHIPS
@@ -110,6 +112,73 @@ def _parse_hlo(text: str) -> tuple[dict[str, list[tuple]], dict[str, str], str]:
     return comps, shapes, entry
 
 
+def _executed(
+    comps: dict[str, list[tuple]], entry: str, into_fusions: bool = False
+) -> Iterator[tuple[str, str, str, str, float]]:
+    """Instructions of the entry computation as executed: `(name, shape, opcode, rest, times)`,
+    descending into while bodies (times multiplied by XLA's `known_trip_count`, 1 if unknown),
+    calls, conditionals (every branch), async starts and, if `into_fusions`, fusions."""
+    descend = ("call", "conditional", "async-start") + (("fusion",) if into_fusions else ())
+
+    def visit(comp: str, mult: float, depth: int) -> Iterator[tuple[str, str, str, str, float]]:
+        for name, shape, opcode, rest in comps.get(comp, []):
+            if opcode == "while" and depth < 32:
+                body = re.search(r"body=%?([\w.\-]+)", rest)
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                if body:
+                    times = mult * (int(trip.group(1)) if trip else 1)
+                    yield from visit(body.group(1), times, depth + 1)
+                continue
+            if opcode in descend and depth < 32:
+                for callee in re.findall(
+                    r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", rest
+                ):
+                    yield from visit(callee, mult, depth + 1)
+                continue
+            yield name, shape, opcode, rest, mult
+
+    return visit(entry, 1.0, 0)
+
+
+def _dims(shape: str) -> list[int]:
+    """Dimensions of the first array in an HLO shape string (`f32[8,128]{1,0}` -> [8, 128])."""
+    m = _SHAPE.search(shape)
+    return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+
+
+def _matmul_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str]) -> float:
+    """FLOPs of one dot (2 x result elements x contracted size) or convolution (2 x result
+    elements x kernel elements per output feature); 0 for any other op."""
+    if opcode not in ("dot", "convolution"):
+        return 0.0
+    out = math.prod(_dims(shape))
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+    if opcode == "dot":
+        lhs = _dims(shapes.get(operands[0], "")) if operands else []
+        axes = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+        picked = filter(None, axes.group(1).split(",")) if axes else []
+        return 2.0 * out * math.prod(lhs[int(i)] for i in picked if int(i) < len(lhs))
+    rhs = _dims(shapes.get(operands[1], "")) if len(operands) > 1 else []
+    labels = re.search(r"dim_labels=\w*_(\w+)->", rest)
+    o = labels.group(1).find("o") if labels else -1
+    if not rhs or not 0 <= o < len(rhs):
+        return 0.0
+    return 2.0 * out * math.prod(rhs) / rhs[o]
+
+
+def hlo_matmul_flops(hlo_text: str) -> float:
+    """Matmul FLOPs one device executes in a compiled (optimised, per-device) HLO module: dots
+    and convolutions, inside fusions too, times the trip count of the while loops around
+    them. Unlike XLA's cost analysis (which counts a while body once) this counts every
+    scanned layer and every recomputation that remat adds; elementwise FLOPs are left out.
+    """
+    comps, shapes, entry = _parse_hlo(hlo_text)
+    return sum(
+        _matmul_flops(shape, opcode, rest, shapes) * mult
+        for _, shape, opcode, rest, mult in _executed(comps, entry, into_fusions=True)
+    )
+
+
 def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
     """Bytes accessed per op category in a compiled (optimised, per-device) HLO module.
 
@@ -117,12 +186,12 @@ def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
     and writes its result: bytes = operand sizes + result size (in-place dynamic updates: the
     update only; an async start/done pair such as TPU's copy-start/copy-done once, at its
     start, whose result tuple already holds the operands and the destination), times the
-    trip count of the
-    while loops around it (XLA's `known_trip_count`). Categories: "attention" (ops under the
-    `attention_core` name scope: logits, mask, softmax, weighted values), "matmul" (dots and
-    convolutions, fused or not, elsewhere), "recurrence" (RG-LRU gates' elementwise work, the
-    linear scan, the temporal conv1d), "other" (norms, MLP activation, residuals, embedding,
-    loss, optimizer). An estimate of the same quantity as the compiler's "bytes accessed".
+    trip count of the while loops around it (XLA's `known_trip_count`). Categories:
+    "attention" (ops under the `attention_core` name scope: logits, mask, softmax, weighted
+    values), "matmul" (dots and convolutions, fused or not, elsewhere), "recurrence" (RG-LRU
+    gates' elementwise work, the linear scan, the temporal conv1d), "other" (norms, MLP
+    activation, residuals, embedding, loss, optimizer). An estimate of the same quantity as
+    the compiler's "bytes accessed".
     """
     comps, shapes, entry = _parse_hlo(hlo_text)
     has_dot = {
@@ -130,42 +199,26 @@ def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
         for c, instrs in comps.items()
     }
     out = dict.fromkeys(BYTES_CATEGORIES, 0.0)
-
-    def visit(comp: str, mult: float, depth: int = 0) -> None:
-        for name, shape, opcode, rest in comps.get(comp, []):
-            if opcode == "while" and depth < 32:
-                body = re.search(r"body=%?([\w.\-]+)", rest)
-                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-                if body:
-                    visit(body.group(1), mult * (int(trip.group(1)) if trip else 1), depth + 1)
-                continue
-            if opcode in ("call", "conditional", "async-start") and depth < 32:
-                for callee in re.findall(
-                    r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", rest
-                ):
-                    visit(callee, mult, depth + 1)
-                continue
-            if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
-                continue  # (an async pair's transfer is counted once, at its start)
-            operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-            sizes = [_shape_bytes(shapes.get(o, "")) for o in operands]
-            nbytes = _shape_bytes(shape) + sum(sizes)
-            if opcode.endswith("-start") and shape.startswith("("):
-                nbytes = _shape_bytes(shape)  # (operands echoed, destination, context)
-            elif "dynamic-update-slice" in opcode or "dynamic-update-slice" in name:
-                nbytes = 2 * (sum(sizes) - max(sizes, default=0))  # in place: the update only
-            elif opcode == "dynamic-slice":
-                nbytes = 2 * _shape_bytes(shape)
-            callee = re.search(r"calls=%?([\w.\-]+)", rest)
-            op_name = re.search(r'op_name="([^"]*)"', rest)
-            cat = _category(
-                op_name.group(1) if op_name else "",
-                opcode,
-                bool(callee and has_dot.get(callee.group(1))),
-            )
-            out[cat] += nbytes * mult
-
-    visit(entry, 1.0)
+    for name, shape, opcode, rest, mult in _executed(comps, entry):
+        if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
+            continue  # (an async pair's transfer is counted once, at its start)
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        sizes = [_shape_bytes(shapes.get(o, "")) for o in operands]
+        nbytes = _shape_bytes(shape) + sum(sizes)
+        if opcode.endswith("-start") and shape.startswith("("):
+            nbytes = _shape_bytes(shape)  # (operands echoed, destination, context)
+        elif "dynamic-update-slice" in opcode or "dynamic-update-slice" in name:
+            nbytes = 2 * (sum(sizes) - max(sizes, default=0))  # in place: the update only
+        elif opcode == "dynamic-slice":
+            nbytes = 2 * _shape_bytes(shape)
+        callee = re.search(r"calls=%?([\w.\-]+)", rest)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        cat = _category(
+            op_name.group(1) if op_name else "",
+            opcode,
+            bool(callee and has_dot.get(callee.group(1))),
+        )
+        out[cat] += nbytes * mult
     return out
 
 
@@ -232,12 +285,14 @@ def _memory(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def _speed(c: dict[str, Any]) -> dict[str, Any]:
-    """Step 3: FLOPs (compiler vs analytic), bytes accessed by op category, and the roofline.
+    """Step 3: FLOPs (compiler, executed and analytic), bytes by op category, the roofline.
 
-    Per chip: compute-bound time (FLOPs / peak) and memory-bound time (bytes the compiler says
-    the program touches / HBM bandwidth); the step takes at least the larger. Collectives are
-    in neither bound. XLA's own "optimal_seconds" is used when positive (it is negative for
-    some TPU programs)."""
+    Per chip: compute-bound time (the FLOPs executed / peak) and memory-bound time (bytes the
+    compiler says the program touches / HBM bandwidth); the step takes at least the larger.
+    Collectives are in neither bound. XLA's own "optimal_seconds" is used when positive and
+    the cost analysis saw every loop iteration (it is negative for some TPU programs). MFU is
+    useful FLOPs (the analytic count, else the compiler's) / (peak x estimated step time), so
+    remat's recomputation lowers it (`recompute_factor` = FLOPs executed / useful FLOPs)."""
     import numpy as np
 
     cost = c["compiled"].cost_analysis()
@@ -246,19 +301,26 @@ def _speed(c: dict[str, Any]) -> dict[str, Any]:
     tokens = int(np.prod(dummy["inputs"].shape)) if "inputs" in dummy else 0
     analytic_flops = (c["task"].flops_per_token() or 0.0) * tokens
     compiler_flops = float(cost.get("flops", 0.0)) * n_chips  # cost_analysis is per device
+    hlo_text = c["compiled"].as_text()
+    matmul_flops = hlo_matmul_flops(hlo_text) * n_chips  # with trip counts and remat
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
-    by_cat = hlo_bytes_by_category(c["compiled"].as_text())
+    by_cat = hlo_bytes_by_category(hlo_text)
     parsed = sum(by_cat.values())
     # XLA's cost analysis counts a while loop's body once, whatever its trip count, so a
     # program with scanned layers reports a fraction of its FLOPs and bytes. Then the
-    # roofline uses the analytic FLOPs and the HLO walk's bytes (which multiply by trip
-    # counts); either way the category shares come from the HLO walk.
+    # roofline uses the HLO walk's bytes (which multiply by trip counts); either way the
+    # category shares come from the HLO walk.
     undercounted = bool(analytic_flops) and compiler_flops < 0.5 * analytic_flops
     if undercounted:
         bytes_accessed = parsed
     breakdown = {k: (v / parsed * bytes_accessed if parsed else 0.0) for k, v in by_cat.items()}
-    flops_for_time = analytic_flops if undercounted else compiler_flops
-    compute_s = flops_for_time / (n_chips * chip["flops"]) if chip["flops"] else None
+    # FLOPs executed: the largest of the three counts (the compiler's misses loop iterations,
+    # the analytic one recomputation, the HLO walk's elementwise work).
+    candidates = {"compiler": compiler_flops, "hlo_matmul": matmul_flops}
+    candidates["analytic"] = analytic_flops
+    executed_source = max(candidates, key=lambda k: candidates[k])
+    executed = candidates[executed_source]
+    compute_s = executed / (n_chips * chip["flops"]) if chip["flops"] else None
     memory_s = bytes_accessed / chip["hbm_bw"] if chip.get("hbm_bw") else None
     step_s, step_source = float(cost.get("optimal_seconds", 0.0)), "compiler"
     if step_s <= 0 or undercounted:
@@ -267,14 +329,16 @@ def _speed(c: dict[str, Any]) -> dict[str, Any]:
             step_s = max(compute_s, memory_s or 0.0)
             bound = "memory-bound" if (memory_s or 0.0) > compute_s else "compute-bound"
             step_source = "roofline: " + bound
-    # MFU counts the model's FLOPs: the analytic count where the task has one (no remat
-    # recomputation), else the compiler's.
     model_flops = analytic_flops or compiler_flops
     mfu = model_flops / (n_chips * chip["flops"] * step_s) if step_s and chip["flops"] else None
     return {
         "tokens_per_step": tokens,
         "flops_per_step": compiler_flops,
         "analytic_flops_per_step": analytic_flops,
+        "hlo_matmul_flops_per_step": matmul_flops,
+        "executed_flops_per_step": executed,
+        "executed_flops_source": executed_source,
+        "recompute_factor": executed / model_flops if model_flops else None,
         "bytes_accessed_per_chip": bytes_accessed,
         "bytes_accessed_per_step": bytes_accessed * n_chips,
         "bytes_accessed_by_category_per_chip": breakdown,
