@@ -169,6 +169,28 @@ def test_av_data_batches_resume_and_augment(cache):
     np.testing.assert_array_equal(clean["audio"], ev1[0]["audio"])
 
 
+def test_read_processes_give_the_same_batches_and_resume(cache):
+    """`data.read_processes` (grain worker processes) changes who computes, not what."""
+    dc = _data_config(cache, mel=True, erase_prob=1.0, babble_prob=1.0)
+    batches, states = {}, {}
+    for procs in (0, 2):
+        dc.read_processes = procs
+        it = iter(av_data.AVData(dc, batch_size=2, seed=5).train_dataset(0, 1))
+        first = [next(it) for _ in range(2)]
+        states[procs] = it.get_state()
+        batches[procs] = first + [next(it) for _ in range(3)]
+    for x, y in zip(batches[0], batches[2], strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    # A fresh multi-process iterator resumes from a saved state (a checkpoint).
+    it = iter(av_data.AVData(dc, batch_size=2, seed=5).train_dataset(0, 1))
+    it.set_state(states[2])
+    for want in batches[2][2:]:
+        got = next(it)
+        np.testing.assert_array_equal(got["video"], want["video"])
+        np.testing.assert_array_equal(got["mel"], want["mel"])
+
+
 def test_babble_snr_and_masks():
     rng = np.random.default_rng(0)
     wav, noise = rng.normal(0, 0.1, 16000), rng.normal(0, 0.3, 16000)

@@ -23,11 +23,13 @@ frames and `decode_item` stops after `num_frames`; the torch reader stops decodi
 frames. Training then reads one memory-mapped row per example.
 
 Ours is also reported in steady state, from the first batch on (the grain thread pool and
-its prefetch started; a training run's every batch but the first). Printed side by side:
-examples/s (wall), CPU-s per example (process + reaped children: the
-fair figure on a shared machine), cores kept busy (CPU-s per wall-s: 2.0 = both cores of a
-2-core machine; only meaningful on an otherwise idle machine), peak RSS of the main process
-and of the largest child, and the load average; `--json` gets the rows.
+its prefetch started; a training run's every batch but the first), and so again with
+`--workers` worker processes (`data.read_processes`, grain `mp_prefetch`; the same batches).
+Printed side by side: examples/s (wall), CPU-s per example (the process and every
+descendant, live or reaped, from /proc: the fair figure on a shared machine), cores kept
+busy (CPU-s per wall-s: 2.0 = both cores of a 2-core machine; only meaningful on an otherwise
+idle machine), peak RSS of the main process and of the largest child, and the load average;
+`--json` gets the rows.
 """
 
 from __future__ import annotations
@@ -96,10 +98,37 @@ def data_config(cache: str, clips_per_speaker: int, workers: int) -> Any:
     return dc
 
 
+def _proc_cpu(pid: int | str) -> float:
+    """CPU seconds of process `pid` and its reaped children, from `/proc/<pid>/stat`."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # u, s, cu, cs
+
+
+def _children(pid: int | str) -> list[str]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += f.read().split()
+    return out
+
+
 def _cpu() -> float:
-    """CPU seconds of this process and its reaped children."""
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+    """CPU seconds of this process and every descendant, live (grain's worker processes) or
+    reaped (Linux `/proc`; elsewhere: this process and its reaped children only)."""
+    if not os.path.exists("/proc/self/task"):
+        s = resource.getrusage(resource.RUSAGE_SELF)
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+    total, todo = 0.0, [str(os.getpid())]
+    while todo:
+        pid = todo.pop()
+        try:
+            total += _proc_cpu(pid)
+            todo += _children(pid)
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            pass
+    return total
 
 
 def _peaks() -> dict[str, float]:
@@ -114,6 +143,7 @@ def run_ours(cache: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from avjax.data.video import av_data
 
     dc = data_config(cache, args.clips_per_speaker, args.workers)
+    dc.read_processes = args.processes
     data = av_data.AVData(dc, seed=0, batch_size=args.batch)
     t0, c0 = time.time(), _cpu()
     facts = data.prepare()
@@ -131,6 +161,9 @@ def run_ours(cache: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     common = {"files": facts["train_items"], "examples": n, **_peaks()}
     (n1, w1, u1), (n2, w2, u2) = marks[0], marks[-1]
     steady = {"wall_s": w2 - w1, "cpu_s": u2 - u1, **common, "examples": n2 - n1}
+    if args.processes:  # the decode is the same as without processes: one row
+        name = f"ours, {args.processes} processes (steady)"
+        return [{"pipeline": name, **steady}]
     return [
         {"pipeline": "ours (steady, after 1st batch)", **steady},
         {"pipeline": "ours (decoded cache warm)", "wall_s": wall, "cpu_s": cpu, **common},
@@ -274,9 +307,12 @@ def run_torch(cache: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{**row, "examples": n, **_peaks()}]
 
 
-def _child(side: str, cache: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _child(
+    side: str, cache: str, args: argparse.Namespace, processes: int = 0
+) -> list[dict[str, Any]]:
     cmd = [sys.executable, os.path.abspath(__file__), f"--_run={side}", f"--_cache={cache}"]
     cmd += [f"--{k}={getattr(args, k)}" for k in ("examples", "batch", "workers")]
+    cmd += [f"--processes={processes}"]
     cmd += [f"--clips_per_speaker={args.clips_per_speaker}"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -287,6 +323,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=64, help="training examples per pipeline")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="grain threads / DataLoader workers")
+    ap.add_argument("--processes", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--clips_per_speaker", type=int, default=12, help="corpus size (4 train spk)")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
@@ -307,6 +344,7 @@ def main() -> None:
         print(f"corpus built in {time.time() - t0:.1f} s", flush=True)
         load0 = os.getloadavg()[0]
         rows = _child("torch", cache, args) + _child("ours", cache, args)
+        rows += _child("ours", cache, args, processes=args.workers)
         load1 = os.getloadavg()[0]
     print(f"load average {load0:.1f} -> {load1:.1f}; {os.cpu_count()} CPUs")
     print(

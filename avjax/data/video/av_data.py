@@ -100,6 +100,10 @@ def default_config() -> ml_collections.ConfigDict:
             "spec_mask_width": 10,
             "read_threads": 2,  # grain threads making batches (decoded arrays -> augmented)
             "prefetch_batches": 2,
+            # worker processes making batches (grain `mp_prefetch`; 0: threads of this
+            # process only). Augmentation is numpy, so threads share one interpreter lock:
+            # processes use every core (a host feeding accelerators: its cores / 2)
+            "read_processes": 0,
         }
     )
 
@@ -305,6 +309,9 @@ class _NpyStore:
         self.folder = folder
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:  # a worker process maps the files itself
+        return {**self.__dict__, "_arrays": None}
+
     def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """`(video [T, S, S, C] uint8, audio [T * 640] int16)` of meta row `j`."""
         if self._arrays is None:
@@ -322,6 +329,9 @@ class _TfdsStore:
         self.folder, self.config = folder, _tfds_config(layout, dc)
         self.where = _tfds_positions(meta)
         self._sources: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # a worker process opens the sources itself
+        return {**self.__dict__, "_sources": None}
 
     def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         if self._sources is None:
@@ -451,6 +461,21 @@ class _Augment:
         if dc.mel:
             ex["mel"] = _spec_augment(_mel(ex["audio"], int(dc.num_frames)), dc, rng)
         return ex
+
+
+def _in_processes(ds: grain.IterDataset, processes: int) -> grain.IterDataset:
+    """`ds` made by `processes` worker processes (grain `mp_prefetch`), or `ds` itself for 0.
+
+    The workers split the batches round-robin, so the batches and their order are those of
+    `ds`, and the iterator's state (a checkpoint) holds every worker's position.
+    """
+    if processes <= 0:
+        return ds
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain reads its own absl flags in the workers
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes))
 
 
 def with_crops(items: list[layouts.AVItem], dc: Any) -> tuple[list[layouts.AVItem], int]:
@@ -607,7 +632,7 @@ class AVData(DataModule):
             num_threads=int(self.data.read_threads),
             prefetch_buffer_size=int(self.data.prefetch_batches),
         )
-        return ds.to_iter_dataset(options)
+        return _in_processes(ds.to_iter_dataset(options), int(self.data.read_processes))
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         """`num_eval_batches` fixed held-out batches (centre crop, no augmentation), cycled."""
