@@ -148,7 +148,7 @@ def _base() -> ml_collections.ConfigDict:
     c.data.vocaset_stride = 2  # VOCASET is 60 fps: every 2nd frame -> 30 fps
     c.data.fps = 30.0  # name="folder"
     c.data.representation = "pca"  # pca | vertices (V * 3 offsets)
-    c.data.pca_dim = 64  # motion code width (PCA of frames minus their sequence's mean)
+    c.data.pca_dim = 32  # motion code width (PCA of frames minus their sequence's mean)
     c.data.identity_dim = 16  # static code width (PCA of the sequences' mean meshes)
     c.data.window = 64  # frames per training window
     c.data.audio_features = "logmel"  # logmel | hubert (the paper's; needs hubert_dir)
