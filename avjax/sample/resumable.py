@@ -234,21 +234,7 @@ def generate_resumable(
     rules = [(str(k), tuple(v) if isinstance(v, list) else v) for k, v in (rules or [])] or [
         ("batch", "data")
     ]
-    prompt_sharding = None
-    if mesh is not None:
-        spec = nn.logical_to_mesh_axes(("batch", None), rules)
-        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
-        ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        if batch % ways:
-            logging.warning(
-                "sampling batch %d does not divide the %d-way batch sharding %s: not sharded",
-                batch,
-                ways,
-                spec,
-            )
-            mesh = None
-        else:
-            prompt_sharding = jax.sharding.NamedSharding(mesh, spec)
+    mesh, prompt_sharding = _batch_sharding(mesh, rules, batch)
     ctx = _MeshContext(mesh, rules)
     try:
         with ctx:
@@ -265,6 +251,27 @@ def generate_resumable(
             )
     finally:
         manager.close()
+
+
+def _batch_sharding(
+    mesh: jax.sharding.Mesh | None, rules: Sequence[tuple[str, Any]], batch: int
+) -> tuple[jax.sharding.Mesh | None, jax.sharding.Sharding | None]:
+    """`(mesh, prompt sharding)`: the batch over the mesh axes `rules` give logical `batch`,
+    or `(None, None)` without a mesh or when `batch` does not divide that many ways."""
+    if mesh is None:
+        return None, None
+    spec = nn.logical_to_mesh_axes(("batch", None), rules)
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if batch % ways:
+        logging.warning(
+            "sampling batch %d does not divide the %d-way batch sharding %s: not sharded",
+            batch,
+            ways,
+            spec,
+        )
+        return None, None
+    return mesh, jax.sharding.NamedSharding(mesh, spec)
 
 
 class _MeshContext:
@@ -312,49 +319,10 @@ def _run(
     key = jax.random.key(meta["seed"])
     tokens = np.zeros((meta["batch"], num_tokens), np.int32)
     done = 0
-    latest = manager.latest_step()
-    if latest is not None:
-        saved = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        if saved["meta"] != meta:
-            diff = spec_diff(saved["meta"], meta)
-            raise ResumeMismatchError(
-                f"{manager.directory} holds a sampling job with other arguments "
-                f"(saved, requested): {diff}; use another directory or the same arguments"
-            )
-        target = {
-            "state": jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-            ),
-            "tokens": tokens,
-            "key": np.asarray(jax.random.key_data(key)),
-        }
-        restored = manager.restore(
-            latest, args=ocp.args.Composite(data=ocp.args.StandardRestore(target))
-        )["data"]
-        state = SamplerState(*restored["state"])
-        tokens = np.asarray(restored["tokens"], np.int32)
-        key = jax.random.wrap_key_data(jnp.asarray(restored["key"]))
-        done = int(latest)
-        logging.info(
-            "Resuming sampling at token %d of %d from %s", done, num_tokens, manager.directory
-        )
-        if done and done != int(state.step):
-            raise ValueError(f"checkpoint {latest} holds step {int(state.step)}")
+    if manager.latest_step() is not None:
+        state, tokens, key, done = _restore(manager, meta, state, tokens, key)
         if done:
             yield tokens[:, :done].copy()
-
-    def save(step: int, state: SamplerState) -> None:
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                data=ocp.args.StandardSave(
-                    {"state": state, "tokens": tokens, "key": np.asarray(jax.random.key_data(key))}
-                ),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
 
     chunks = autoregressive.decode_chunks(
         model,
@@ -385,8 +353,64 @@ def _run(
             done += n
             bar.update(n)
             if done == num_tokens or done % (chunk_tokens * max(1, save_every_chunks)) == 0:
-                save(done, state)
+                _save(manager, done, meta, state, tokens, key)
             yield new
+
+
+def _restore(
+    manager: ocp.CheckpointManager,
+    meta: dict[str, Any],
+    state: SamplerState,
+    tokens: np.ndarray,
+    key: jax.Array,
+) -> tuple[SamplerState, np.ndarray, jax.Array, int]:
+    """`(state, tokens [batch, num_tokens], key, tokens done)` of the latest save of the job
+    `meta`, restored into `state`'s shapes and shardings; another job's save is refused."""
+    latest = manager.latest_step()
+    saved = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    if saved["meta"] != meta:
+        diff = spec_diff(saved["meta"], meta)
+        raise ResumeMismatchError(
+            f"{manager.directory} holds a sampling job with other arguments "
+            f"(saved, requested): {diff}; use another directory or the same arguments"
+        )
+    target = {
+        "state": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        ),
+        "tokens": tokens,
+        "key": np.asarray(jax.random.key_data(key)),
+    }
+    restored = manager.restore(
+        latest, args=ocp.args.Composite(data=ocp.args.StandardRestore(target))
+    )["data"]
+    state = SamplerState(*restored["state"])
+    done = int(latest)
+    logging.info(
+        "Resuming sampling at token %d of %d from %s", done, meta["num_tokens"], manager.directory
+    )
+    if done and done != int(state.step):
+        raise ValueError(f"checkpoint {latest} holds step {int(state.step)}")
+    key = jax.random.wrap_key_data(jnp.asarray(restored["key"]))
+    return state, np.asarray(restored["tokens"], np.int32), key, done
+
+
+def _save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    meta: dict[str, Any],
+    state: SamplerState,
+    tokens: np.ndarray,
+    key: jax.Array,
+) -> None:
+    """Saves the sampler state, the tokens so far and the key at `step` (synchronously)."""
+    data = {"state": state, "tokens": tokens, "key": np.asarray(jax.random.key_data(key))}
+    manager.save(
+        step,
+        args=ocp.args.Composite(data=ocp.args.StandardSave(data), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+    manager.wait_until_finished()
 
 
 def sample_resumable(*args: Any, **kwargs: Any) -> np.ndarray:
