@@ -83,6 +83,84 @@ def _bucket(n: int) -> int:
     return int(2 ** np.ceil(np.log2(n))) if n <= 1024 else -(-n // 512) * 512
 
 
+def _paired(
+    units_list: Sequence[np.ndarray], mels_list: Sequence[np.ndarray], num_units: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """`(units [u], log-mel [4u, n_mels], num_units)`: the pairs concatenated, each mel cut
+    (or edge-padded) to 4 frames per unit; ids checked against `num_units` (default max + 1)."""
+    if len(units_list) != len(mels_list) or not units_list:
+        raise ValueError(
+            f"need equally many unit and mel arrays, got {len(units_list)}, {len(mels_list)}"
+        )
+    units = np.concatenate([np.asarray(u, np.int32) for u in units_list])
+    mels = np.concatenate(
+        [
+            units_lib.unit_mel(np.asarray(m, np.float32), len(u))
+            for u, m in zip(units_list, mels_list, strict=True)
+        ]
+    )
+    if num_units is None:
+        num_units = int(units.max()) + 1
+    if units.min() < 0 or units.max() >= num_units:
+        raise ValueError(f"unit ids must be in [0, {num_units}), got {units.min()}..{units.max()}")
+    return units, mels, num_units
+
+
+def _mean_patch_table(units: np.ndarray, norm: np.ndarray, num_units: int) -> np.ndarray:
+    """`[num_units, 4 * n_mels]` float32: each unit's mean normalised mel patch (0 if unseen),
+    the best decoder that ignores context. `units [u]`, `norm [4u, n_mels]`."""
+    patches = norm.reshape(len(units), -1)
+    sums = np.zeros((num_units, patches.shape[1]), np.float64)
+    np.add.at(sums, units, patches)
+    counts = np.bincount(units, minlength=num_units)[:, None]
+    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
+
+
+def _train(
+    model: nn.Module,
+    params: Any,
+    units: np.ndarray,
+    norm: np.ndarray,
+    crop: int,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    progress: bool,
+) -> tuple[Any, list[float]]:
+    """`(params, L1 every 50 steps)` after `steps` Adam steps (warm-up + cosine) on random
+    crops of `crop` units: `units [u]` -> normalised mel `norm [4u, n_mels]`."""
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr * 0.05)
+    opt = optax.adam(sched)
+    opt_state = opt.init(params)
+    u_all, m_all = jnp.asarray(units), jnp.asarray(norm)
+
+    def loss_fn(p, starts):
+        u = u_all[starts[:, None] + jnp.arange(crop)[None]]
+        target = m_all[(starts * FPU)[:, None] + jnp.arange(crop * FPU)[None]]
+        return jnp.mean(jnp.abs(model.apply({"params": p}, u) - target))
+
+    @jax.jit
+    def step(p, s, starts):
+        loss, g = jax.value_and_grad(loss_fn)(p, starts)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss
+
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    losses = []
+    with tqdm(total=steps, desc="unit vocoder", mininterval=1.0, disable=not progress) as bar:
+        for i in range(steps):
+            starts = rng.integers(0, len(units) - crop + 1, size=batch_size)
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(starts, jnp.int32))
+            if i % 50 == 0 or i == steps - 1:
+                losses.append(float(loss))
+                bar.set_postfix(l1=f"{losses[-1]:.3f}")
+            bar.update(1)
+    return params, losses
+
+
 class UnitVocoder:
     """Units (25 Hz) -> log-mel (100 Hz) -> waveform (16 kHz).
 
@@ -136,82 +214,23 @@ class UnitVocoder:
         The per-unit mel table starts at each unit's mean mel over the data (the best decoder
         that ignores context); `steps` Adam steps on random crops then add context.
         """
-        if len(units_list) != len(mels_list) or not units_list:
-            raise ValueError(
-                f"need equally many unit and mel arrays, got {len(units_list)}, {len(mels_list)}"
-            )
-        units = np.concatenate([np.asarray(u, np.int32) for u in units_list])
-        mels = np.concatenate(
-            [
-                units_lib.unit_mel(np.asarray(m, np.float32), len(u))
-                for u, m in zip(units_list, mels_list, strict=True)
-            ]
-        )
-        if num_units is None:
-            num_units = int(units.max()) + 1
-        if units.min() < 0 or units.max() >= num_units:
-            raise ValueError(
-                f"unit ids must be in [0, {num_units}), got {units.min()}..{units.max()}"
-            )
+        units, mels, num_units = _paired(units_list, mels_list, num_units)
         n_mels = mels.shape[1]
         mel_mean = mels.mean(axis=0)
         mel_std = np.maximum(mels.std(axis=0), 1e-3)
         norm = (mels - mel_mean) / mel_std  # [4u, n_mels]
-        patches = norm.reshape(len(units), FPU * n_mels)
-        sums = np.zeros((num_units, FPU * n_mels), np.float64)
-        np.add.at(sums, units, patches)
-        counts = np.bincount(units, minlength=num_units)[:, None]
-        table = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
-
         model = UnitToMel(num_units, n_mels, hidden, num_layers)
         crop = int(min(crop_units, len(units)))
         params = model.init(jax.random.key(seed), jnp.zeros((1, crop), jnp.int32))["params"]
         params = dict(params)
-        params["table"] = {"embedding": jnp.asarray(table)}
+        params["table"] = {"embedding": jnp.asarray(_mean_patch_table(units, norm, num_units))}
         voc = cls(params, num_units, mel_mean, mel_std, hidden, num_layers)
         if steps <= 0:
             return voc
-
-        sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr * 0.05)
-        opt = optax.adam(sched)
-        opt_state = opt.init(params)
-        u_all = jnp.asarray(units)
-        m_all = jnp.asarray(norm)
-
-        def loss_fn(p, starts):
-            idx = starts[:, None] + jnp.arange(crop)[None]
-            u = u_all[idx]
-            fidx = (starts * FPU)[:, None] + jnp.arange(crop * FPU)[None]
-            target = m_all[fidx]
-            pred = model.apply({"params": p}, u)
-            return jnp.mean(jnp.abs(pred - target))
-
-        @jax.jit
-        def step(p, s, starts):
-            loss, g = jax.value_and_grad(loss_fn)(p, starts)
-            upd, s = opt.update(g, s, p)
-            return optax.apply_updates(p, upd), s, loss
-
-        rng = np.random.default_rng(seed)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc="unit vocoder", mininterval=1.0)
-        losses = []
-        for i in range(steps):
-            starts = rng.integers(0, len(units) - crop + 1, size=batch_size)
-            params, opt_state, loss = step(params, opt_state, jnp.asarray(starts, jnp.int32))
-            if i % 50 == 0 or i == steps - 1:
-                losses.append(float(loss))
-                if bar is not None:
-                    bar.set_postfix(l1=f"{losses[-1]:.3f}")
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        voc.params, losses = _train(
+            model, params, units, norm, crop, steps, seed, batch_size, lr, progress
+        )
         logging.info("Unit vocoder: %d steps, L1 %.3f -> %.3f", steps, losses[0], losses[-1])
-        voc.params = params
         voc.final_loss = losses[-1]
         return voc
 
