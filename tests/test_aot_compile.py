@@ -159,9 +159,12 @@ def test_mfu_counts_remat_recomputation_in_scanned_builds(monkeypatch):
 
 def test_hlo_matmul_flops_multiply_loop_bodies_by_their_trip_count():
     """A dot [4, 8] x [8, 16] (2 x 64 x 8 = 1,024 FLOPs) inside a fusion in a while body run
-    3 times, and a convolution outside (2 x 16 outputs x 12 kernel elements per output
-    feature = 384) are counted 3 x 1,024 + 384 times."""
-    from avjax.train.aot import hlo_matmul_flops
+    3 times (CPU: `known_trip_count`) and again twice (TPU: no trip count, read off the
+    condition `i < 2`) counts 5 x 1,024. A causal conv1d (window 4, 3 -> 2 features, 8
+    steps, left pad 3: 26 of the 32 taps read input) counts 2 x 2 x 26 x 3 = 312; a batched
+    matmul written as TPU writes it, a convolution over a padded spatial axis (4 products
+    [3, 2] x [2, 5], one tap each on the input) 2 x 4 x 3 x 5 x 2 = 240, not 4 x that."""
+    from avjax.train.aot import _valid_taps, hlo_matmul_flops
 
     hlo = """HloModule m
 
@@ -179,13 +182,28 @@ def test_hlo_matmul_flops_multiply_loop_bodies_by_their_trip_count():
   ROOT %t = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) tuple(%i, %a, %b)
 }
 
+%lt2 (q: (s32[], f32[4,8], f32[8,16])) -> pred[] {
+  %two = s32[] constant(2)
+  %q = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) parameter(0)
+  %i2 = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%i2, %two), direction=LT
+}
+
 ENTRY %main (x: f32[1,8,3], k: f32[4,3,2]) -> f32[1,8,2] {
   %x = f32[1,8,3]{2,1,0} parameter(0)
   %k = f32[4,3,2]{2,1,0} parameter(1)
   %w = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, TRIPS
-  ROOT %c = f32[1,8,2]{2,1,0} convolution(%x, %k), window={size=4 pad=3_0}, dim_labels=b0f_0io->b0f
+  %w2 = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) while(%init), condition=%lt2, body=%body
+  %c = f32[1,8,2]{2,1,0} convolution(%x, %k), window={size=4 pad=3_0}, dim_labels=b0f_0io->b0f
+  %l = f32[2,3,1]{2,1,0} parameter(2)
+  %r = f32[4,5,2]{2,1,0} parameter(3)
+  ROOT %g = f32[3,4,5]{2,1,0} convolution(%l, %r), window={size=4 pad=3_3 rhs_reversal=1}, GROUPED
 }
 """
     hlo = hlo.replace("DOT_DIMS", "lhs_contracting_dims={1}, rhs_contracting_dims={0}")
     hlo = hlo.replace("TRIPS", 'backend_config={"known_trip_count":{"n":"3"}}')
-    assert hlo_matmul_flops(hlo) == 3 * 1024 + 384
+    hlo = hlo.replace("GROUPED", "dim_labels=fb0_0oi->b0f")
+    assert hlo_matmul_flops(hlo) == (3 + 2) * 1024 + 312 + 240
+    # TPU's block-diagonal form (SpeechSSM-2B's banded attention): window 12, stride 11, the
+    # input dilated by 12: one tap of 12 lands on an input element at each output position.
+    assert _valid_taps(12, 12, 12, 11, 0, 12, 1) == 12

@@ -9,6 +9,7 @@ libtpu).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -112,6 +113,32 @@ def _parse_hlo(text: str) -> tuple[dict[str, list[tuple]], dict[str, str], str]:
     return comps, shapes, entry
 
 
+def _trip_count(rest: str, comps: dict[str, list[tuple]]) -> int:
+    """Iterations of a while loop: XLA's `known_trip_count` (CPU), else read off its condition
+    `counter < N` with N a constant (TPU programs carry no trip count); 1 if neither."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", rest)
+    instrs = comps.get(cond.group(1), []) if cond else []
+    consts = {n: r for n, _, op, r in instrs if op == "constant"}
+    for _, _, opcode, args in instrs:
+        direction = re.search(r"direction=(LT|LE|GT|GE)", args)
+        if opcode != "compare" or not direction:
+            continue
+        operands = re.findall(r"%([\w.\-]+)", args.split(")", 1)[0])
+        const = [i for i, o in enumerate(operands) if o in consts]
+        value = re.match(r"\s*(-?\d+)\)", consts[operands[const[0]]]) if len(const) == 1 else None
+        if value is None:
+            continue
+        d = direction.group(1)
+        on_right = const[0] == 1  # counter < N (or N > counter)
+        n = int(value.group(1)) + (1 if d in ("LE", "GE") else 0)
+        if (d in ("LT", "LE")) == on_right:
+            return max(n, 1)
+    return 1
+
+
 def _executed(
     comps: dict[str, list[tuple]], entry: str, into_fusions: bool = False
 ) -> Iterator[tuple[str, str, str, str, float]]:
@@ -124,9 +151,8 @@ def _executed(
         for name, shape, opcode, rest in comps.get(comp, []):
             if opcode == "while" and depth < 32:
                 body = re.search(r"body=%?([\w.\-]+)", rest)
-                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
                 if body:
-                    times = mult * (int(trip.group(1)) if trip else 1)
+                    times = mult * _trip_count(rest, comps)
                     yield from visit(body.group(1), times, depth + 1)
                 continue
             if opcode in descend and depth < 32:
@@ -146,24 +172,73 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
 
 
+@functools.lru_cache(maxsize=4096)
+def _valid_taps(
+    size: int, win: int, out: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int
+) -> int:
+    """Kernel taps, summed over the `out` output positions of one spatial dimension, that land
+    on an input element (`size` of them, `lhs_dil`-dilated) rather than on padding or on the
+    holes of the dilation."""
+    import numpy as np
+
+    pos = np.arange(out)[:, None] * stride + np.arange(win)[None, :] * rhs_dil - pad_lo
+    ok = (pos >= 0) & (pos <= (size - 1) * lhs_dil) & (pos % lhs_dil == 0)
+    return int(ok.sum())
+
+
+def _window(spec: str, key: str, rank: int, default: int) -> list[int]:
+    """One per-dimension field of an HLO convolution window (`stride=11x1`; pads: low side)."""
+    m = re.search(rf"\b{key}=([0-9_x\-]+)", spec)
+    if not m:
+        return [default] * rank
+    return [int(v.split("_")[0]) for v in m.group(1).split("x")]
+
+
+def _conv_reduction(rest: str, lhs: list[int], rhs: list[int], out: list[int]) -> float:
+    """Multiply-adds per output element of an HLO convolution: input features per group x
+    the kernel taps that land on input elements, averaged over output positions. (TPU
+    programs write batched matmuls as convolutions over padded or dilated spatial axes, most
+    of whose taps read padding.)"""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    if not labels or len(labels.group(2)) != len(rhs) or len(labels.group(1)) != len(lhs):
+        return 0.0
+    lhs_l, rhs_l, out_l = labels.groups()
+    per_out = float(rhs[rhs_l.index("i")])
+    win = re.search(r"window=\{([^}]*)\}", rest)
+    spec = win.group(1) if win else ""
+    sizes = _window(spec, "size", 0, 1)
+    rank = len(sizes)
+    fields = [
+        _window(spec, k, rank, d)
+        for k, d in (("stride", 1), ("pad", 0), ("lhs_dilate", 1), ("rhs_dilate", 1))
+    ]
+    for d, w in enumerate(sizes):
+        digit = str(d)
+        if digit not in lhs_l or digit not in out_l:
+            per_out *= w
+            continue
+        o = out[out_l.index(digit)]
+        stride, lo, ld, rd = (f[d] for f in fields)
+        taps = _valid_taps(lhs[lhs_l.index(digit)], w, o, stride, lo, ld, rd)
+        per_out *= taps / max(o, 1)
+    return per_out
+
+
 def _matmul_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str]) -> float:
     """FLOPs of one dot (2 x result elements x contracted size) or convolution (2 x result
-    elements x kernel elements per output feature); 0 for any other op."""
+    elements x input features per group x kernel taps on the input); 0 for any other op."""
     if opcode not in ("dot", "convolution"):
         return 0.0
-    out = math.prod(_dims(shape))
+    out = _dims(shape)
     operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-    if opcode == "dot":
-        lhs = _dims(shapes.get(operands[0], "")) if operands else []
-        axes = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-        picked = filter(None, axes.group(1).split(",")) if axes else []
-        return 2.0 * out * math.prod(lhs[int(i)] for i in picked if int(i) < len(lhs))
-    rhs = _dims(shapes.get(operands[1], "")) if len(operands) > 1 else []
-    labels = re.search(r"dim_labels=\w*_(\w+)->", rest)
-    o = labels.group(1).find("o") if labels else -1
-    if not rhs or not 0 <= o < len(rhs):
+    if len(operands) < 2:
         return 0.0
-    return 2.0 * out * math.prod(rhs) / rhs[o]
+    lhs, rhs = (_dims(shapes.get(o, "")) for o in operands[:2])
+    if opcode == "dot":
+        axes = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+        picked = [int(i) for i in filter(None, axes.group(1).split(","))] if axes else []
+        return 2.0 * math.prod(out) * math.prod(lhs[i] for i in picked if i < len(lhs))
+    return 2.0 * math.prod(out) * _conv_reduction(rest, lhs, rhs, out)
 
 
 def hlo_matmul_flops(hlo_text: str) -> float:
@@ -177,6 +252,25 @@ def hlo_matmul_flops(hlo_text: str) -> float:
         _matmul_flops(shape, opcode, rest, shapes) * mult
         for _, shape, opcode, rest, mult in _executed(comps, entry, into_fusions=True)
     )
+
+
+def _fusion_reads(callee: str, comps: dict[str, list[tuple]]) -> dict[int, int]:
+    """Bytes a fusion reads of those operands (by position) that its computation only
+    dynamic-slices (a loop body's fusion picking its chunk of a scanned buffer): the slices'
+    sizes, not the whole buffer."""
+    instrs = comps.get(callee, [])
+    params = {n: int(r.split(")")[0]) for n, _, op, r in instrs if op == "parameter"}
+    uses = [
+        (shape, op, re.findall(r"%([\w.\-]+)", r.split(")", 1)[0]))
+        for _, shape, op, r in instrs
+        if op != "parameter"
+    ]
+    reads: dict[int, int] = {}
+    for pname, index in params.items():
+        users = [(shape, op, ops) for shape, op, ops in uses if pname in ops]
+        if users and all(op == "dynamic-slice" and ops[:1] == [pname] for _, op, ops in users):
+            reads[index] = sum(_shape_bytes(shape) for shape, _, _ in users)
+    return reads
 
 
 def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
@@ -204,6 +298,10 @@ def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
             continue  # (an async pair's transfer is counted once, at its start)
         operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
         sizes = [_shape_bytes(shapes.get(o, "")) for o in operands]
+        callee = re.search(r"calls=%?([\w.\-]+)", rest)
+        if opcode == "fusion" and callee:  # operands the fusion only slices: the slices
+            read = _fusion_reads(callee.group(1), comps)
+            sizes = [read.get(i, b) for i, b in enumerate(sizes)]
         nbytes = _shape_bytes(shape) + sum(sizes)
         if opcode.endswith("-start") and shape.startswith("("):
             nbytes = _shape_bytes(shape)  # (operands echoed, destination, context)
@@ -211,7 +309,6 @@ def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
             nbytes = 2 * (sum(sizes) - max(sizes, default=0))  # in place: the update only
         elif opcode == "dynamic-slice":
             nbytes = 2 * _shape_bytes(shape)
-        callee = re.search(r"calls=%?([\w.\-]+)", rest)
         op_name = re.search(r'op_name="([^"]*)"', rest)
         cat = _category(
             op_name.group(1) if op_name else "",
