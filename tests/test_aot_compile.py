@@ -207,3 +207,41 @@ ENTRY %main (x: f32[1,8,3], k: f32[4,3,2]) -> f32[1,8,2] {
     # TPU's block-diagonal form (SpeechSSM-2B's banded attention): window 12, stride 11, the
     # input dilated by 12: one tap of 12 lands on an input element at each output position.
     assert _valid_taps(12, 12, 12, 11, 0, 12, 1) == 12
+
+
+def test_hlo_bytes_of_a_fusion_that_slices_a_scanned_buffer_count_the_slice():
+    """A loop body's fusion that dynamic-slices its chunk [8] of a scanned buffer [64] reads
+    the chunk (32 bytes), not the buffer (256), each of the loop's 8 iterations (TPU: trip
+    count from the condition): 8 x (32 read + the 4-byte index + 32 written)."""
+    from avjax.train.aot import hlo_bytes_by_category
+
+    hlo = """HloModule m
+
+%chunk (param_0.7: f32[64], param_1.7: s32[]) -> f32[8] {
+  %param_0.7 = f32[64]{0} parameter(0)
+  %param_1.7 = s32[] parameter(1)
+  %ds = f32[8]{0} dynamic-slice(%param_0.7, %param_1.7), dynamic_slice_sizes={8}
+  ROOT %neg = f32[8]{0} negate(%ds)
+}
+
+%body (p: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %p = (s32[], f32[64]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %buf = f32[64]{0} get-tuple-element(%p), index=1
+  %f = f32[8]{0} fusion(%buf, %i), kind=kLoop, calls=%chunk
+  ROOT %t = (s32[], f32[64]{0}) tuple(%i, %buf)
+}
+
+%cond (q: (s32[], f32[64])) -> pred[] {
+  %n = s32[] constant(8)
+  %q = (s32[], f32[64]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (x: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %x = (s32[], f32[64]{0}) parameter(0)
+  ROOT %w = (s32[], f32[64]{0}) while(%x), condition=%cond, body=%body
+}
+"""
+    assert sum(hlo_bytes_by_category(hlo).values()) == 8 * (32 + 4 + 32)
