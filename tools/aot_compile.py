@@ -311,7 +311,7 @@ def _print_train(r: dict[str, Any]) -> None:
     if r.get("cost_analysis_undercounts_loops"):
         print(
             "  note       the compiler's FLOPs/bytes count each scanned (while) body once: the "
-            "roofline uses the analytic FLOPs and the HLO walk's bytes"
+            "roofline uses the HLO walk's FLOPs and bytes (loop bodies x trip counts)"
         )
     print(
         f"  FLOPs/step compiler {r['flops_per_step']:.3e}, "
