@@ -19,6 +19,7 @@ import pytest
 from avjax import main as avjax_main
 from avjax.data.video import av_corpus
 from avjax.data.video.io import write_video
+from avjax.models import mab as mab_lib
 from avjax.tasks.base import LossContext
 from avjax.tasks.mab import MABTask
 
@@ -71,7 +72,8 @@ def test_cli_train_resume_eval(cli_run):
 def _clip(path: str, value: int) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     video = np.full((8, 32, 32, 3), value, np.uint8)
-    video[:, 20:, 8:24] = 255 - value  # a "mouth" that differs per word
+    open_frames = (np.arange(8) // (1 + value // 100)) % 2 == 0  # a per-word mouth rhythm
+    video[open_frames, 20:, 8:24] = 255 - value
     t = np.arange(8 * 640) / 16000
     write_video(path, video, (0.3 * np.sin(2 * np.pi * (200 + value) * t)).astype(np.float32))
 
@@ -158,3 +160,15 @@ def test_speech_head_loss(cache, tmp_path):
         lambda: model.init_with_output(jax.random.key(0), **task.model_inputs(batch))[0]
     )
     assert out.test.logits is None and out.test.mel.shape == (8, 4 * 8, 80)
+    # Per-clip normalisation: zero temporal mean per pixel, unit variance per clip, blind to
+    # a still image added to every frame (identity, lighting), zero past the clip's length.
+    video = np.asarray(batch["video"][:2]).copy()
+    video[1, 5:] = 0
+    lengths = jnp.array([8, 5])
+    x = np.asarray(mab_lib.normalize_video(jnp.asarray(video), lengths, per_clip=True))
+    assert np.abs(x[0].mean(0)).max() < 1e-4 and x[0].std() == pytest.approx(1.0, 2e-2)  # eps
+    assert np.abs(x[1, :5].mean(0)).max() < 1e-4 and not x[1, 5:].any()
+    still = np.clip(video.astype(np.int32) // 2 + np.arange(16)[None, None, :, None, None], 0, 255)
+    half = np.asarray(mab_lib.normalize_video(jnp.asarray(video // 2), lengths, per_clip=True))
+    shifted = mab_lib.normalize_video(jnp.asarray(still.astype(np.uint8)), lengths, per_clip=True)
+    np.testing.assert_allclose(np.asarray(shifted), half, atol=2e-2)

@@ -51,6 +51,7 @@ def build_mab(mc: Any, num_classes: int) -> mab_lib.MAB:
         memory_heads=int(mc.memory_heads),
         front_dropout=float(mc.front_dropout),
         fusion_dropout=float(mc.fusion_dropout),
+        per_clip_norm=bool(mc.per_clip_norm),
         dtype=jnp.dtype(mc.dtype),
     )
 
@@ -138,7 +139,7 @@ def _heldout_outputs(task: MABTask, model: nn.Module, params: Any) -> dict[str, 
     predict = _predictor(model)
     variables = task.variables(params)
     rows: dict[str, list] = {"label": [], "pred": [], "mel": [], "addr": [], "audio": []}
-    rows["length"] = []
+    rows["length"], rows["true_mel"] = [], []
     for batch in task.eval_batches(jax.process_index(), jax.process_count()):
         logits, mel, addr = predict(variables, batch["video"], batch["length"])
         rows["label"].append(batch["label"])
@@ -148,31 +149,37 @@ def _heldout_outputs(task: MABTask, model: nn.Module, params: Any) -> dict[str, 
             rows["pred"].append(np.asarray(jnp.argmax(logits, -1)))
         if mel is not None:
             rows["mel"].append(np.asarray(mel))
+            rows["true_mel"].append(np.asarray(batch["mel"], np.float32))
         if addr is not None:
             rows["addr"].append(np.asarray(addr))
     return {k: np.concatenate(v) if v else None for k, v in rows.items()}
 
 
 def _speech_scores(task: MABTask, rows: dict[str, Any], out_dir: Any) -> dict[str, float]:
-    """STOI / ESTOI of held-out clips decoded from the predicted mel (Griffin-Lim vocoder)."""
+    """STOI / ESTOI of held-out clips decoded from the predicted mel (Griffin-Lim vocoder),
+    beside the trivial baseline `*_mean_mel`: the same vocoder on the held-out clips' mean
+    log-mel spectrum (per bin, constant over time: no information from the video)."""
+    from avjax.data import audio as audio_lib
     from avjax.data.speech import vocoder
     from avjax.eval import av_metrics
 
-    mc = task.config.model
-    n = min(int(task.config.eval.speech_clips), len(rows["mel"]))
-    stoi, estoi = [], []
+    mc, ec = task.config.model, task.config.eval
+    n = min(int(ec.speech_clips), len(rows["mel"]))
+    valid = [rows["true_mel"][i][: 4 * int(rows["length"][i])] for i in range(len(rows["mel"]))]
+    mean_mel = np.concatenate(valid).mean(axis=0)  # [mels]
+    scores: dict[str, list[float]] = {k: [] for k in ("stoi", "estoi", "mel_l1")}
+    scores.update({"stoi_mean_mel": [], "estoi_mean_mel": [], "mel_l1_mean_mel": []})
     for i in range(n):
-        frames = 4 * int(rows["length"][i])
-        log_mel = rows["mel"][i][:frames] * float(mc.mel_std) + float(mc.mel_mean)
-        wav = vocoder.mel_to_wav(log_mel, n_iter=int(task.config.eval.griffin_lim_iters))
-        clean = rows["audio"][i][: len(wav)]
-        stoi.append(av_metrics.stoi(clean, wav))
-        estoi.append(av_metrics.estoi(clean, wav))
-        if i == 0:
-            from avjax.data import audio as audio_lib
-
-            audio_lib.write_wav(str(out_dir / "speech_0.wav"), wav, 16000)
-    return {"stoi": float(np.mean(stoi)), "estoi": float(np.mean(estoi)), "speech_clips": n}
+        log_mel = rows["mel"][i][: len(valid[i])] * float(mc.mel_std) + float(mc.mel_mean)
+        for suffix, mel in (("", log_mel), ("_mean_mel", np.broadcast_to(mean_mel, log_mel.shape))):
+            wav = vocoder.mel_to_wav(np.ascontiguousarray(mel), n_iter=int(ec.griffin_lim_iters))
+            clean = rows["audio"][i][: len(wav)]
+            scores["stoi" + suffix].append(av_metrics.stoi(clean, wav))
+            scores["estoi" + suffix].append(av_metrics.estoi(clean, wav))
+            scores["mel_l1" + suffix].append(float(np.mean(np.abs(mel - valid[i]))))
+            if i == 0:
+                audio_lib.write_wav(str(out_dir / f"speech_0{suffix}.wav"), wav, 16000)
+    return {**{k: float(np.mean(v)) for k, v in scores.items()}, "speech_clips": n}
 
 
 def _heatmaps(task: MABTask, rows: dict[str, Any], out_dir: Any) -> int:
