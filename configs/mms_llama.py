@@ -105,9 +105,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.llama_dir = ""  # a HF Llama directory: its tokenizer.json
     c.model.whisper_dir = ""  # a HF Whisper directory: its encoder replaces model.whisper
     c.model.avhubert_ckpt = ""  # an official AV-HuBERT checkpoint (video_encoder="avhubert")
-    c.model.video_encoder = "tiny"  # tiny | avhubert | none
+    # none: audio only on CPU (the random frozen tiny video encoder took half of a step and
+    # carries little); tiny: AV early fusion with it | avhubert
+    c.model.video_encoder = "none"
     c.model.video = {"width": 64, "resnet_widths": (4, 8, 16, 32), "num_layers": 1}
     c.model.whisper = {"width": 64, "num_layers": 2, "num_heads": 4, "mlp_width": 256}
+    # auto: the Whisper encoder when model.whisper_dir is given, else the normalised log-mel
+    # front-end (models/mms_llama.MelFrontend, width mel_width) | mel | whisper (random tiny)
+    c.model.audio_frontend = "auto"
+    c.model.mel_width = 64
     c.model.fusion = "concat"  # concat | add
     c.model.queries_per_second = 3.0
     c.model.max_queries = 12  # qps * 4 s * max factor 2 / 2 (the paper: qps * 20 s * 2)
@@ -128,19 +134,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.llm_train = "lora+embed"
     c.model.train_encoders = "audio"  # none (the paper) | audio | all
     # training babble (the task): p 0.75, SNR from the paper's discrete set (dB)
-    c.model.babble = {"prob": 0.75, "snrs": (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)}
+    # babble: the sum of `talkers` other utterances of the batch (multi-talker, as LRS3 babble)
+    c.model.babble = {"prob": 0.75, "snrs": (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0), "talkers": 4}
 
     c.eval_decode = ml_collections.ConfigDict({"length_penalty": 1.0})
     c.train = train_config(
-        steps=800,
+        steps=1500,
         batch_size=8,
         lr=1e-3,
         b2=0.98,
         warmup_steps=50,
         log_every=50,
-        eval_every=100,
+        eval_every=250,
         eval_batches=3,
-        checkpoint_every=100,
+        checkpoint_every=250,
     )
     # derived by the task from model.llm_train / model.train_encoders (so overrides of those
     # reach the optimizer); a non-empty value here must equal the derived groups
@@ -148,13 +155,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = mesh_config()
     c.sharding_rules = DEFAULT_RULES
     c.evals = ml_collections.ConfigDict()
-    c.evals.eval = {"type": "loss", "prefix": "eval_", "every": 100}
+    c.evals.eval = {"type": "loss", "prefix": "eval_", "every": 250}
     c.evals.wer = {"type": "mms_wer", "every": 0, "prefix": "", "num_beams": 5}
     c.evals.wer.snrs = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
     if arg == "test":  # a 4-speaker corpus, 1.28 s clips, 1-layer everything
         c.data.synthetic = dict(dataclasses.asdict(av_corpus.TINY), num_sentences=8, vocab_size=12)
         c.data.num_frames, c.data.image_size, c.data.crop_size = 32, 20, 16
         c.model.video = {"width": 16, "resnet_widths": (4, 4, 8, 16), "num_layers": 1}
+        c.model.video_encoder, c.model.mel_width = "tiny", 16  # (AV fusion covered)
         c.model.whisper = {"width": 16, "num_layers": 1, "num_heads": 2, "mlp_width": 32}
         c.model.qformer_width = c.model.rate_width = 16
         c.model.llm = dict(c.model.llm, width=32, mlp_width=64, num_layers=1)

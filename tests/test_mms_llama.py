@@ -112,13 +112,14 @@ def test_only_adapters_and_new_modules_carry_optimizer_state(env):
     state = trainer.abstract_state
     flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
     sizes = {optim.path_name(p): int(np.prod(x.shape)) for p, x in flat}
-    new = ("audio_down/", "queries", "qformer/", "proj_in/", "proj_out/", "rate/")
+    new = ("mel_frontend/", "queries", "qformer/", "proj_in/", "proj_out/", "rate/")
     trained_paths = [p for p in sizes if p.endswith(("lora_a", "lora_b")) or p.startswith(new)]
     assert any("llm/blocks_0/attention/q/lora_a" == p for p in trained_paths)
     n_trained = sum(sizes[p] for p in trained_paths)
     opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
     assert opt == 2 * n_trained  # Adam's two moments, for exactly these leaves
-    assert n_trained < 0.5 * sum(sizes.values())
+    lora = sum(v for p, v in sizes.items() if p.endswith(("lora_a", "lora_b")))
+    assert 0 < lora < 0.5 * sum(v for p, v in sizes.items() if p.startswith("llm/")) - lora
     # a command-line override of model.llm_train reaches the optimizer (groups are derived)
     cfg2 = copy.deepcopy(cfg)
     cfg2.model.llm_train = "lora+embed"
@@ -170,6 +171,15 @@ def test_loss_on_transcript_positions_only(built):
     moved = batch["targets"].copy()
     moved[:, start] = (moved[:, start] + 1) % t["tok"].vocab_size
     assert not np.isclose(loss(batch), loss({**batch, "targets": moved}))
+    # the log-mel front-end reads only the first `length` frames (normalisation included)
+    rng, edge = np.random.default_rng(0), 640 * (int(batch["length"][0]) // 2)
+    audio = rng.normal(0, 0.1, batch["audio"].shape).astype(np.float32)
+    batch = {**batch, "audio": audio, "length": np.full_like(batch["length"], edge // 640)}
+    after, before = audio.copy(), audio.copy()
+    after[:, edge + 640 :] *= 5.0
+    before[:, : edge - 640] *= 5.0
+    assert np.isclose(loss(batch), loss({**batch, "audio": after}), rtol=1e-5)
+    assert not np.isclose(loss(batch), loss({**batch, "audio": before}), rtol=1e-5)
 
 
 def test_unused_speech_slots_are_masked(built):

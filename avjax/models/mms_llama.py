@@ -1,6 +1,7 @@
 """MMS-LLaMA (Yeo et al., 2025, arXiv 2503.11315): AVSR with few multimodal speech tokens.
 
     audio  = Conv1d_k2s2(Whisper(log_mel))[:, :T]      # frozen encoder, 50 Hz -> 25 Hz
+          (or MelFrontend(log_mel): normalised log-mel, 4 frames stacked, a conv; no encoder)
     video  = VideoEncoder(mouth crops)                  # frozen, 25 Hz (tiny | avhubert)
     fused  = concat(audio, video)  (or add)            # early AV fusion, [B, T, Df]
     rate   = RatePredictor(sg(Whisper at 12.5 Hz))     # normalised speech rate (MSE)
@@ -90,6 +91,32 @@ class AVHubertVideoEncoder(nn.Module):
         x = (video.astype(jnp.float32) / 255.0 - 0.421) / 0.165
         out = AVHubertEncoder(self.config, dtype=self.dtype, name="avhubert")(video=x)
         return out["last_hidden_state"]
+
+
+class MelFrontend(nn.Module):
+    """Log-mel `[batch, bins, 4T]` (100 Hz) -> `[batch, T, width]` at 25 Hz: each bin
+    normalised per utterance over its first `4 * length [batch]` frames (mean 0, variance 1;
+    zeros after), 4 frames stacked, a kernel-3 convolution + GELU, a linear map and
+    sinusoidal positions. The audio path when no pretrained encoder is given: a tiny random
+    encoder carries little, normalised spectra carry the words and little of the voice."""
+
+    width: int = 64
+    kernel: int = 3
+
+    @nn.compact
+    def __call__(self, mel: jax.Array, length: jax.Array) -> jax.Array:
+        b, bins, n = mel.shape
+        t = n // 4
+        x = jnp.swapaxes(mel, 1, 2)[:, : 4 * t].astype(jnp.float32)  # [B, 4T, bins]
+        valid = (jnp.arange(4 * t)[None] < 4 * length[:, None])[..., None]
+        count = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1)
+        mean = jnp.sum(jnp.where(valid, x, 0.0), axis=1, keepdims=True) / count
+        var = jnp.sum(jnp.where(valid, (x - mean) ** 2, 0.0), axis=1, keepdims=True) / count
+        x = jnp.where(valid, (x - mean) * jax.lax.rsqrt(var + 1e-4), 0.0)
+        x = x.reshape(b, t, 4 * bins)
+        x = nn.gelu(nn.Conv(self.width, (self.kernel,), padding="SAME", name="conv")(x))
+        x = nn.Dense(self.width, name="proj")(x)
+        return x + jnp.asarray(sinusoids(t, self.width))[None].astype(x.dtype)
 
 
 class RatePredictor(nn.Module):
@@ -219,14 +246,17 @@ class MMSLLaMA(nn.Module):
     [B, L, vocab], rate [B])`. `tokens` hold the instruction at `[0, prompt_len)`, anything at
     the `max_queries` speech slots after it (replaced by the speech tokens), then the text.
 
-    Fields: the encoders and the LLM as modules, `fusion` ("concat" | "add"),
+    Fields: the encoders and the LLM as modules (`audio_encoder` None: `MelFrontend` of
+    `mel_width` on `mel_bins`-bin log-mel instead), `fusion` ("concat" | "add"),
     `queries_per_second`, `max_queries` (0: no speech tokens, the text-only baseline),
     `rate_predictor`, `prompt_len`, `qformer_*` / `rate_width` (shapes).
     """
 
-    audio_encoder: WhisperEncoder
+    audio_encoder: WhisperEncoder | None
     video_encoder: nn.Module | None
     llm: TransformerLM
+    mel_width: int = 64
+    mel_bins: int = 80
     fusion: str = "concat"
     queries_per_second: float = 3.0
     max_queries: int = 12
@@ -240,8 +270,12 @@ class MMSLLaMA(nn.Module):
     def setup(self) -> None:
         if self.fusion not in ("concat", "add"):
             raise ValueError(f"model.fusion={self.fusion!r}: expected 'concat' or 'add'")
-        aw = self.audio_encoder.width
-        self.audio_down = nn.Conv(aw, (2,), strides=(2,), padding="VALID", name="audio_down")
+        if self.audio_encoder is None:
+            aw = self.mel_width
+            self.mel_frontend = MelFrontend(aw, name="mel_frontend")
+        else:
+            aw = self.audio_encoder.width
+            self.audio_down = nn.Conv(aw, (2,), strides=(2,), padding="VALID", name="audio_down")
         vw = 0 if self.video_encoder is None else self.video_encoder.width
         if self.fusion == "add" and vw not in (0, aw):
             raise ValueError(f"model.fusion='add' needs equal widths: audio {aw}, video {vw}")
@@ -263,31 +297,40 @@ class MMSLLaMA(nn.Module):
         if self.rate_predictor:
             self.rate = RatePredictor(self.rate_width, name="rate")
 
-    def encode(self, audio: jax.Array, video: jax.Array, train: bool) -> tuple[jax.Array, ...]:
-        """-> (fused `[B, T, Df]` at 25 Hz, Whisper features `[B, 2T, Da]` at 50 Hz)."""
-        t = video.shape[1]
-        bins = int(getattr(self.audio_encoder, "num_mel_bins", 80))  # 128 for large-v3
-        mel = log_mel_from_audio(audio.astype(jnp.float32), bins)  # [B, bins, 4T] at 100 Hz
-        whisper = self.audio_encoder(mel)  # [B, 2T, Da]
-        a = self.audio_down(whisper)[:, :t]
+    def encode(
+        self, audio: jax.Array, video: jax.Array, length: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """-> (fused `[B, T, Df]` at 25 Hz, the rate predictor's input `[B, T/2, Da]` at
+        12.5 Hz: the audio features, stop-gradient)."""
+        b, t = video.shape[:2]
+        if self.audio_encoder is None:
+            mel = log_mel_from_audio(audio.astype(jnp.float32), self.mel_bins)
+            a = self.mel_frontend(mel, length)  # [B, T, Da]
+            slow = a.reshape(b, t // 2, 2, a.shape[-1]).mean(axis=2)
+        else:
+            bins = int(getattr(self.audio_encoder, "num_mel_bins", 80))  # 128 for large-v3
+            mel = log_mel_from_audio(audio.astype(jnp.float32), bins)  # [B, bins, 4T] 100 Hz
+            whisper = self.audio_encoder(mel)  # [B, 2T, Da]
+            a = self.audio_down(whisper)[:, :t]
+            slow = whisper.reshape(b, -1, 4, whisper.shape[-1]).mean(axis=2)
+        slow = jax.lax.stop_gradient(slow)
         if self.video_encoder is None:
-            return a, whisper
+            return a, slow
         v = self.video_encoder(video, train=False)  # frozen: stored statistics
         fused = jnp.concatenate([a, v], axis=-1) if self.fusion == "concat" else a + v
         fused = nn.with_logical_constraint(fused, (axes.BATCH, axes.LENGTH, axes.EMBED))
-        return fused, whisper
+        return fused, slow
 
     def speech_tokens(
         self, audio: jax.Array, video: jax.Array, length: jax.Array, train: bool = False
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """-> (tokens `[B, max_queries, llm_width]` (zero beyond n_q), n_q `[B]` int32,
         predicted normalised rate `[B]` float32; 1 without the predictor)."""
-        fused, whisper = self.encode(audio, video, train)
-        b, t = fused.shape[:2]
+        del train  # (the encoders are frozen or have no dropout)
+        b, t = video.shape[:2]
         length = jnp.clip(length.astype(jnp.int32), 1, t)
+        fused, slow = self.encode(audio, video, length)
         if self.rate_predictor:
-            slow = jax.lax.stop_gradient(whisper)
-            slow = slow.reshape(b, -1, 4, slow.shape[-1]).mean(axis=2)  # 12.5 Hz
             keep = jnp.arange(slow.shape[1])[None] < (length[:, None] + 1) // 2
             rate = self.rate(slow, keep)
         else:

@@ -49,22 +49,27 @@ FROZEN_ENCODERS = {
 
 def param_groups(model_cfg: Any) -> list[dict[str, Any]]:
     """`config.train.param_groups` from `model.llm_train` ("lora": adapters only, the paper;
-    "lora+embed": also the LLM's embedding and head) and `model.train_encoders` ("none": both
-    frozen, the paper; "audio": the audio encoder trains; "all"): the LoRA adapters and the
-    new modules (fusion, Q-Former, projector, rate predictor) train; the LLM base and the
-    frozen encoders get no gradient and no optimizer state."""
+    "lora+embed": also the LLM's embedding and head; "all": the whole LLM) and
+    `model.train_encoders` ("none": both frozen, the paper; "audio": the audio encoder
+    trains; "all"; the log-mel front-end always trains): the LoRA adapters and the new
+    modules (fusion, Q-Former, projector, rate predictor) train; the LLM base and the frozen
+    encoders get no gradient and no optimizer state."""
     groups = [lora_param_groups()[0]]
     if model_cfg.llm_train == "lora+embed":
         groups.append({"regex": r"^llm/(embedding|lm_head)$", "optimizer": "adamw"})
-    elif model_cfg.llm_train != "lora":
+    elif model_cfg.llm_train not in ("lora", "all"):
         raise ValueError(
-            f"model.llm_train={model_cfg.llm_train!r}: expected 'lora' or 'lora+embed'"
+            f"model.llm_train={model_cfg.llm_train!r}: expected 'lora', 'lora+embed' or 'all'"
         )
     frozen = FROZEN_ENCODERS.get(str(model_cfg.train_encoders))
     if frozen is None:
         raise ValueError(
             f"model.train_encoders={model_cfg.train_encoders!r}: expected {list(FROZEN_ENCODERS)}"
         )
+    if model_cfg.llm_train == "all":  # the whole (random, tiny) LLM trains, adapters too
+        frozen = frozen.removesuffix("llm").rstrip("|")
+        if not frozen:
+            return groups
     groups.append({"regex": rf"^({frozen})/", "optimizer": "frozen"})
     return groups
 
@@ -150,7 +155,8 @@ class MMSLLaMATask(Task):
 
     def train_dataset(self, process_index: int, process_count: int):
         bc = self.config.model.babble
-        noisy = lambda b: train_babble(b, float(bc.prob), tuple(bc.snrs))  # noqa: E731
+        talkers = int(bc.get("talkers", 1))
+        noisy = lambda b: train_babble(b, float(bc.prob), tuple(bc.snrs), talkers)  # noqa: E731
         ds = self.data.train_dataset(process_index, process_count)
         return ds.map(noisy).map(self._add_tokens)
 
@@ -176,16 +182,10 @@ class MMSLLaMATask(Task):
         )
         self._pretrained = {}
         video = self._video_encoder()
-        if mc.whisper_dir:  # a HF Whisper (or WhisperModel) directory: its encoder, frozen
-            from avjax.convert.whisper import load_hf_whisper_encoder
-
-            audio, wv = load_hf_whisper_encoder(mc.whisper_dir)
-            self._pretrained["audio_encoder"] = {"params": wv["params"]}
-        else:
-            audio = WhisperEncoder(max_source_positions=1500, **dict(mc.whisper))
         return mm.MMSLLaMA(
-            audio_encoder=audio,
+            audio_encoder=self._audio_encoder(),
             video_encoder=video,
+            mel_width=int(mc.get("mel_width", 64)),
             llm=llm_cfg.make(max_len=t["seq_len"]),
             fusion=mc.fusion,
             queries_per_second=float(mc.queries_per_second),
@@ -195,6 +195,28 @@ class MMSLLaMATask(Task):
             qformer_width=int(mc.qformer_width),
             rate_width=int(mc.rate_width),
         )
+
+    def _audio_encoder(self) -> nn.Module | None:
+        """`model.audio_frontend`: "whisper" (`model.whisper_dir`'s encoder, loaded, or a
+        random `model.whisper`) | "mel" (None: the model's `MelFrontend`) | "auto" (whisper
+        when `model.whisper_dir` is given, else mel)."""
+        mc = self.config.model
+        kind = str(mc.get("audio_frontend", "whisper"))
+        if kind == "auto":
+            kind = "whisper" if mc.whisper_dir else "mel"
+        if kind == "mel":
+            if mc.whisper_dir:
+                raise ValueError("model.whisper_dir is set but model.audio_frontend='mel'")
+            return None
+        if kind != "whisper":
+            raise ValueError(f"model.audio_frontend={kind!r}: expected auto | mel | whisper")
+        if mc.whisper_dir:  # a HF Whisper (or WhisperModel) directory: its encoder, frozen
+            from avjax.convert.whisper import load_hf_whisper_encoder
+
+            audio, wv = load_hf_whisper_encoder(mc.whisper_dir)
+            self._pretrained["audio_encoder"] = {"params": wv["params"]}
+            return audio
+        return WhisperEncoder(max_source_positions=1500, **dict(mc.whisper))
 
     def _video_encoder(self) -> nn.Module | None:
         """`model.video_encoder`: tiny (random, CPU scale) | avhubert (`model.avhubert_ckpt`,
@@ -322,28 +344,37 @@ def _place(init: Any, loaded: Any, where: str) -> Any:
     return jax.tree_util.tree_unflatten(tree, out)
 
 
-def _babble(audio: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
-    """Each row mixed with another row of the batch (another held-out utterance) at `snr_db`."""
+def babble_noise(audio: np.ndarray, i: int, talkers: int, rng: np.random.Generator) -> np.ndarray:
+    """Babble for row `i` of `audio [B, samples]`: the sum of `talkers` other rows (distinct,
+    drawn by `rng`; at most B - 1) -> `[samples]`."""
+    others = [j for j in range(len(audio)) if j != i]
+    pick = rng.permutation(len(others))[: max(1, min(talkers, len(others)))]
+    return np.sum(audio[[others[k] for k in pick]], axis=0)
+
+
+def _babble(audio: np.ndarray, snr_db: float, seed: int, talkers: int = 1) -> np.ndarray:
+    """Each row mixed with babble of `talkers` other rows of the batch (other held-out
+    utterances) at `snr_db`."""
     rng = np.random.default_rng(seed)
-    shift = int(rng.integers(1, max(len(audio), 2)))
-    noise = np.roll(audio, shift, axis=0)
-    return np.stack([av_data.mix_babble(a, n, snr_db) for a, n in zip(audio, noise, strict=True)])
+    rows = [babble_noise(audio, i, talkers, rng) for i in range(len(audio))]
+    return np.stack([av_data.mix_babble(a, n, snr_db) for a, n in zip(audio, rows, strict=True)])
 
 
-def train_babble(batch: Batch, prob: float, snrs: tuple[float, ...]) -> Batch:
+def train_babble(batch: Batch, prob: float, snrs: tuple[float, ...], talkers: int = 1) -> Batch:
     """Training babble as the paper's: each row of `audio [B, samples]`, with probability
-    `prob`, gets another row of the batch (another utterance) mixed in at an SNR drawn from
-    the discrete set `snrs` (dB). Seeded by the batch's content: deterministic on resume."""
+    `prob`, gets babble (the sum of `talkers` other utterances of the batch) mixed in at an
+    SNR drawn from the discrete set `snrs` (dB). Seeded by the batch's content:
+    deterministic on resume."""
     audio = np.asarray(batch["audio"])
     if prob <= 0 or not snrs or len(audio) < 2:
         return batch
     rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(audio[:, :256]).tobytes()))
     out = audio.copy()
     for i in range(len(audio)):
-        j = (i + int(rng.integers(1, len(audio)))) % len(audio)
+        noise = babble_noise(audio, i, talkers, rng)
         snr = float(snrs[int(rng.integers(len(snrs)))])
         if rng.random() < prob:
-            out[i] = av_data.mix_babble(audio[i], audio[j], snr)
+            out[i] = av_data.mix_babble(audio[i], noise, snr)
     return {**batch, "audio": out}
 
 
@@ -357,6 +388,7 @@ def mms_wer(ctx: evaluators.EvalContext, options: Any) -> dict[str, Any]:
     n_items = int(task.data.facts["eval_items"])
     batches = task.eval_batches(jax.process_index(), jax.process_count())
     beams = int(options.get("num_beams", 5))
+    talkers = int(task.config.model.babble.get("talkers", 1))
     report: dict[str, Any] = {"step": ctx.step, "num_beams": beams, "utterances": 0}
     conds = [("clean", None)] + [(f"snr{s:g}", float(s)) for s in options.get("snrs", ())]
     examples = []
@@ -364,7 +396,8 @@ def mms_wer(ctx: evaluators.EvalContext, options: Any) -> dict[str, Any]:
         refs, hyps, nq, secs = [], [], [], []
         for bi, batch in enumerate(batches):
             if snr is not None:
-                batch = {**batch, "audio": _babble(batch["audio"], snr, 1000 * bi + int(snr) + 100)}
+                seed = 1000 * bi + int(snr) + 100
+                batch = {**batch, "audio": _babble(batch["audio"], snr, seed, talkers)}
             out = task.transcribe(ctx.model, ctx.params, batch, beams)
             for i, h in enumerate(out["hyps"]):
                 if len(refs) >= n_items:
