@@ -7,11 +7,23 @@ front (2D convs over log-mel at 4x the video rate, training only), the associati
 fusion([f_v, f_a]), a 2-layer BiGRU back-end, a word classifier. Loss: CE(test branch) +
 CE(train branch) + KL(bridge) + reconstruction, all weight 1.
 
-Data: the embedded AV corpus (`avjax.data.video.av_corpus`, built in the cache on first use:
-~130 CPU-seconds), its LRW view (1,000 word clips of 29 frames over 125 words; 32 train
-speakers, the 4 `val` speakers held out; chance 0.8 %), the mouth region
-`roi=(0.25, 0.45, 0.75, 0.95)` resized to 36 and cropped to 32. A real corpus:
-`--config.data.name=lrw --config.data.manual_dir=DIR` (or lrs2 | lrs3 | grid | dir).
+Data: the embedded AV corpus (`avjax.data.video.av_corpus`, built in the cache on first use)
+in its LRW view, by default over 10 words (`synthetic.vocab_size=10`: the 1,000 word clips
+of 29 frames give 100 clips per word; chance 0.10; the corpus builds in ~80 CPU-seconds);
+`words125` is the full 125-word corpus (8 clips per word; chance 0.008). 32 train speakers;
+the 4 `val` speakers are held out. The mouth region `roi=(0.3, 0.5, 0.7, 0.9)` (the mouth
+box plus head drift; the mouth sits in its upper half) resized to 28 and cropped to 24. A
+real corpus: `--config.data.name=lrw --config.data.manual_dir=DIR` (or lrs2 | lrs3 | grid).
+
+Why it learned slowly before (0.0 at 250 steps on 125 words): the still content of a clip
+(identity, skin, lighting, the mean mouth shape) varies ~41 grey levels between clips, the
+mouth motion ~6 within one; with LRW's global mean / std the front-end saw mostly who and
+where, not what was said. `model.per_clip_norm` (default; the `paper` variant keeps LRW's
+global statistics) subtracts each pixel's mean over the clip and divides by the clip's
+standard deviation of the rest (`avjax.models.mab.normalize_video`). A ridge probe on 3 x 3
+pooled crops (800 train clips, 100 held-out, 10 words) reads 0.39-0.47 either way, so the
+words are in the crops; the CNN needed the normalisation. The 24-pixel crop halves the
+step (the visual front is ~all of it: 0.56 vs 1.03 CPU-seconds per step of 16 clips).
 
 Variants (`--config=configs/mab.py:VARIANT`):
   (default)  lip reading, tiny widths, BiGRU back-end.
@@ -32,29 +44,20 @@ Variants (`--config=configs/mab.py:VARIANT`):
 `--mode=eval` writes `word_accuracy` (test branch, video only, held-out speakers),
 `eval/step_<N>/report.json` and PNG heat maps of the memory addressing per word class.
 
-Measured (2026-11-30, the shared 2-core machine at load average 14-20, `uptime`): the
-default and `:nomemory` run side by side, both stopped after the step-250 checkpoint (of
-1000; lr warm-up 50 steps to 2e-3) and evaluated with `--mode=eval` on the 96 held-out clips
-of the 4 `val` speakers: word accuracy 0.0 with the memory and 0.0 without (chance 0.008);
-held-out loss 5.21 / 5.12; train CE of the test branch still ~4.8 (ln 125 = 4.83). So at 250
-steps neither model has started to read lips: the accuracy claim (far above chance, higher
-with the memory) is NOT yet shown; the full 1000 steps (and likely more, or larger widths)
-must be run on a quiet machine. Cost: 536 CPU-seconds (memory) / 495 (no memory) for 250
-steps including compilation, 0.25-0.45 steps/s wall at that load, peak RSS 1.9 / 1.7 GB;
-`--mode=eval` ~25 CPU-seconds. From the CPU-seconds, 1000 steps on two idle cores should
-take about 15-20 minutes (an estimate, not measured). The speech variant is not measured.
+Measured (2026-12-01, the shared 2-core machine at load average 22-28, `uptime`; each run
+got ~0.1-0.2 of a core): the default and `:nomemory` trained side by side, each checkpoint
+evaluated with `--mode=eval` on the 96 held-out clips of the 4 `val` speakers (test branch,
+video only; chance 0.10):
+  step 200: word accuracy 0.240 with the memory, 0.260 without (23 vs 25 of 96 clips: within
+            one run's noise); held-out loss 1.880 vs 2.036 (ln 10 = 2.303).
+Before the normalisation the same 10-word data gave 0.1875 / 0.125 at 300 steps. Cost:
+~0.6-0.7 CPU-seconds per step (0.1-0.2 steps/s wall at that load), 1.9 / 1.7 GB peak RSS;
+`--mode=eval` 18 CPU-seconds. So the default reads lips well above chance on held-out
+speakers; the memory's advantage (the paper's +1-2 points on LRW) is not shown at this
+scale and run length.
 
-A learnable problem at CPU scale (measured 2026-11-30, load 12-15 during the first run, ~3
-during the second): the same 1,000 clips over 10 words (100 per word; chance 0.10), 300 steps,
-each variant then evaluated with --mode=eval on the 96 held-out clips of the `val` speakers:
-  O="--config.data.synthetic.vocab_size=10 --config.data.synthetic.num_sentences=8
-     --config.train.steps=300 --config.train.checkpoint_every=100 --config.train.eval_every=100"
-  python -m avjax.main --config=configs/mab.py --workdir=W $O             [--mode=eval]
-  python -m avjax.main --config=configs/mab.py:nomemory --workdir=W2 $O   [--mode=eval]
-word accuracy 0.1875 with the memory vs 0.125 without (18 vs 12 of 96 clips), held-out loss
-2.213 vs 2.308 (ln 10 = 2.303); train accuracy of the last 50 steps 0.15 vs 0.13. Both have
-only begun to read lips at 300 steps: the ordering is the paper's, but 6 clips is within the
-noise of one run. Cost: 724 / 596 CPU-seconds (1.9 GB peak RSS), corpus build 194 s wall.
+`:words125` (125 words, 8 clips per word) is not re-measured with the normalisation; before
+it, 250 steps gave 0.0 with and without the memory.
 """
 
 from __future__ import annotations
@@ -166,6 +169,7 @@ def _tcn(c: ml_collections.ConfigDict) -> None:
 
 
 def _paper(c: ml_collections.ConfigDict) -> None:
+    _words125(c)  # on the embedded corpus; the paper: LRW (--config.data.name=lrw)
     c.data.image_size, c.data.crop_size = 122, 112
     c.data.erase_prob = 0.5
     m = c.model
