@@ -250,6 +250,11 @@ def _score(task: DF3DFaceTask, model, params, i: int) -> tuple[dict[str, float],
     if len(samples) > 1:
         div = mesh_metrics.diversity(samples, rep.mean, rigid, reg.lip, reg.upper_face)
         out.update({f"diversity_{k}": v for k, v in div.items()})
+        for region, idx in (("lip", reg.lip), ("upper", reg.upper_face)):
+            # the spread relative to the region's own ground-truth motion (mean vertex norm)
+            size = float(np.linalg.norm(gt_m[:, idx], axis=-1).mean())
+            out[f"motion_{region}_gt"] = size
+            out[f"diversity_{region}_spread_rel"] = div[f"{region}_spread"] / max(size, 1e-12)
     curves = {"envelope": env, "opening": opening[0], "gt_opening": None}
     curves["gt_opening"] = mesh_metrics.mouth_opening(gt_m, reg.upper_lip, reg.lower_lip)
     return out, curves
