@@ -44,17 +44,21 @@ Variants (`--config=configs/mab.py:VARIANT`):
 `--mode=eval` writes `word_accuracy` (test branch, video only, held-out speakers),
 `eval/step_<N>/report.json` and PNG heat maps of the memory addressing per word class.
 
-Measured (2026-12-01, the shared 2-core machine at load average 22-28, `uptime`; each run
-got ~0.1-0.2 of a core): the default and `:nomemory` trained side by side, each checkpoint
-evaluated with `--mode=eval` on the 96 held-out clips of the 4 `val` speakers (test branch,
-video only; chance 0.10):
-  step 200: word accuracy 0.240 with the memory, 0.260 without (23 vs 25 of 96 clips: within
-            one run's noise); held-out loss 1.880 vs 2.036 (ln 10 = 2.303).
-Before the normalisation the same 10-word data gave 0.1875 / 0.125 at 300 steps. Cost:
-~0.6-0.7 CPU-seconds per step (0.1-0.2 steps/s wall at that load), 1.9 / 1.7 GB peak RSS;
-`--mode=eval` 18 CPU-seconds. So the default reads lips well above chance on held-out
-speakers; the memory's advantage (the paper's +1-2 points on LRW) is not shown at this
-scale and run length.
+Measured (2026-12-01, the shared 2-core machine at load average 22-28 falling to 10,
+`uptime`): the default and `:nomemory` trained side by side for the default 400 steps (8
+epochs of the 800 train clips), each checkpoint evaluated with `--mode=eval` on the 96
+held-out clips of the 4 `val` speakers (test branch, video only; chance 0.10):
+  step 400: word accuracy 0.500 with the memory, 0.490 without (48 vs 47 of 96 clips);
+            held-out loss 1.413 vs 1.471 (ln 10 = 2.303); train accuracy (steps 351-400)
+            0.42 / 0.51 (dropout on).
+  step 200: 0.240 vs 0.260 (23 vs 25 clips); held-out loss 1.880 vs 2.036.
+Before the normalisation the same 10-word data gave 0.1875 / 0.125 at 300 steps. So the
+default reads lips far above chance on held-out speakers, and the memory model's held-out
+loss is lower at both checkpoints, but its accuracy lead (one clip) is within one run's
+noise: the paper's +1-2 points (LRW) are not shown at this scale. Cost: 350 / 321
+CPU-seconds for 400 steps including compilation (user + system, `/usr/bin/time`), 50 / 48
+min wall at that load (each run got ~0.1-0.2 of a core; from the CPU-seconds, about 3-4 min
+on two idle cores, not measured), peak RSS 1.9 / 1.7 GB; `--mode=eval` 18 CPU-seconds.
 
 `:words125` (125 words, 8 clips per word) is not re-measured with the normalisation; before
 it, 250 steps gave 0.0 with and without the memory.
