@@ -13,17 +13,16 @@ memory x 0.2.
 Data: the embedded AV corpus (`av_data`, `view=lrw`: 29-frame word clips of 40 speakers, 8
 held out), RGB face crops at 32 x 32 (default) / 128 x 128 (`:paper`).
 
-  # 1. the sync expert on the same corpus (its checkpoint is loaded frozen)
-  python -m avjax.main --config=configs/syncnet.py --workdir=workdir/syncnet \
-      --config.data.name=synthetic --config.data.view=lrw --config.data.num_frames=29 \
-      --config.data.image_size=32 --config.data.crop_size=32 --config.model.face_size=32 \
-      --config.model.max_shift=10
+  # 1. the sync expert on the same corpus and view (configs/syncnet.py:stf; loaded frozen)
+  python -m avjax.main --config=configs/syncnet.py:stf --workdir=workdir/syncnet
+  python -m avjax.main --config=configs/syncnet.py:stf --workdir=workdir/syncnet --mode=eval
   # 2. SyncTalkFace, and the ablation without the sync losses (same run length)
   python -m avjax.main --config=configs/synctalkface.py --workdir=workdir/stf \
       --config.model.sync_expert_workdir=workdir/syncnet
   python -m avjax.main --config=configs/synctalkface.py:nosync --workdir=workdir/stf_nosync
-  python -m avjax.main --config=configs/synctalkface.py --workdir=workdir/stf --mode=eval \
-      --config.model.sync_expert_workdir=workdir/syncnet
+  for w in stf stf_nosync; do  # the same expert scores both (it is not a model field)
+    python -m avjax.main --config=configs/synctalkface.py --workdir=workdir/$w --mode=eval \
+        --config.model.sync_expert_workdir=workdir/syncnet; done
   python -m avjax.main --config=configs/synctalkface.py --workdir=workdir/stf --mode=sample \
       --config.sample.audio=speech.wav --config.sample.video=face.mp4   # or face.png
 
@@ -37,18 +36,37 @@ LSE of generated and real held-out clips), `stf/lmd` with `stf_eval.lmd=True` (d
 49.4 M generator and 15.2 M discriminator parameters (traced with `jax.eval_shape`; not
 compiled or fit-checked on a TPU topology yet).
 
-Measured so far (tiny test shapes only, 16 x 16 faces, widths 4-16, batch 8, on the shared
-2-core machine at load average 12-20, 2026-12-01): the 1-step expert of step 1 above (now
-configs/syncnet.py's learning default: shallow, centred, signed head, offset softmax) costs
-22 CPU-s, a 2-step SyncTalkFace train from scratch 66 CPU-s, almost all XLA compilation (the
-generator step differentiates through the identity / audio / lip encoders, the memory, the
-decoder, the frozen expert and the discriminator); a stop or resume from the compilation
-cache ~6 CPU-s each; eval of 2 clips ~38 CPU-s; sampling 1 s ~21 CPU-s.
-NOT yet measured: the default run's wall time and its numbers (LSE-C of generated vs real
-held-out clips, and vs `:nosync` at the same run length). The expert of step 1 learns on the
-procedural clips (configs/syncnet.py: held-out pair accuracy 0.875, offsets exact for
-168 / 168 shifted clips) but has not been trained or checked on the `lrw` view of the
-embedded corpus at 32 x 32, and the 1,500-step default was not run; fill them in.
+Measured (2026-12-01, the shared 2-core machine at load average 15-28, so CPU-s are the
+figures to trust; walls were 3-10x inflated):
+- Tiny test shapes (tests/test_synctalkface.py: 16 x 16, widths 2-8, batch 8): the 1-step
+  expert, SyncTalkFace 2 steps straight and 1 + 1 stopped / resumed, then eval + sample:
+  123 CPU-s for the two CLI tests together (before: ~160 CPU-s); the init's inputs are now
+  shape-only zeros (computing the mel of the dummy batch inside the jitted init made XLA
+  constant-fold the STFT: 30 s vs 3 s to compile the mel alone).
+- Step 1 (`configs/syncnet.py:stf`, 1,500 steps, 141 CPU-s): held-out pair accuracy 0.672,
+  LSE-C 0.159 in sync vs 0.144 with the audio delayed 8 frames, offsets exact in 59 / 84
+  trials: it discriminates, weakly (configs/syncnet.py has the numbers).
+- Step 2 at the default shapes (32 x 32, batch 16), on the shared cores at load 10-28:
+  `:nosync` 51 steps in 159 CPU-s (36.7 min wall; ~100 CPU-s of it compilation, then ~1.1
+  CPU-s / ~20 s wall a step); the default 76 steps in 520 CPU-s (56 min wall; steps 51-76
+  took 14 s wall each at load 10, so most of it is compiling a generator step that also
+  runs the frozen expert and the lip encoder on the generated frames). It trained against
+  a 300-step expert of step 1 (train pair accuracy 0.68; the 1,500-step one was not ready):
+  av_sync BCE 0.83 -> 0.40 from step 25 to 76. Both scored by the 1,500-step expert on 8
+  held-out clips (`stf_eval.clips=8`; 12-14 CPU-s each):
+
+  | run                 | step | PSNR  | SSIM  | LSE-C gen / real | LSE-D gen / real |
+  | default (sync)      | 76   | 15.20 | 0.348 | 0.166 / 0.144    | 0.923 / 0.935    |
+  | `:nosync`           | 51   | 14.68 | 0.289 | 0.088 / 0.144    | 0.978 / 0.935    |
+
+  NOT the acceptance comparison: the run lengths differ (SIGTERM after step 50 stopped
+  `:nosync` at 51 but the default at 76) and neither generator draws a face yet (the
+  contact sheets show coloured noise; L1 ~0.27-0.30 a pixel in [-1, 1]), so a gen LSE-C
+  above the real one means the generator found patterns the expert scores as in sync, not
+  lip sync. Still to do: both runs at the same length long enough for faces (the 1,500-step
+  default: ~1,500 x 1.1 CPU-s ~ 28 CPU-min for `:nosync`, more with the sync losses), with
+  the 1,500-step expert in training too. LMD (`stf_eval.lmd=True`, dlib at 32 x 32): not
+  measured.
 """
 
 from __future__ import annotations
