@@ -71,11 +71,11 @@ This variant is for pods. Check that it compiles and fits before renting one:
 (measured on a 2-core CPU, preset fsdp_tp = fsdp 128 x tensor 2, 2.11B params: peak 14.48 GiB
 of v5e's 16 GiB per chip, 4.5 min to compile; with --config.model.remat=dots
 --config.model.scan_layers=True, really scanned as 8 x (r, r, a) + (r, r): peak 7.04 GiB,
-roofline from the analytic 1.005e16 FLOPs and the HLO walk's 88 GiB per chip: compute-bound
-at 0.20 s/step (the compiler counts a scanned body once; README "Fit check"); with
---config.model.remat=full and the same scan: peak 3.31 GiB, compute-bound at 0.199 s/step from
-the analytic FLOPs (~0.25 s counting the recomputation). Before the scan fix: dots peak 8.20
-GiB, full 4.61 GiB. The HLO walk's traffic figures overcount TPU async copies: upper bounds)
+1.047e16 FLOPs executed (1.04x the analytic 1.005e16), 343 GiB of HBM traffic per chip from
+the compiled HLO: memory-bound at 0.449 s/step, estimated MFU 44 %; with
+--config.model.remat=full and the same scan: peak 3.31 GiB, 1.28e16 FLOPs executed (1.27x:
+the recomputation), 286 GiB per chip: memory-bound at 0.375 s/step, MFU 53 % (README "Fit
+check" breaks the traffic down). Before the scan fix: dots peak 8.20 GiB, full 4.61 GiB)
 
 Units: 32,768 k-means units (the paper's vocabulary size) need enough vectors to be fitted:
 fitting refuses fewer than `data.min_vectors_per_unit` = 30 per unit (30 x 32,768 = 983k
