@@ -87,3 +87,21 @@ def test_refuses_workdir_of_another_model(tmp_path):
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match="model.width"):
         loop.train(ToyTask(other, str(tmp_path)), other, str(tmp_path), single_device_mesh())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_the_loop_stays_at_most_two_steps_ahead_of_the_device(tmp_path, monkeypatch):
+    """Dispatch is asynchronous: unbounded, the Python loop queues many steps before the
+    device runs them, and a preemption notice would be acted on only after all of them."""
+    cfg = toy_config(steps=12, log_every=100, eval_every=0, checkpoint_every=100)
+    cfg.model.width, cfg.data.seq_len = 512, 256  # a step far slower than its dispatch
+    in_flight = []
+    step = loop._Run._step
+
+    def counting_step(self, state):
+        state = step(self, state)
+        in_flight.append(sum(not m["loss"].is_ready() for m in self.pending))
+        return state
+
+    monkeypatch.setattr(loop._Run, "_step", counting_step)
+    loop.train(ToyTask(cfg, str(tmp_path)), cfg, str(tmp_path), single_device_mesh())
+    assert len(in_flight) == 12 and max(in_flight) <= 2, in_flight

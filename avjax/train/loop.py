@@ -516,6 +516,11 @@ class _Run:
             state, sharding_lib.put_batch(batch, self.trainer.mesh, self.trainer.rules)
         )
         self.pending.append(metrics)
+        if len(self.pending) > 1:
+            # At most two steps in flight (one running, one queued): dispatch is asynchronous,
+            # and a loop running ahead of the device would take its queue of steps past a
+            # preemption notice (a GAN step ran 25 steps past a SIGTERM before this).
+            jax.block_until_ready(self.pending[-2])
         return state
 
     def _log(self, step: int) -> None:
