@@ -80,8 +80,7 @@ features, 150-frame windows, 8 layers x 512, bfloat16, batch 64 (the paper gives
 these are ours), on VOCASET from data.manual_dir. Its widths are declared (data.code_dim,
 data.feature_dim), so its fit check compiles without the corpus:
   python tools/aot_compile.py --config=configs/df3dface.py:paper --topology=v5e:2x2
-gives 70,974,685 parameters (70,974,173 before the static token's embedding; the README's
-2.52 GiB peak per chip of 16 was measured before it, "Fit check").
+gives 70,974,685 parameters and a 2.66 GiB peak per chip of 16 (README "Fit check").
 """
 
 from __future__ import annotations
