@@ -78,8 +78,33 @@ def test_sample_and_eval_write_meshes_video_and_report(trained):
     for k in ("lve", "lve_mean_motion", "lve_audio_masked", "fdd", "lip_sync"):
         assert np.isfinite(e[k]), k
     assert e["diversity_identity"] > 0 and e["diversity_pose_deg"] > 0
+    assert e["guidance"] == 1.5  # (the default: the guided sampler ran)
+    for k in ("identity", "pose_deg", "lip_spread", "upper_spread"):  # the corpus floor
+        assert e[f"corpus_{k}"] > 0
+        assert e[f"diversity_{k}_vs_corpus"] == pytest.approx(
+            e[f"diversity_{k}"] / e[f"corpus_{k}"]
+        )
     assert os.path.exists(e["report"])
     assert _noaudio_lve(workdir) == {"lve_noaudio_model": e["lve"]}  # (:noaudio's, beside)
+
+
+def test_corpus_renditions_share_the_lips_of_the_speech(trained):
+    """Other speakers' renditions of a held-out utterance: its length, other identities, and
+    lips that follow the same phones (LVE vs its ground truth far below no motion)."""
+    from avjax.eval import mesh_metrics as mm
+
+    c, workdir = trained
+    task = get_task(c, workdir)
+    task.read_only = True
+    data, rep = task.data, task.data.repr
+    gt = data.heldout[0].vertices
+    r = data.heldout_renditions(0, 2, seed=0)
+    assert r.shape == (2, *gt.shape) and not np.allclose(r[0].mean(0), r[1].mean(0))
+    rigid = np.setdiff1d(np.arange(gt.shape[1]), rep.regions.lip)
+    gm = mm.motion(gt, rep.mean, rigid)
+    still = mm.lve(np.zeros_like(gm), gm, rep.regions.lip)
+    for x in r:
+        assert mm.lve(mm.motion(x, rep.mean, rigid), gm, rep.regions.lip) < 0.1 * still
 
 
 def test_ddim_50_steps_is_one_compiled_scan(trained):

@@ -248,16 +248,60 @@ def _score(task: DF3DFaceTask, model, params, i: int) -> tuple[dict[str, float],
         ),
     }
     if len(samples) > 1:
-        div = mesh_metrics.diversity(samples, rep.mean, rigid, reg.lip, reg.upper_face)
-        out.update({f"diversity_{k}": v for k, v in div.items()})
-        for region, idx in (("lip", reg.lip), ("upper", reg.upper_face)):
-            # the spread relative to the region's own ground-truth motion (mean vertex norm)
-            size = float(np.linalg.norm(gt_m[:, idx], axis=-1).mean())
-            out[f"motion_{region}_gt"] = size
-            out[f"diversity_{region}_spread_rel"] = div[f"{region}_spread"] / max(size, 1e-12)
+        out.update(_diversity(task, samples, gt_m, i))
     curves = {"envelope": env, "opening": opening[0], "gt_opening": None}
     curves["gt_opening"] = mesh_metrics.mouth_opening(gt_m, reg.upper_lip, reg.lower_lip)
     return out, curves
+
+
+def _diversity(task: DF3DFaceTask, samples: np.ndarray, gt_m: np.ndarray, i: int) -> dict:
+    """Diversity of `samples [N, T, V, 3]` for held-out sequence i (`DIVERSITY_NOTES`), with
+    the region motion of its ground truth `gt_m [T, V, 3]` and, on the embedded corpus, the
+    same spread of N ground-truth renditions of the speech by corpus speakers."""
+    rep = task.data.repr
+    reg = rep.regions
+    rigid = np.setdiff1d(np.arange(rep.mean.shape[0]), reg.lip)
+    div = mesh_metrics.diversity(samples, rep.mean, rigid, reg.lip, reg.upper_face)
+    out = {f"diversity_{k}": v for k, v in div.items()}
+    for region, idx in (("lip", reg.lip), ("upper", reg.upper_face)):
+        size = float(np.linalg.norm(gt_m[:, idx], axis=-1).mean())
+        out[f"motion_{region}_gt"] = size
+        out[f"diversity_{region}_spread_rel"] = div[f"{region}_spread"] / max(size, 1e-12)
+    floor = task.data.heldout_renditions(i, len(samples), seed=3000 + i)
+    if floor is not None:
+        fd = mesh_metrics.diversity(
+            floor[:, : gt_m.shape[0]], rep.mean, rigid, reg.lip, reg.upper_face
+        )
+        out.update({f"corpus_{k}": v for k, v in fd.items()})
+    return out
+
+
+DIVERSITY_NOTES = """\
+Diversity across the samples of one speech (motion = frames rigidly aligned on the non-lip
+vertices, minus the sequence's mean shape; units of the mesh, ~10 cm):
+
+- `diversity_identity`: mean pairwise distance of the samples' mean shapes (per vertex);
+  `diversity_pose_deg`: mean pairwise angle between their head rotations, per frame.
+- `diversity_<lip|upper>_spread` (absolute): std of the motion across samples, norm over
+  xyz, mean over the region's vertices and frames.
+- `diversity_<region>_spread_rel`: that spread / the region's own ground-truth motion
+  (`motion_<region>_gt`, mean vertex norm), per sequence.
+- `corpus_<...>` (embedded corpus only): the same measures on as many ground-truth
+  renditions of the same speech (same phone timings) by distinct corpus speakers (their own
+  identity, articulation gain and pose style; fresh blinks, brows and pose): the spread the
+  data itself has for fixed speech. `diversity_<...>_vs_corpus` = model / corpus (ratio of
+  the means): 1 matches the data's one-to-many; lips that agree as in the data have
+  `diversity_lip_spread_vs_corpus` near 1 and not above `diversity_upper_spread_vs_corpus`.
+"""
+
+
+def _vs_corpus(summary: dict[str, float]) -> dict[str, float]:
+    """`diversity_<k>_vs_corpus` = `diversity_<k>` / `corpus_<k>` of the means."""
+    return {
+        f"diversity_{k}_vs_corpus": summary[f"diversity_{k}"] / max(summary[f"corpus_{k}"], 1e-12)
+        for k in ("identity", "pose_deg", "lip_spread", "upper_spread")
+        if f"corpus_{k}" in summary
+    }
 
 
 def _plot(path, curves: dict, fps: float) -> bool:
@@ -307,6 +351,8 @@ def evaluate_heldout(task: DF3DFaceTask, model, params, step: int) -> dict[str, 
         rows.append(row)
         curves = curves or c
     summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    summary.update(_vs_corpus(summary))
+    summary["guidance"] = float(task.config.sample.guidance)
     summary.update(_noaudio_lve(str(task.config.eval.get("noaudio_workdir", ""))))
     summary["sequences"] = n
     out = as_path(task.workdir) / "eval" / f"step_{step}"
@@ -314,7 +360,8 @@ def evaluate_heldout(task: DF3DFaceTask, model, params, step: int) -> dict[str, 
     write_text_atomic(out / "eval_report.json", json.dumps(summary, indent=2))
     lines = [f"# DF-3DFace, step {step}: {n} held-out sequences", "", "| metric | value |"]
     lines += ["|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in summary.items()]
-    write_text_atomic(out / "eval_report.md", "\n".join(lines) + "\n")
+    lines += ["", DIVERSITY_NOTES]
+    write_text_atomic(out / "eval_report.md", "\n".join(lines))
     if _plot(out / "lip_sync.png", curves, task.data.heldout[0].fps):
         summary["plot"] = str(out / "lip_sync.png")
     summary["report"] = str(out / "eval_report.md")

@@ -130,13 +130,20 @@ def _face_motion(
     return expr, pose
 
 
-def _build(folder: epath.Path, fields: dict[str, Any]) -> dict[str, Any]:
-    rng = np.random.default_rng(fields["seed"])
-    ns = fields["num_speakers"]
+def _speaker_draws(rng: np.random.Generator, ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """The speakers' identities `[ns, NUM_IDENTITY]` and styles `[ns, 3]` (articulation gain
+    in [0.8, 1.2], pose amplitude, nod gain): the first draws of the corpus' generator."""
     identity = rng.normal(0, 1, (ns, head_lib.NUM_IDENTITY)).astype(np.float32)
     styles = np.stack(
         [rng.uniform(0.8, 1.2, ns), rng.uniform(0.6, 1.5, ns), rng.uniform(0.0, 1.0, ns)], -1
     )
+    return identity, styles
+
+
+def _build(folder: epath.Path, fields: dict[str, Any]) -> dict[str, Any]:
+    rng = np.random.default_rng(fields["seed"])
+    ns = fields["num_speakers"]
+    identity, styles = _speaker_draws(rng, ns)
     total = fields["minutes"] * 60 * SAMPLE_RATE
     utts, audio, expr, pose = [], [], [], []
     frames = samples = 0
@@ -228,3 +235,34 @@ def load_corpus(path: epath.Path) -> list[MeshSequence]:
             )
         )
     return out
+
+
+def speaker_renditions(path: epath.Path, index: int, num: int, seed: int) -> np.ndarray:
+    """Ground-truth one-to-many for one utterance: meshes `[num, T, V, 3]` of utterance
+    `index`'s speech (its text re-synthesised with its own voice: the same phone timings and
+    T) animated as `num` distinct corpus speakers (drawn with `seed`) would: each with its own
+    identity, articulation gain and pose style, and fresh blinks, brows and head pose.
+
+    Their spread across the `num` renditions is the corpus' own variation for fixed speech,
+    the floor a sampler of the corpus distribution would show."""
+    path = epath.Path(path)
+    fields = json.loads((path / "manifest.json").read_text())["fields"]
+    ns = int(fields["num_speakers"])
+    identity, styles = _speaker_draws(np.random.default_rng(fields["seed"]), ns)
+    if not np.allclose(identity, np.load(path / "identity.npy")):
+        raise ValueError(f"{path}: speaker identities do not replay from its seed")
+    u = json.loads((path / "utterances.json").read_text())[index]
+    voice, pitch, rate = espeak.SPEAKERS[int(u["speaker"][3:]) % len(espeak.SPEAKERS)]
+    syn = espeak.synthesize(u["text"], voice=voice, pitch=pitch, rate_wpm=rate)
+    n = int(u["frames"])  # (espeak's timings vary by a few ms between runs: keep n)
+    if abs(syn.duration * FPS - n) > 2:
+        raise ValueError(
+            f"{path}: utterance {index} re-synthesised to {syn.duration * FPS:.2f} frames, not {n}"
+        )
+    rng = np.random.default_rng(seed)
+    head = head_lib.build_head()
+    out = []
+    for s in rng.choice(ns, size=min(num, ns), replace=False):
+        expr, pose = _face_motion(rng, syn, n, styles[s])
+        out.append(head_lib.vertices(head, identity[s], expr, pose))
+    return np.stack(out)

@@ -432,6 +432,24 @@ class MeshData(DataModule):
         """Normalised speech features `[T, feature_dim]` of held-out sequence i."""
         return self._get("feats")["test"][i]
 
+    def heldout_renditions(self, i: int, num: int, seed: int) -> np.ndarray | None:
+        """The corpus' own one-to-many for held-out sequence i: its speech animated as `num`
+        corpus speakers would (`corpus.speaker_renditions`), meshes `[num, T, V, 3]`; None
+        for real corpora (one recording per utterance)."""
+        dc = self.data
+        if dc.name != "default":
+            return None
+        root = corpus_lib.build_corpus(
+            cache_root(dc),
+            float(dc.minutes),
+            int(dc.num_speakers),
+            int(dc.heldout_speakers),
+            self.seed,
+            read_only=True,
+        )
+        index = int(self.heldout[i].name.removeprefix("utt"))
+        return corpus_lib.speaker_renditions(root, index, num, seed)
+
     def features_of(self, wav: np.ndarray, fps: float) -> np.ndarray:
         """Normalised features `[T, feature_dim]` of any 16 kHz audio (T = its duration x fps)."""
         n = max(1, int(len(wav) / 16000 * fps))
