@@ -20,6 +20,7 @@ from avjax import main as avjax_main
 from avjax.data.video import av_corpus
 from avjax.data.video.io import write_video
 from avjax.models import mab as mab_lib
+from avjax.tasks import mab as mab_tasks
 from avjax.tasks.base import LossContext
 from avjax.tasks.mab import MABTask
 
@@ -67,6 +68,29 @@ def test_cli_train_resume_eval(cli_run):
     assert json.load(open(os.path.join(report, "report.json")))["use_memory"] is True
     pngs = sorted(f for f in os.listdir(report) if f.endswith(".png"))
     assert "addressing_words.png" in pngs and len(pngs) == 3  # + 2 per-word maps
+    # The memory diagnostics: both addressings' statistics, the audio branch and the
+    # test branch fed another word's recall.
+    for side in ("source", "target"):
+        assert 0.0 <= out[f"mab/memory_{side}_entropy"] <= np.log(8) + 1e-5  # 8 slots
+        assert 1.0 <= out[f"mab/memory_{side}_slot_perplexity"] <= 8.0 + 1e-4
+    assert out["mab/memory_kl"] >= 0.0
+    for k in ("audio_branch_accuracy", "swapped_recall_accuracy", "memory_top1_agreement"):
+        assert 0.0 <= out[f"mab/{k}"] <= 1.0
+
+
+def test_addressing_stats_and_other_word():
+    labels, lengths = np.array([0, 0, 1, 1]), np.array([3, 3, 2, 3])
+    one_slot_per_word = np.zeros((4, 3, 4))
+    one_slot_per_word[:2, :, 0] = one_slot_per_word[2:, :, 1] = 1.0
+    one_slot_per_word[2, 2] = 0.25  # past the clip's length: ignored
+    stats = mab_tasks.addressing_stats(one_slot_per_word, labels, lengths)
+    assert stats["entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["slot_perplexity"] == pytest.approx(2.0)
+    assert stats["word_information"] == pytest.approx(np.log(2))  # the word is in the slot
+    uniform = mab_tasks.addressing_stats(np.full((4, 3, 4), 0.25), labels, lengths)
+    assert uniform["entropy"] == pytest.approx(np.log(4)) and uniform["slot_perplexity"] == 4
+    assert uniform["word_information"] == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_array_equal(mab_tasks._other_word(np.array([3, 3, 5, 3])), [2, 2, 3, 2])
 
 
 def _clip(path: str, value: int) -> None:

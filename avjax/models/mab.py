@@ -185,7 +185,10 @@ class MAB(nn.Module):
         lengths: jax.Array | None = None,
         mel: jax.Array | None = None,
         train: bool = False,
+        recall_from: jax.Array | None = None,
     ) -> MABOutput:
+        """`recall_from [B]` (int, diagnostics): clip `i`'s test branch fuses its own video with
+        the audio recalled for clip `recall_from[i]` (does the recall reach the classifier?)."""
         frames = normalize_video(video, lengths, self.per_clip_norm)
         f_v = self.visual_front(frames, train=train)
         f_v = self.front_drop(f_v, deterministic=not train)
@@ -199,7 +202,10 @@ class MAB(nn.Module):
             fused = self.fusion(jnp.concatenate([f_v, other], axis=-1))
             return self.fusion_drop(fused, deterministic=not train)
 
-        test = self.heads(fuse(bridge.recalled.astype(f_v.dtype)), lengths, train)
+        recalled = bridge.recalled.astype(f_v.dtype)
+        if recall_from is not None:
+            recalled = jnp.take(recalled, recall_from, axis=0)
+        test = self.heads(fuse(recalled), lengths, train)
         train_branch = None if f_a is None else self.heads(fuse(f_a), lengths, train)
         return MABOutput(test, train_branch, bridge)
 

@@ -126,33 +126,112 @@ class MABTask(Task):
 
 @functools.cache
 def _predictor(model: nn.Module) -> Any:
-    def predict(variables, video, lengths):
-        out = model.apply(variables, video, lengths, None, train=False)
-        addr = None if out.bridge is None else out.bridge.source_addressing
-        return out.test.logits, out.test.mel, addr
+    def predict(variables, video, lengths, mel, recall_from):
+        if not model.use_memory:
+            out = model.apply(variables, video, lengths, None, train=False)
+            return {"logits": out.test.logits, "mel": out.test.mel}
+        # With the real audio as well: the test branch does not read it (video only, as
+        # without it), the train branch and the target addressing are the diagnostics.
+        out = model.apply(variables, video, lengths, mel, train=False)
+        res = {"logits": out.test.logits, "mel": out.test.mel}
+        res["addr"] = out.bridge.source_addressing
+        res["tgt_addr"] = out.bridge.target_addressing
+        if out.train.logits is not None:  # the test branch fed another word's recall
+            swapped = model.apply(variables, video, lengths, None, recall_from=recall_from)
+            res["audio_logits"], res["swap_logits"] = out.train.logits, swapped.test.logits
+        return res
 
     return jax.jit(predict)
 
 
+def _other_word(labels: np.ndarray) -> np.ndarray:
+    """`[B]` indices: for each clip the next clip of the batch (cyclically) with another label
+    (itself when the batch has one label)."""
+    b = len(labels)
+    out = np.arange(b)
+    for i in range(b):
+        for k in range(1, b):
+            if labels[(i + k) % b] != labels[i]:
+                out[i] = (i + k) % b
+                break
+    return out
+
+
 def _heldout_outputs(task: MABTask, model: nn.Module, params: Any) -> dict[str, Any]:
-    """Predictions, test-branch mels and per-example addressings over the held-out batches."""
+    """Predictions, test-branch mels and per-example addressings over the held-out batches
+    (with the memory also the audio branch's and swapped-recall predictions, `tgt_addr`)."""
     predict = _predictor(model)
     variables = task.variables(params)
-    rows: dict[str, list] = {"label": [], "pred": [], "mel": [], "addr": [], "audio": []}
-    rows["length"], rows["true_mel"] = [], []
+    keys = ("label", "length", "audio", "true_mel", "pred", "mel", "addr", "tgt_addr")
+    rows: dict[str, list] = {k: [] for k in keys + ("audio_pred", "swap_pred")}
     for batch in task.eval_batches(jax.process_index(), jax.process_count()):
-        logits, mel, addr = predict(variables, batch["video"], batch["length"])
-        rows["label"].append(batch["label"])
-        rows["length"].append(batch["length"])
-        rows["audio"].append(batch["audio"])
-        if logits is not None:
-            rows["pred"].append(np.asarray(jnp.argmax(logits, -1)))
-        if mel is not None:
-            rows["mel"].append(np.asarray(mel))
+        res = predict(
+            variables, batch["video"], batch["length"], batch["mel"], _other_word(batch["label"])
+        )
+        for k in ("label", "length", "audio"):
+            rows[k].append(batch[k])
+        for k, name in (("logits", "pred"), ("audio_logits", "audio_pred")):
+            if res.get(k) is not None:
+                rows[name].append(np.asarray(jnp.argmax(res[k], -1)))
+        if res.get("swap_logits") is not None:
+            rows["swap_pred"].append(np.asarray(jnp.argmax(res["swap_logits"], -1)))
+        if res["mel"] is not None:
+            rows["mel"].append(np.asarray(res["mel"]))
             rows["true_mel"].append(np.asarray(batch["mel"], np.float32))
-        if addr is not None:
-            rows["addr"].append(np.asarray(addr))
+        for k in ("addr", "tgt_addr"):
+            if res.get(k) is not None:
+                rows[k].append(np.asarray(res[k]))
     return {k: np.concatenate(v) if v else None for k, v in rows.items()}
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    return -np.sum(p * np.log(np.maximum(p, 1e-30)), axis=-1)
+
+
+def addressing_stats(addr: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict:
+    """Is the memory used? `addr [N, T, slots]` (single head), `labels [N]`, `lengths [N]`.
+
+    `entropy`: mean per-frame addressing entropy (nats; ln(slots) = uniform);
+    `slot_perplexity`: exp(entropy of the mean addressing), the number of slots in use;
+    `word_information`: I(word; slot) in nats, the entropy of the mean addressing minus the
+    mean entropy of the per-word mean addressings (0: every word addresses the same slots;
+    ln(words) at most), each clip averaged over its valid frames.
+    """
+    frames = [addr[i][: int(lengths[i])] for i in range(len(addr))]
+    per_clip = np.stack([f.mean(0) for f in frames])
+    overall = per_clip.mean(0)
+    words = sorted(set(int(x) for x in labels if x >= 0))
+    per_word = [per_clip[labels == w].mean(0) for w in words]
+    return {
+        "entropy": float(np.mean(_entropy(np.concatenate(frames)))),
+        "slot_perplexity": float(np.exp(_entropy(overall))),
+        "word_information": float(_entropy(overall) - np.mean([_entropy(p) for p in per_word])),
+    }
+
+
+def _memory_report(rows: dict[str, Any]) -> dict[str, float]:
+    """Addressing statistics of both memories and the accuracies that show what the
+    classifier takes from the recalled audio (flat `memory_*` keys)."""
+    labels, lengths = rows["label"], rows["length"]
+    out: dict[str, float] = {}
+    for name in ("addr", "tgt_addr"):
+        if rows[name] is None or rows[name].ndim != 3:
+            continue
+        side = "source" if name == "addr" else "target"
+        for k, v in addressing_stats(rows[name], labels, lengths).items():
+            out[f"memory_{side}_{k}"] = v
+    if rows["tgt_addr"] is not None and rows["addr"].ndim == 3:
+        src, tgt = rows["addr"], rows["tgt_addr"]
+        valid = np.arange(src.shape[1])[None, :] < lengths[:, None]
+        kl = np.sum(tgt * (np.log(np.maximum(tgt, 1e-30)) - np.log(np.maximum(src, 1e-30))), -1)
+        out["memory_kl"] = float(kl[valid].mean())
+        out["memory_top1_agreement"] = float((src.argmax(-1) == tgt.argmax(-1))[valid].mean())
+    has = labels >= 0
+    for key in ("audio_pred", "swap_pred"):
+        if rows[key] is not None and has.any():
+            name = "audio_branch_accuracy" if key == "audio_pred" else "swapped_recall_accuracy"
+            out[name] = float(np.mean(rows[key][has] == labels[has]))
+    return out
 
 
 def _speech_scores(task: MABTask, rows: dict[str, Any], out_dir: Any) -> dict[str, float]:
@@ -238,6 +317,7 @@ def evaluate_heldout(task: MABTask, model: nn.Module, params: Any, step: int) ->
         summary.update(_speech_scores(task, rows, out_dir))
     if rows["addr"] is not None:
         summary["heatmap_words"] = _heatmaps(task, rows, out_dir)
+        summary.update(_memory_report(rows))
     summary["use_memory"] = bool(task.config.model.use_memory)
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
     return summary
