@@ -156,6 +156,34 @@ def _state(workdir: str):
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cheap_compiles(tmp_path_factory):
+    """Compiling dominates this module; for it only (restored afterwards): the `rbg` PRNG,
+    whose random bits are one XLA op where threefry's hash is unrolled per draw (the tiny
+    model's jitted init compiled in 4 instead of 17 CPU-s), XLA's backend optimizations off
+    (LLVM -O0: half the compile time of the U-Net test; the programs run a few steps), and a
+    persistent compilation cache, so that the resumed run reuses the straight run's steps."""
+    from jax._src import compilation_cache  # reset: the cache reads its config once
+
+    settings = {
+        "jax_default_prng_impl": "rbg",
+        "jax_disable_most_optimizations": True,
+        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    saved = {n: jax.config.values[n] for n in settings}
+    for n, v in settings.items():
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny sync expert (1 step), then SyncTalkFace straight for 2 steps and stopped after
@@ -163,29 +191,6 @@ def trained(tmp_path_factory):
     from avjax import main
 
     root = tmp_path_factory.mktemp("stf")
-    # The three SyncTalkFace runs compile the same steps: a persistent compilation cache for
-    # this fixture only (restored afterwards) compiles them once.
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    from jax._src import compilation_cache  # reset: the cache reads its config once
-
-    saved = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(root / "jax_cache"))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    compilation_cache.reset_cache()
-    try:
-        yield _train_all(main, root)
-    finally:
-        for n, v in saved.items():
-            jax.config.update(n, v)
-        compilation_cache.reset_cache()
-
-
-def _train_all(main, root):
     cache, expert = str(root / "cache"), str(root / "expert")
     assert main.run(_expert_config(cache), expert, "train")["step"] == 1
     straight, resumed = str(root / "straight"), str(root / "resumed")
