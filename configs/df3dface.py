@@ -110,7 +110,6 @@ def _noaudio(c: ml_collections.ConfigDict) -> None:
     c.model.use_audio = False
     c.model.cond_drop_prob = 0.0
     c.model.mask_prob = 0.0
-    c.sample.guidance = 1.0  # (nothing to guide)
 
 
 def _paper(c: ml_collections.ConfigDict) -> None:
@@ -203,7 +202,7 @@ def _base() -> ml_collections.ConfigDict:
     c.sample.audio = ""  # a WAV; "" = the first held-out utterance
     c.sample.num_samples = 4
     c.sample.steps = 50  # DDIM steps
-    c.sample.guidance = 1.5  # classifier-free guidance scale on the audio (1 = off)
+    c.sample.guidance = 1.0  # classifier-free guidance scale on the audio (1 = off)
     c.sample.seed = 0
     c.sample.obj = False  # also OBJ frames of sample 0
     c.sample.size = 160  # rendered pixels per face

@@ -69,6 +69,7 @@ def test_sample_and_eval_write_meshes_video_and_report(trained):
     c, workdir = trained
     c.sample.num_samples, c.sample.steps, c.sample.obj, c.sample.size = 2, 5, True, 64
     c.eval.num_sequences, c.eval.samples, c.eval.max_frames = 1, 2, 30
+    c.sample.guidance = 1.5  # (the guided sampler)
     s = main.run(c, workdir, "sample")
     meshes = np.load(s["meshes"])
     assert meshes.shape[0] == 2 and meshes.shape[2:] == (3074, 3) and np.isfinite(meshes).all()
@@ -78,7 +79,7 @@ def test_sample_and_eval_write_meshes_video_and_report(trained):
     for k in ("lve", "lve_mean_motion", "lve_audio_masked", "fdd", "lip_sync"):
         assert np.isfinite(e[k]), k
     assert e["diversity_identity"] > 0 and e["diversity_pose_deg"] > 0
-    assert e["guidance"] == 1.5  # (the default: the guided sampler ran)
+    assert e["guidance"] == 1.5
     for k in ("identity", "pose_deg", "lip_spread", "upper_spread"):  # the corpus floor
         assert e[f"corpus_{k}"] > 0
         assert e[f"diversity_{k}_vs_corpus"] == pytest.approx(

@@ -1,17 +1,23 @@
 r"""Benchmark: DDIM sampling time per step, our DF-3DFace denoiser + `avjax.nn.diffusion`
 (one jitted `lax.scan`) beside the same network in PyTorch + diffusers' `DDIMScheduler`.
 
-  python tools/bench/diffusion.py                       # width 128, 4 layers, 4 x 150 frames
+  python tools/bench/diffusion.py     # width 128, 4 layers, code 32, 4 x (1 + 150) tokens
   python tools/bench/diffusion.py --steps=50 --json=diffusion.json
 
-The PyTorch network has the same layers and sizes (input / audio / timestep projections,
-per block: modulated RMSNorm, bidirectional self-attention, the windowed audio
-cross-attention, gated MLP; output projection), its own random weights (this is a timing
+Both run the network as the task does (`configs/df3dface.py`): the static identity token
+(row 0: a learned type embedding, no audio, cross-attends to its null frame only) then one
+token per frame, so a sequence of T frames is 1 + T tokens. The PyTorch network has the same
+layers and sizes (input / audio / timestep projections, the static token and audio null
+embeddings; per block: modulated RMSNorm, bidirectional self-attention with RoPE on half of
+each head's dims, the windowed audio cross-attention, gated MLP; output projection), its own
+random weights (this is a timing
 comparison, not a parity test: the parity of the scheduler numbers is tested in
 tests/test_nn_diffusion.py) and runs under `torch.inference_mode`, eager, float32, on the
 same CPU threads. Per-step time = (sampling time) / steps, median of `--repeats` after a
 warm-up (compilation excluded from ours), as wall time and as process CPU time (the fair
 figure on a shared machine), with the load average. Prints a table and writes JSON rows.
+Guidance is off in both (one network call per step); the task's default guidance (1.5)
+makes two per step.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from avjax.nn import diffusion  # noqa: E402
 
 def _ours(cfg, batch: int, frames: int, steps: int, repeats: int) -> tuple[float, float]:
     model = df3dface.DF3DFace(cfg)
-    x = jnp.zeros((batch, frames, cfg.dim))
+    x = jnp.zeros((batch, 1 + frames, cfg.dim))  # the static token, then the frames
     audio = jnp.zeros((batch, frames, cfg.feat_dim))
     ones = jnp.ones((batch, frames))
     params = model.init(
@@ -99,10 +105,10 @@ def _torch_net(cfg):
             b, t, _ = z.shape
             return z.view(b, t, h, w // h).transpose(1, 2)
 
-        def forward(self, x, a, temb, sync_mask):
+        def forward(self, x, a, temb, sync_mask, rope):
             b, t, _ = x.shape
-            q, k, v = self.qkv(self._m(0, x, temb)).chunk(3, -1)
-            o = torch.nn.functional.scaled_dot_product_attention(*map(self._heads, (q, k, v)))
+            q, k, v = map(self._heads, self.qkv(self._m(0, x, temb)).chunk(3, -1))
+            o = torch.nn.functional.scaled_dot_product_attention(rope(q), rope(k), v)
             x = x + self.out(o.transpose(1, 2).reshape(b, t, w))
             ka, va = self.xkv(a).chunk(2, -1)
             q = self.xq(self._m(1, x, temb))
@@ -120,21 +126,41 @@ def _torch_net(cfg):
             self.t1, self.t2 = nn.Linear(w, w), nn.Linear(w, w)
             self.blocks = nn.ModuleList([Block() for _ in range(cfg.num_layers)])
             self.norm, self.outp = nn.RMSNorm(w), nn.Linear(w, cfg.dim)
+            self.null, self.static = nn.Parameter(torch.randn(w)), nn.Parameter(torch.randn(w))
 
-        def forward(self, x, t, audio, sync_mask):
+        def forward(self, x, t, audio, sync_mask):  # x [b, 1 + T, dim], audio [b, T, feat]
             half = w // 2
             freqs = torch.exp(-np.log(10_000.0) * torch.arange(half) / half)
             args = t.float()[:, None] * freqs[None]
             temb = self.t2(
                 torch.nn.functional.silu(self.t1(torch.cat([args.cos(), args.sin()], -1)))
             )
-            a = self.aud(audio)
-            hdn = self.inp(x) + a
+            b, n = x.shape[:2]
+            a = torch.cat([self.null.expand(b, 1, w), self.aud(audio)], 1)
+            hdn = self.inp(x) + torch.cat([self.static.expand(b, 1, w), a[:, 1:]], 1)
+            rope = _torch_rope(n, w // h)
             for blk in self.blocks:
-                hdn = blk(hdn, a, temb, sync_mask)
+                hdn = blk(hdn, a, temb, sync_mask, rope)
             return self.outp(self.norm(hdn))
 
     return Net().eval()
+
+
+def _torch_rope(n: int, head_dim: int):
+    """`q -> q` rotating `[b, heads, n, head_dim]` as `avjax.nn.attention.apply_rope` (half
+    of the dims, base 10,000, positions 0..n-1)."""
+    import torch
+
+    r = head_dim // 2
+    freq = 10_000.0 ** (-(2.0 * torch.arange(r // 2) / r))
+    angle = torch.arange(n)[:, None].float() * freq[None]
+    cos, sin = angle.cos(), angle.sin()
+
+    def rope(q):
+        x1, x2, rest = q[..., : r // 2], q[..., r // 2 : r], q[..., r:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], -1)
+
+    return rope
 
 
 def _reference(cfg, batch: int, frames: int, steps: int, repeats: int) -> tuple[float, float]:
@@ -150,12 +176,15 @@ def _reference(cfg, batch: int, frames: int, steps: int, repeats: int) -> tuple[
         timestep_spacing="trailing",
     )
     audio = torch.zeros(batch, frames, cfg.feat_dim)
-    pos = torch.arange(frames)
-    sync = ((pos[:, None] - pos[None]).abs() <= cfg.sync_window)[None, None]
+    pos = torch.arange(1 + frames)
+    frame = pos >= 1  # frames hear nearby frames' audio; the static token its null frame only
+    near = (pos[:, None] - pos[None]).abs() <= cfg.sync_window
+    sync = ((near & frame[:, None] & frame[None]) | (~frame[:, None] & ~frame[None]))[None, None]
 
     def run(seed):
         sched.set_timesteps(steps)
-        x = torch.randn(batch, frames, cfg.dim, generator=torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, 1 + frames, cfg.dim, generator=gen)
         for t in sched.timesteps:
             out = net(x, t.expand(batch), audio, sync)
             x = sched.step(out, t, x).prev_sample
@@ -176,7 +205,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--dim", type=int, default=32)  # the default config's code width
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--frames", type=int, default=150)
     p.add_argument("--steps", type=int, default=50)
@@ -190,6 +219,7 @@ def main() -> None:
         num_layers=a.layers,
         num_heads=4,
         mlp_width=3 * a.width,
+        static_token=True,  # as the task runs it: 1 + frames tokens
     )
     (ours, ours_cpu), (ref, ref_cpu) = (
         fn(cfg, a.batch, a.frames, a.steps, a.repeats) for fn in (_ours, _reference)
@@ -199,6 +229,8 @@ def main() -> None:
         "layers": a.layers,
         "batch": a.batch,
         "frames": a.frames,
+        "tokens": 1 + a.frames,
+        "dim": a.dim,
         "steps": a.steps,
         "ours_ms_per_step": ours * 1e3,
         "torch_diffusers_ms_per_step": ref * 1e3,
