@@ -1,14 +1,15 @@
 """SyncTalkFace: the Wav2Lip-style networks (shapes, per-frame lip context, U-Net skips at
 every scale), the training windows (masks, reference distance, mel alignment), and tiny CLI
 runs through `avjax.main`: a 1-step sync expert, then SyncTalkFace trained with both GAN
-optimizers straight and stopped + resumed (equal states) -> eval (PSNR / SSIM / LSE, contact
-sheet) -> sample (an MP4 with an audio stream and a side-by-side)."""
+optimizers straight and resumed from its step-1 checkpoint (equal states) -> eval (PSNR /
+SSIM / LSE, contact sheet) -> sample (an MP4 with an audio stream and a side-by-side)."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -186,18 +187,24 @@ def _cheap_compiles(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny sync expert (1 step), then SyncTalkFace straight for 2 steps and stopped after
-    1 + resumed: `(cache, expert workdir, straight workdir, resumed workdir)`."""
+    """A tiny sync expert (1 step), then SyncTalkFace straight for 2 steps (checkpoints at 1
+    and 2), and a copy of its step-1 checkpoint resumed to 2, as after a stop at step 1:
+    `(cache, expert workdir, straight workdir, resumed workdir)`."""
     from avjax import main
+    from avjax.train import checkpoint as ckpt_lib
 
     root = tmp_path_factory.mktemp("stf")
     cache, expert = str(root / "cache"), str(root / "expert")
     assert main.run(_expert_config(cache), expert, "train")["step"] == 1
-    straight, resumed = str(root / "straight"), str(root / "resumed")
-    assert main.run(_stf_config(cache, expert), straight, "train")["step"] == 2
-    assert main.run(_stf_config(cache, expert), resumed, "train", stop_after=1)["step"] == 1
-    assert main.run(_stf_config(cache, expert), resumed, "train")["step"] == 2
-    return cache, expert, straight, resumed
+    straight, resumed = root / "straight", root / "resumed"
+    c = _stf_config(cache, expert)
+    c.train.update(checkpoint_every=1, keep_checkpoints=2)
+    assert main.run(c, str(straight), "train")["step"] == 2
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "2")
+    assert ckpt_lib.latest_step(resumed) == 1  # the resumed run restores step 1's state
+    assert main.run(c, str(resumed), "train")["step"] == 2
+    return cache, expert, str(straight), str(resumed)
 
 
 def test_resume_restores_both_optimizers_exactly(trained):
