@@ -47,6 +47,25 @@ def test_bpe_round_trip_cache_and_tokenizer_json(tmp_path):
     json.loads((tmp_path / "llama" / "tokenizer.json").read_text())
 
 
+def test_word_level_tokenizer_one_id_per_word(tmp_path):
+    tok, info = text_tok.prepared_text_tokenizer(TEXTS, "word", 0, str(tmp_path))
+    words = sorted({w for t in TEXTS for w in t.split()})
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert tok.vocab_size == 4 + len(words)  # <pad> <s> </s> <unk> + each word once
+    for t in TEXTS:
+        ids = tok.encode(t)
+        assert len(ids) == len(t.split()) and min(ids) >= 4
+        assert tok.decode(ids + [tok.eos_id, tok.pad_id]) == t
+    unk = tok.tokenizer.token_to_id(text_tok.UNK)
+    assert tok.encode("THE ZEBRA") == [tok.encode("THE")[0], unk]
+    again, info2 = text_tok.prepared_text_tokenizer(TEXTS, "word", 0, str(tmp_path), True)
+    assert info2 == info and again.encode(TEXTS[1]) == tok.encode(TEXTS[1])
+    bpe = text_tok.prepared_text_tokenizer(TEXTS, "bpe", 300, str(tmp_path))[1]
+    assert bpe["key"] != info["key"]  # (one cache folder, keyed by kind)
+    with pytest.raises(ValueError, match="'bpe' or 'word'"):
+        text_tok.prepared_text_tokenizer(TEXTS, "chars", 0, str(tmp_path))
+
+
 # --- the model, its state and the CLI, on the tiniest config --------------------------------
 
 
@@ -70,14 +89,17 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(env):
-    """train 2 steps -> stop (checkpoint, as on SIGTERM) -> resume to 3 -> --mode=eval."""
+def trained(env, tmp_path_factory):
+    """train 2 steps -> stop (checkpoint, as on SIGTERM) -> resume to 3 -> --mode=eval.
+    Audio only and no loss eval while training (the eval mode's covers it): each of the four
+    programs compiles without the video encoder (the AV path is `built`'s)."""
     from avjax.main import run
     from avjax.tasks import get_task
     from avjax.train import loop
     from avjax.train.sharding import make_mesh
 
-    cfg, work = env["cfg"], env["work"]
+    cfg, work = copy.deepcopy(env["cfg"]), str(tmp_path_factory.mktemp("mms_cli"))
+    cfg.model.video_encoder, cfg.evals.eval.every = "none", 0
     one = make_mesh(cfg.mesh, jax.devices()[:1])  # one device: compiles in a fraction
     first = {"step": int(loop.train(get_task(cfg, work), cfg, work, one, stop_after=2).step)}
     second = {"step": int(loop.train(get_task(cfg, work), cfg, work, one).step)}
@@ -288,3 +310,52 @@ def test_real_encoders_load(env, tmp_path):
     )(variables)
     assert tokens.shape == (len(n_q), task.text()["max_queries"], model.llm.width)
     assert np.isfinite(np.asarray(tokens)).all()
+
+
+def test_quantized_frozen_llm_base(env, built):
+    """model.llm_base_dtype=nf4: the frozen LLM projections are held as NF4 codes + scales
+    (~0.5 byte per weight) outside the differentiated params, the adapters stay float32 and
+    carry the optimizer state, a train step runs, and the loss is close to the float base's
+    from the same init."""
+    import re
+
+    from avjax.nn import quant
+    from avjax.tasks import get_task
+    from avjax.tasks.base import LossContext
+    from avjax.train import loop
+    from avjax.train.sharding import make_mesh
+
+    f_task, batch, model, variables = built
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    ctx = LossContext(False, jax.random.key(0), model_state=rest)
+    f_loss, f_m, _ = jax.jit(lambda p: f_task.apply_loss(model, p, batch, ctx))(variables["params"])
+    cfg = copy.deepcopy(env["cfg"])
+    cfg.model.llm_base_dtype, cfg.model.llm_quant_block = "nf4", 32
+    task = get_task(cfg, env["work"])
+    trainer = loop.build_trainer(task, cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    with jax.set_mesh(trainer.mesh):
+        state = trainer.init_fn(jax.random.key(int(cfg.seed)))
+        state = jax.tree.map(np.asarray, state)  # (the step donates it)
+        new, metrics = trainer.train_step(state, batch)
+    # (at init the adapters add nothing, so the step's loss is the base's; no model dropout)
+    q_loss = float(metrics["loss"])
+    assert int(new.step) == 1 and np.isfinite(q_loss)
+    assert abs(q_loss - float(f_loss / f_m["weight"])) < 0.05 * float(f_loss / f_m["weight"])
+    name = lambda t: {optim.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}  # noqa: E731
+    f_llm, q_llm = name(variables["params"]["llm"]), name(state.params["llm"])
+    base = {p: x for p, x in f_llm.items() if re.search(quant.BASE_WEIGHTS, p)}
+    assert base and not set(base) & set(q_llm)  # not among the differentiated params
+    stored = state.model_state[quant.BASE_COLLECTION]["llm"]
+    codes = [x for p, x in name(stored).items() if p.endswith("codes")]
+    assert len(codes) == len(base) and all(c.dtype == np.uint8 for c in codes)
+    n = sum(x.size for x in base.values())
+    held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(stored))
+    assert abs(held / n - (0.5 + 4 / 32)) < 1e-6  # 0.5 byte per weight + a float32 per 32
+    joined = quant.join_quantized(state.params["llm"], stored, "nf4", 32)
+    assert isinstance(joined["blocks_0"]["attention"]["q"]["kernel"], quant.QTensor)
+    # the other frozen LLM leaves are bfloat16; the adapters float32 and alone optimised
+    assert q_llm["embedding"].dtype == np.dtype("bfloat16")
+    assert all(x.dtype == np.float32 for p, x in q_llm.items() if "lora_" in p)
+    n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    trained = sum(x.size for p, x in name(state.params).items() if x.dtype == np.float32)
+    assert 0 < n_opt <= 2 * trained

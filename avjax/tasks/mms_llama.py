@@ -3,7 +3,8 @@
 Data: `avjax.data.video.av_data.AVData` (the embedded AV corpus' LRS3 view by default;
 training babble, `train_babble`: another utterance of the batch at an SNR from the paper's
 discrete set, `model.babble`) + the text tokenizer (`avjax.data.text.tokenizer`: a
-BPE trained on the train transcripts, or `model.llama_dir`'s tokenizer.json). Each batch gets
+BPE or, `model.tokenizer="word"`, a word-level vocabulary trained on the train transcripts,
+or `model.llama_dir`'s tokenizer.json). Each batch gets
 `tokens / targets / weights [B, L]` laid out as
 
     [bos, instruction] [max_queries speech slots] [transcript, eos] [pad ...]
@@ -21,6 +22,7 @@ search, WER clean and with babble at each SNR, speech tokens per second of audio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from typing import Any
@@ -35,10 +37,12 @@ from avjax.data.video import av_data
 from avjax.eval import evaluators
 from avjax.io import write_text_atomic
 from avjax.models import mms_llama as mm
+from avjax.nn import quant
 from avjax.nn.lora import LoraConfig, lora_param_groups, lora_scope
 from avjax.nn.transformer import DecoderConfig, Llama3RopeScaling
 from avjax.nn.whisper import WhisperEncoder
 from avjax.tasks.base import Batch, LossContext, Metrics, Task
+from avjax.train.optim import frozen_leaves
 
 FROZEN_ENCODERS = {
     "none": "audio_encoder|video_encoder|llm",
@@ -100,6 +104,8 @@ class MMSLLaMATask(Task):
         """Tokenizer, prompt ids, sequence layout and the mean train speech rate (cached)."""
         if self._text is not None:
             return self._text
+        if self.config.model.get("shape_only"):  # no corpus, no tokenizer (AOT fit checks)
+            return self._shape_only_text()
         self.data.prepare()
         mc, meta = self.config.model, self.data._get("meta")
         train = [meta[i] for i in self.data._get("train")]
@@ -108,7 +114,10 @@ class MMSLLaMATask(Task):
         else:
             texts = [m[3] for m in train] + [mc.instruction] * 20
             root = av_data.cache_root(self.config.data)
-            tok, info = text_tok.prepared_bpe(texts, mc.vocab_size, root, self.read_only)
+            kind = str(mc.get("tokenizer", "bpe"))  # bpe | word (one id per corpus word)
+            tok, info = text_tok.prepared_text_tokenizer(
+                texts, kind, mc.vocab_size, root, self.read_only
+            )
         prompt = [tok.bos_id] + tok.encode(mc.instruction)
         nq = int(mc.max_queries) if mc.speech_tokens else 0
         rates = [len(tok.encode(m[3])) / (m[5] / mm.FPS) for m in train]
@@ -119,6 +128,24 @@ class MMSLLaMATask(Task):
             "max_queries": nq,
             "seq_len": len(prompt) + nq + int(mc.max_text_tokens) + 1,
             "mean_rate": float(np.mean(rates)),
+        }
+        return self._text
+
+    def _shape_only_text(self) -> dict[str, Any]:
+        """`model.shape_only`: the sequence layout with `model.vocab_size` ids and one id per
+        instruction word (a stand-in for a tokenizer.json that is not at hand): shapes for a
+        paper-scale build (`tools/aot_compile.py`) without the corpus; nothing trains on it."""
+        mc = self.config.model
+        tok = _ShapeOnlyTokenizer(int(mc.vocab_size))
+        prompt = [tok.bos_id] + tok.encode(mc.instruction)
+        nq = int(mc.max_queries) if mc.speech_tokens else 0
+        self._text = {
+            "tok": tok,
+            "info": {"path": "shape_only"},
+            "prompt": prompt,
+            "max_queries": nq,
+            "seq_len": len(prompt) + nq + int(mc.max_text_tokens) + 1,
+            "mean_rate": 1.0,
         }
         return self._text
 
@@ -186,7 +213,7 @@ class MMSLLaMATask(Task):
             audio_encoder=self._audio_encoder(),
             video_encoder=video,
             mel_width=int(mc.get("mel_width", 64)),
-            llm=llm_cfg.make(max_len=t["seq_len"]),
+            llm=llm_cfg.make(max_len=t["seq_len"], **_with_dtype(mc.get("llm_make", {}))),
             fusion=mc.fusion,
             queries_per_second=float(mc.queries_per_second),
             max_queries=t["max_queries"],
@@ -216,7 +243,7 @@ class MMSLLaMATask(Task):
             audio, wv = load_hf_whisper_encoder(mc.whisper_dir)
             self._pretrained["audio_encoder"] = {"params": wv["params"]}
             return audio
-        return WhisperEncoder(max_source_positions=1500, **dict(mc.whisper))
+        return WhisperEncoder(max_source_positions=1500, **_with_dtype(mc.whisper))
 
     def _video_encoder(self) -> nn.Module | None:
         """`model.video_encoder`: tiny (random, CPU scale) | avhubert (`model.avhubert_ckpt`,
@@ -225,6 +252,11 @@ class MMSLLaMATask(Task):
         if mc.video_encoder == "tiny":
             return mm.TinyVideoEncoder(**dict(mc.video))
         if mc.video_encoder == "avhubert":
+            if not mc.avhubert_ckpt and mc.get("shape_only"):  # random Large, shapes only
+                from avjax.nn.avhubert import AVHubertConfig
+
+                dtype = _with_dtype(mc.get("llm_make", {})).get("dtype")
+                return mm.AVHubertVideoEncoder(AVHubertConfig.large(), dtype=dtype)
             if not mc.avhubert_ckpt:
                 raise ValueError("model.video_encoder='avhubert' needs model.avhubert_ckpt")
             from avjax.convert.avhubert import load_avhubert
@@ -249,15 +281,65 @@ class MMSLLaMATask(Task):
         for part, loaded in getattr(self, "_pretrained", {}).items():
             for col, tree in loaded.items():
                 variables[col] = {**variables[col], part: _place(variables[col][part], tree, part)}
-        return variables
+        return self._store_base(variables)
+
+    BASE_DTYPES = ("float32", "bfloat16", "nf4", "int8")
+
+    def _store_base(self, variables: dict[str, Any]) -> dict[str, Any]:
+        """`model.llm_base_dtype`: the frozen LLM leaves (those `param_groups` freeze) as
+        stored in the train state. "bfloat16": cast. "nf4" / "int8": the frozen projection
+        kernels (`quant.BASE_WEIGHTS`) quantised (blocks of `model.llm_quant_block`) into the
+        `quant.BASE_COLLECTION` collection (no gradient, no optimizer state; `_join_base` puts
+        them back for `apply`), the other frozen LLM leaves (embedding, norms) cast to bfloat16.
+        Adapters and whatever trains stay float32."""
+        fmt = str(self.config.model.get("llm_base_dtype", "float32"))
+        if fmt not in self.BASE_DTYPES:
+            raise ValueError(f"model.llm_base_dtype={fmt!r}: expected one of {self.BASE_DTYPES}")
+        if fmt == "float32":
+            return variables
+        frozen = frozen_leaves(self.config.train)
+        params = dict(variables["params"])
+        if fmt in ("nf4", "int8"):
+            block = int(self.config.model.get("llm_quant_block", 64))
+            llm, stored = quant.split_quantized(
+                params["llm"], fmt, block, select=frozen(params)["llm"], prefix="llm/"
+            )
+            params["llm"], variables[quant.BASE_COLLECTION] = llm, {"llm": stored}
+        boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+
+        def cast(x: Any, is_frozen: bool) -> Any:
+            v = x.unbox() if boxed(x) else x
+            if not is_frozen or not jnp.issubdtype(v.dtype, jnp.floating):
+                return x
+            return x.replace_boxed(v.astype(jnp.bfloat16)) if boxed(x) else v.astype(jnp.bfloat16)
+
+        is_frozen = frozen({"llm": params["llm"]})["llm"]
+        params["llm"] = jax.tree.map(cast, params["llm"], is_frozen, is_leaf=boxed)
+        return {**variables, "params": params}
+
+    def _join_base(self, params: Any, model_state: Any) -> tuple[Any, dict[str, Any], Any]:
+        """`(params with the quantised base as QTensors, the other model state, the stored
+        base or None)` (see `_store_base`)."""
+        rest = dict(model_state or {})
+        stored = rest.pop(quant.BASE_COLLECTION, None)
+        if stored is None:
+            return params, rest, None
+        fmt = str(self.config.model.llm_base_dtype)
+        block = int(self.config.model.get("llm_quant_block", 64))
+        return quant.join_quantized(params, stored, fmt, block), rest, stored
 
     def apply_loss(
         self, model: nn.Module, params: Any, batch: Batch, ctx: LossContext
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
+        params, rest, stored = self._join_base(params, ctx.model_state)
+        if stored is not None:
+            ctx = dataclasses.replace(ctx, model_state=rest)
         with lora_scope(self.lora(), ctx.train):
             (logits, rate), state = ctx.apply(
                 model, params, **self.model_inputs(batch), train=ctx.train
             )
+        if stored is not None:
+            state = {**state, quant.BASE_COLLECTION: stored}
         w = batch["weights"]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
@@ -285,6 +367,7 @@ class MMSLLaMATask(Task):
         t, mc = self.text(), self.config.model
         tok, p = t["tok"], len(t["prompt"]) + t["max_queries"]
         b = batch["text"].shape[0]
+        params = self._join_base(params, self.model_state)[0]
         variables = self.variables(params)
         if t["max_queries"]:
             with lora_scope(self.lora()):
@@ -322,6 +405,29 @@ class MMSLLaMATask(Task):
                 lambda v, a, vid, ln: model.apply(v, a, vid, ln, method="speech_tokens")
             )
         return self._lm
+
+
+class _ShapeOnlyTokenizer:
+    """`model.shape_only`'s stand-in tokenizer: one id per word, `vocab_size` entries."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [3] * len(text.split())
+
+    def decode(self, ids: Any) -> str:
+        return " ".join("?" for _ in ids)
+
+
+def _with_dtype(options: Any) -> dict[str, Any]:
+    """Module options from a config dict, a "dtype" name ("bfloat16") as a jnp dtype."""
+    out = dict(options)
+    if isinstance(out.get("dtype"), str):
+        out["dtype"] = jnp.dtype(out["dtype"])
+    return out
 
 
 def _place(init: Any, loaded: Any, where: str) -> Any:

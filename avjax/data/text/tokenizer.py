@@ -1,14 +1,15 @@
 """Text tokenisation with HuggingFace `tokenizers`: load a Llama directory's `tokenizer.json`,
-or train a byte-level BPE on a corpus' transcripts (the default for tiny LLMs).
+or train a byte-level BPE or a word-level vocabulary on a corpus' transcripts (for tiny LLMs).
 
     tok = load_tokenizer("/models/Llama-3.2-3B")        # its tokenizer.json
     tok = prepared_bpe(texts, vocab_size=256, cache_dir=...)  # trained once, cached
+    tok = prepared_words(texts, cache_dir=...)          # one id per distinct word
     ids = tok.encode("HELLO WORLD")                     # list[int], no special tokens
     tok.decode(ids) == "HELLO WORLD"
 
-The trained BPE is a prepared artifact (`avjax.data.artifacts`): a folder holding
-`tokenizer.json`, keyed by a hash of the transcripts and the vocabulary size, so every run on
-the same corpus gets the same ids and read-only modes (eval) never retrain it.
+A trained tokenizer is a prepared artifact (`avjax.data.artifacts`): a folder holding
+`tokenizer.json`, keyed by a hash of the transcripts, the kind and the vocabulary size, so
+every run on the same corpus gets the same ids and read-only modes (eval) never retrain it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Special-token spellings tried, in order, when loading a user's tokenizer.json.
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "[CLS]")
 EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "[SEP]")
@@ -111,28 +112,73 @@ def train_bpe(texts: Sequence[str], vocab_size: int = 256) -> TextTokenizer:
     return TextTokenizer(tok, tok.token_to_id(BOS), tok.token_to_id(EOS), tok.token_to_id(PAD))
 
 
+def train_word_level(texts: Sequence[str]) -> TextTokenizer:
+    """A word-level vocabulary over `texts`: `<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3, then
+    every distinct word (whitespace- and punctuation-split, sorted) once. For a closed
+    corpus vocabulary a word is one token, so a tiny LLM predicts whole words (a word outside
+    the texts encodes as `<unk>`). Deterministic in the set of `texts`' words."""
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
+    vocab = {s: i for i, s in enumerate([PAD, BOS, EOS, UNK] + words)}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre
+    tok.add_special_tokens([PAD, BOS, EOS, UNK])  # (ids unchanged: already in the vocab)
+    return TextTokenizer(tok, vocab[BOS], vocab[EOS], vocab[PAD])
+
+
+def prepared_text_tokenizer(
+    texts: Sequence[str], kind: str, vocab_size: int, cache_dir: str, read_only: bool = False
+) -> tuple[TextTokenizer, dict[str, Any]]:
+    """`kind`: "bpe" (`prepared_bpe(texts, vocab_size, ...)`) | "word" (`prepared_words`,
+    `vocab_size` unused: the texts' words set it)."""
+    if kind == "bpe":
+        return prepared_bpe(texts, vocab_size, cache_dir, read_only)
+    if kind == "word":
+        return prepared_words(texts, cache_dir, read_only)
+    raise ValueError(f"tokenizer kind {kind!r}: expected 'bpe' or 'word'")
+
+
 def prepared_bpe(
     texts: Sequence[str], vocab_size: int, cache_dir: str, read_only: bool = False
 ) -> tuple[TextTokenizer, dict[str, Any]]:
     """`train_bpe(texts, vocab_size)` as a prepared artifact under
     `cache_dir/text_bpe/<key>/tokenizer.json`, built once (read-only: never built; a missing
     one is an error naming it). Returns (tokenizer, {"path", "key"})."""
+    fields = {"kind": "byte-bpe", "vocab_size": int(vocab_size)}
+    build = lambda t: train_bpe(t, vocab_size)  # noqa: E731
+    return _prepared(texts, fields, build, cache_dir, "the transcript BPE tokenizer", read_only)
+
+
+def prepared_words(
+    texts: Sequence[str], cache_dir: str, read_only: bool = False
+) -> tuple[TextTokenizer, dict[str, Any]]:
+    """`train_word_level(texts)` as a prepared artifact (as `prepared_bpe`, under
+    `cache_dir/text_bpe/<key>/tokenizer.json`)."""
+    fields = {"kind": "word-level"}
+    what = "the transcript word-level tokenizer"
+    return _prepared(texts, fields, train_word_level, cache_dir, what, read_only)
+
+
+def _prepared(
+    texts: Sequence[str],
+    fields: dict[str, Any],
+    train: Any,
+    cache_dir: str,
+    what: str,
+    read_only: bool,
+) -> tuple[TextTokenizer, dict[str, Any]]:
+    """`train(sorted(texts))`'s tokenizer.json, prepared once under a key of `fields` and
+    the texts."""
     from avjax.data import artifacts
 
-    fields = {
-        "kind": "byte-bpe",
-        "vocab_size": int(vocab_size),
-        "texts": artifacts.fingerprint(sorted(texts)),
-    }
+    fields = {**fields, "texts": artifacts.fingerprint(sorted(texts))}
     key = artifacts.fingerprint(fields)
     folder = os.path.join(cache_dir, "text_bpe", key)
 
     def build(tmp: Any) -> dict[str, Any]:
-        train_bpe(sorted(texts), vocab_size).save(os.path.join(os.fspath(tmp), "tokenizer.json"))
+        train(sorted(texts)).save(os.path.join(os.fspath(tmp), "tokenizer.json"))
         return {"texts": len(texts)}
 
-    artifacts.prepare_artifact(
-        folder, fields, build, what="the transcript BPE tokenizer", read_only=read_only
-    )
+    artifacts.prepare_artifact(folder, fields, build, what=what, read_only=read_only)
     tok = load_tokenizer(folder, bos=BOS, eos=EOS, pad=PAD)
     return tok, {"path": folder, "key": key}
