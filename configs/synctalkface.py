@@ -39,41 +39,43 @@ compiled or fit-checked on a TPU topology yet).
 Measured (2026-12-01, the shared 2-core machine at load average 15-28, so CPU-s are the
 figures to trust; walls were 3-10x inflated):
 - Tiny test shapes (tests/test_synctalkface.py: 16 x 16, widths 2-8, batch 8): the 1-step
-  expert, SyncTalkFace 2 steps straight and 1 + 1 stopped / resumed, then eval + sample:
-  123 CPU-s for the two CLI tests together (before: ~160 CPU-s); the init's inputs are now
-  shape-only zeros (computing the mel of the dummy batch inside the jitted init made XLA
-  constant-fold the STFT: 30 s vs 3 s to compile the mel alone).
+  expert, SyncTalkFace 2 steps straight and resumed from its step-1 checkpoint, then eval +
+  sample: 57 CPU-s for the whole file (before: 124). Compiling is nearly all of it: the
+  module runs with the `rbg` PRNG (threefry's unrolled hash made the jitted init of 102
+  params cost 17 CPU-s to compile, `rbg` 4) and XLA's backend optimizations off (LLVM -O0:
+  half the compile time). The init's inputs are shape-only zeros (computing the mel of the
+  dummy batch inside the jitted init made XLA constant-fold the STFT).
 - Step 1 (`configs/syncnet.py:stf`, 1,500 steps, 141 CPU-s): held-out pair accuracy 0.672,
   LSE-C 0.159 in sync vs 0.144 with the audio delayed 8 frames, offsets exact in 59 / 84
   trials: it discriminates, weakly (configs/syncnet.py has the numbers).
-- Step 2 at the default shapes (32 x 32, batch 16), on the shared cores at load 10-28:
-  `:nosync` 51 steps in 159 CPU-s (36.7 min wall; ~100 CPU-s of it compilation, then ~1.1
-  CPU-s / ~20 s wall a step); the default 76 steps in 520 CPU-s (56 min wall; steps 51-76
-  took 14 s wall each at load 10, so most of it is compiling a generator step that also
-  runs the frozen expert and the lip encoder on the generated frames). It trained against
-  a 300-step expert of step 1 (train pair accuracy 0.68; the 1,500-step one was not ready):
-  av_sync BCE 0.83 -> 0.40 from step 25 to 76. Both scored by the 1,500-step expert on 8
-  held-out clips (`stf_eval.clips=8`; 12-14 CPU-s each):
+- Step 2 at the default shapes (32 x 32, batch 16), both runs trained against a 300-step
+  expert of step 1 (train pair accuracy 0.68) and resumed with `--config.train.steps=N`
+  (constant lr after 20 warm-up steps: the same runs as straight ones). Cost: `:nosync`
+  ~1.2 CPU-s a step (200 -> 524: 501 CPU-s incl. ~100 s compiling), the default ~3.7-5
+  (200 -> 352: 851 CPU-s incl. compiling a generator step that also runs the frozen expert
+  and the lip encoder on the generated frames); at load 20-25 a sync step took ~20 s wall.
+  Scored by the 1,500-step expert on 8 held-out clips (`stf_eval.clips=8`, `lmd=True`;
+  15 CPU-s for both):
 
-  | run                 | step | PSNR  | SSIM  | LSE-C gen / real | LSE-D gen / real |
-  | default (sync)      | 200  | 18.18 | 0.482 | 0.188 / 0.144    | 0.913 / 0.935    |
-  | `:nosync`           | 200  | 18.23 | 0.482 | 0.105 / 0.144    | 0.972 / 0.935    |
-  | default (sync)      | 76   | 15.20 | 0.348 | 0.166 / 0.144    | 0.923 / 0.935    |
-  | `:nosync`           | 76   | 15.62 | 0.360 | 0.096 / 0.144    | 0.976 / 0.935    |
+  | run             | step | PSNR  | SSIM  | LSE-C gen / real | LSE-D gen / real | L1 train |
+  | default (sync)  | 350  | 18.57 | 0.518 | 0.208 / 0.144    | 0.898 / 0.935    | 0.150    |
+  | `:nosync`       | 350  | 18.68 | 0.563 | 0.108 / 0.144    | 0.968 / 0.935    | 0.140    |
+  | default (sync)  | 200  | 18.18 | 0.482 | 0.188 / 0.144    | 0.913 / 0.935    | 0.186    |
+  | `:nosync`       | 200  | 18.23 | 0.482 | 0.105 / 0.144    | 0.972 / 0.935    | 0.179    |
 
-  (SIGTERM after step 50 stopped `:nosync` at 51 but the default at 76; `:nosync` was then
-  resumed to 76, and both to 200, with `--config.train.steps=N`: constant lr, so the same
-  runs. 76 -> 200 once the load fell to ~3: `:nosync` 222 CPU-s / 4.6 min wall, the default
-  740 CPU-s / 9.1 min wall, on the 2 cores together.) At the same length the sync losses
-  lift the generated clips' LSE-C from 0.105 to 0.188 (LSE-D 0.972 -> 0.913), past the
-  real clips' 0.144 / 0.935, at no cost in PSNR / SSIM. Provisional: at 200 steps the
-  faces are only forming (contact sheets: a blurred face and mouth; L1 0.19 a pixel in
-  [-1, 1]), and an LSE-C above the real one says the generator exaggerates what this weak
-  expert scores as sync (the judge is the 1,500-step expert, the trainer the 300-step one:
-  same recipe and data). Still to do: both runs long enough for sharp faces (the
-  1,500-step default: ~1,500 x 1.1 CPU-s ~ 28 CPU-min for `:nosync`, ~4x that with the
-  sync losses), with the 1,500-step expert in training too. LMD
-  (`stf_eval.lmd=True`, dlib at 32 x 32): not measured.
+  (L1: the recalled output's mean per pixel in [-1, 1] at that step; av_sync BCE 0.39 at
+  200, 0.32 at 350.) At equal lengths the sync losses about double the generated clips'
+  LSE-C (0.208 vs 0.108 at 350) and lower LSE-D (0.898 vs 0.968): "well above the model
+  without the sync losses" holds. "Close to the real clips" does NOT: the sync run
+  overshoots the real 0.144 (by more than `:nosync` falls short of it), i.e. the generator
+  exaggerates what this weak expert scores as sync (its real-clip LSE-C is 0.144: unit
+  embedding distances, not comparable to SyncNet's published scale). The sync losses cost SSIM at 350 (0.518 vs 0.563;
+  equal at 200), not PSNR. The faces are still poor at 350 steps (contact sheet in the
+  README: face shape and mouth, checkerboard artifacts). LMD: not measurable here: dlib
+  found no face in any of the 232 real or generated 32 x 32 frames (`stf/lmd_frames=0`,
+  `lmd_missed_frames=232`). Still to do: longer runs (the 1,500-step default: ~30 CPU-min
+  for `:nosync`, ~4x that with the sync losses) with the 1,500-step expert in training,
+  at 128 x 128 for LMD.
 """
 
 from __future__ import annotations
