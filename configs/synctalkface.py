@@ -69,13 +69,13 @@ figures to trust; walls were 3-10x inflated):
   without the sync losses" holds. "Close to the real clips" does NOT: the sync run
   overshoots the real 0.144 (by more than `:nosync` falls short of it), i.e. the generator
   exaggerates what this weak expert scores as sync (its real-clip LSE-C is 0.144: unit
-  embedding distances, not comparable to SyncNet's published scale). The sync losses cost SSIM at 350 (0.518 vs 0.563;
-  equal at 200), not PSNR. The faces are still poor at 350 steps (contact sheet in the
-  README: face shape and mouth, checkerboard artifacts). LMD: not measurable here: dlib
-  found no face in any of the 232 real or generated 32 x 32 frames (`stf/lmd_frames=0`,
-  `lmd_missed_frames=232`). Still to do: longer runs (the 1,500-step default: ~30 CPU-min
-  for `:nosync`, ~4x that with the sync losses) with the 1,500-step expert in training,
-  at 128 x 128 for LMD.
+  embedding distances, not comparable to SyncNet's published scale). The sync losses
+  cost SSIM at 350 (0.518 vs 0.563; equal at 200), not PSNR. The faces are still poor at
+  350 steps (contact sheet in the README: face shape and mouth, checkerboard artifacts).
+  LMD: not measurable here: dlib found no face in any of the 232 real or generated 32 x 32
+  frames (`stf/lmd_frames=0`, `lmd_missed_frames=232`). Still to do: longer runs (the
+  1,500-step default: ~30 CPU-min for `:nosync`, ~4x that with the sync losses) with the
+  1,500-step expert in training, at 128 x 128 for LMD.
 """
 
 from __future__ import annotations
