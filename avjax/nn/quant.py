@@ -26,6 +26,7 @@ import re
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +174,84 @@ def param_bytes(params: Any) -> int:
     return sum(
         x.nbytes if isinstance(x, QTensor) else int(x.size * x.dtype.itemsize) for x in leaves
     )
+
+
+# --- a quantised frozen base kept beside the trained params -----------------------------------
+# A train step differentiates the whole params tree, and integer codes cannot be differentiated
+# (nor need to be: a quantised base is frozen). So a trainer keeps the quantised kernels in a
+# separate variable collection (`BASE_COLLECTION`), a nested dict mirroring the params paths with
+# `{"codes", "scales"}` at each quantised kernel (plain arrays: checkpoints need no custom
+# pytree node), and `join_quantized` puts them back as `QTensor`s for `apply`.
+BASE_COLLECTION = "qbase"
+
+
+def _qnames(names: tuple, kind: str) -> tuple[tuple, tuple]:
+    """Logical axis names of (codes, scales) for a kernel named `names` (`[..., in, out]`): the
+    codes and scales are sharded as the kernel along its leading, `in` and `out` axes."""
+    lead, n_in, n_out = tuple(names[:-2]), names[-2], names[-1]
+    if kind == "int8":
+        return lead + (n_in, n_out), lead + (None, n_out)
+    return lead + (n_in, None, n_out), lead + (n_in, None, n_out)
+
+
+def _quantize_leaf(x: Any, kind: str, block: int) -> dict[str, Any]:
+    """`{"codes", "scales"}` of a (possibly logically boxed) float kernel, boxed alike."""
+    boxed = isinstance(x, nn.meta.AxisMetadata)
+    q = quantize(x.unbox() if boxed else x, kind, block)
+    if not boxed:
+        return {"codes": q.codes, "scales": q.scales}
+    code_names, scale_names = _qnames(tuple(x.names), kind)
+    return {
+        "codes": x.replace(value=q.codes, names=code_names),
+        "scales": x.replace(value=q.scales, names=scale_names),
+    }
+
+
+def split_quantized(
+    params: dict[str, Any],
+    kind: str,
+    block: int = 64,
+    target: str = BASE_WEIGHTS,
+    select: Any = None,
+    prefix: str = "",
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(rest, stored)`: `params` (nested dicts; leaves possibly logically boxed) without the
+    kernels whose path matches `target` (and, if given, whose leaf of the bool tree `select` is
+    True), and those kernels quantised (`kind`, `block`) as `{"codes", "scales"}` dicts at the
+    same paths. Raises if nothing matches."""
+    rest, stored = _split(params, re.compile(target), select, prefix, kind, block)
+    if not stored:
+        raise ValueError(f"split_quantized: no selected parameter path matches {target!r}")
+    return rest, stored
+
+
+def _split(
+    tree: dict, pattern: re.Pattern, select: Any, prefix: str, kind: str, block: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`split_quantized` on one level of nested dicts (`select`: its bool tree, or None)."""
+    rest: dict[str, Any] = {}
+    stored: dict[str, Any] = {}
+    for k, v in tree.items():
+        name, sel = f"{prefix}{k}", None if select is None else select.get(k, False)
+        if isinstance(v, dict) and (select is None or isinstance(sel, dict)):
+            r, s = _split(v, pattern, sel, name + "/", kind, block)
+            rest[k] = r
+            if s:
+                stored[k] = s
+        elif pattern.search(name) and (select is None or bool(sel)):
+            stored[k] = _quantize_leaf(v, kind, block)
+        else:
+            rest[k] = v
+    return rest, stored
+
+
+def join_quantized(params: dict[str, Any], stored: dict[str, Any], kind: str, block: int) -> Any:
+    """`params` with each `{"codes", "scales"}` of `stored` (from `split_quantized`, unboxed)
+    inserted at its path as a `QTensor` (what `avjax.nn.lora`'s interceptor multiplies)."""
+    out = dict(params)
+    for k, v in stored.items():
+        if set(v) == {"codes", "scales"} and not isinstance(v["codes"], dict):
+            out[k] = QTensor(v["codes"], v["scales"], kind, block)
+        else:
+            out[k] = join_quantized(out.get(k, {}), v, kind, block)
+    return out
