@@ -193,19 +193,19 @@ def addressing_stats(addr: np.ndarray, labels: np.ndarray, lengths: np.ndarray) 
 
     `entropy`: mean per-frame addressing entropy (nats; ln(slots) = uniform);
     `slot_perplexity`: exp(entropy of the mean addressing), the number of slots in use;
-    `word_information`: I(word; slot) in nats, the entropy of the mean addressing minus the
-    mean entropy of the per-word mean addressings (0: every word addresses the same slots;
-    ln(words) at most), each clip averaged over its valid frames.
+    `word_information`: I(word; slot) in nats with words equally likely, the entropy of the
+    mean of the per-word mean addressings minus their mean entropy (0: every word addresses
+    the same slots; ln(words) at most), each clip averaged over its valid frames.
     """
     frames = [addr[i][: int(lengths[i])] for i in range(len(addr))]
     per_clip = np.stack([f.mean(0) for f in frames])
     overall = per_clip.mean(0)
     words = sorted(set(int(x) for x in labels if x >= 0))
-    per_word = [per_clip[labels == w].mean(0) for w in words]
+    per_word = np.stack([per_clip[labels == w].mean(0) for w in words])
     return {
         "entropy": float(np.mean(_entropy(np.concatenate(frames)))),
         "slot_perplexity": float(np.exp(_entropy(overall))),
-        "word_information": float(_entropy(overall) - np.mean([_entropy(p) for p in per_word])),
+        "word_information": float(_entropy(per_word.mean(0)) - np.mean(_entropy(per_word))),
     }
 
 
