@@ -42,23 +42,47 @@ Variants (`--config=configs/mab.py:VARIANT`):
   python -m avjax.main --config=configs/mab.py:nomemory --workdir=workdir/mab_nomem
 
 `--mode=eval` writes `word_accuracy` (test branch, video only, held-out speakers),
-`eval/step_<N>/report.json` and PNG heat maps of the memory addressing per word class.
+`eval/step_<N>/report.json` and PNG heat maps of the memory addressing per word class, and
+with the memory its diagnostics (`avjax.tasks.mab.addressing_stats`): per-frame addressing
+entropy (nats; uniform over 32 slots: ln 32 = 3.47), slots in use (perplexity of the mean
+addressing), word information I(word; slot) (nats; at most ln 10 = 2.30) of the source
+(video) and target (audio) addressings, their held-out KL and top-1 agreement,
+`audio_branch_accuracy` (the train-only branch fed the real audio: what the memory could
+at best recall) and `swapped_recall_accuracy` (the test branch fed the recall of a clip of
+another word: does the classifier read the recall?).
 
-Measured (2026-12-01, the shared 2-core machine at load average 22-28 falling to 10,
-`uptime`): the default and `:nomemory` trained side by side for the default 400 steps (8
-epochs of the 800 train clips), each checkpoint evaluated with `--mode=eval` on the 96
-held-out clips of the 4 `val` speakers (test branch, video only; chance 0.10):
-  step 400: word accuracy 0.500 with the memory, 0.490 without (48 vs 47 of 96 clips);
-            held-out loss 1.413 vs 1.471 (ln 10 = 2.303); train accuracy (steps 351-400)
-            0.46 / 0.51 (dropout on).
-  step 200: 0.240 vs 0.260 (23 vs 25 clips); held-out loss 1.880 vs 2.036.
-Before the normalisation the same 10-word data gave 0.1875 / 0.125 at 300 steps. So the
-default reads lips far above chance on held-out speakers, and the memory model's held-out
-loss is lower at both checkpoints, but its accuracy lead (one clip) is within one run's
-noise: the paper's +1-2 points (LRW) are not shown at this scale. Cost: 350 / 321
-CPU-seconds for 400 steps including compilation (user + system, `/usr/bin/time`), 50 / 48
-min wall at that load (each run got ~0.1-0.2 of a core; from the CPU-seconds, about 3-4 min
-on two idle cores, not measured), peak RSS 1.9 / 1.7 GB; `--mode=eval` 18 CPU-seconds.
+Measured (2026-12-01, the shared 2-core machine, load 7-24), memory vs `:nomemory`: 3 seeds
+each (`--config.seed=0|1|2`) of a full 200-step schedule (`--config.train.steps=200
+--config.train.eval_every=200 --config.train.checkpoint_every=200`: 4 epochs of the 800
+train clips), same data, same steps; each checkpoint evaluated with `--mode=eval` on the 96
+held-out clips of the 4 `val` speakers (video only; chance 0.10):
+                        with memory (seeds 0, 1, 2)        without memory
+  word accuracy         0.260 0.208 0.292: 0.254 +- 0.042  0.219 0.240 0.219: 0.226 +- 0.012
+  held-out loss         2.054 2.120 2.068: 2.081 +- 0.035  2.083 2.002 2.035: 2.040 +- 0.041
+  CPU-s (train, incl.   168 +- 1, 15-25 min wall,          153 +- 1, 14-22 min wall,
+    compilation)        peak RSS 1.5-1.9 GB                peak RSS 1.3-1.7 GB
+(mean +- sample std). The memory does NOT help beyond the seed spread: +0.028 accuracy
+(under 3 of 96 clips; the memory runs' own std is 0.042) and a higher held-out loss.
+Diagnosis (means of the 3 memory runs): the audio (target) addressing is sharp (entropy 1.23
+nats, ~17 slots in use) but nearly word-blind (word information 0.034 nats): its slots are
+frame-level sound classes every word uses, so a word is in their order, not their choice;
+the video (source) addressing is near uniform (entropy 2.84 of 3.47 nats, word information
+0.001; the per-word heat maps look alike) and far from the audio's (held-out KL 1.55
+nats, top-1 agreement 0.23): the bridge has not learned to recall the audio from video at
+this length. The recall does reach the classifier (another word's recall: 0.219 vs 0.254),
+but it carries what the video already holds. The ceiling is low as well: the audio branch
+(real audio, same classifier) reads 0.552 held out at 200 steps, while a ridge probe on
+4 x 20 pooled log-mel reads 0.90-0.92. The implementation matches the authors' code (losses
+all weight 1; recall `A_src sg(V)`; `sg(f_a)` into `v_embd` and as the reconstruction
+target; `sg(A_tgt)` in the KL; fusion([f_v, recall]) at test time): no bug found; a gain
+would need a longer run (training KL ~2.0 at step 50, 1.5-1.7 at step 200).
+
+One seed at the default 400 steps (before the diagnostics; load 22-28): word accuracy
+0.500 with the memory vs 0.490 without (48 vs 47 of 96 clips), held-out loss 1.413 vs
+1.471; step 200 of that schedule 0.240 vs 0.260. Before the per-clip normalisation the
+same data gave 0.1875 / 0.125 at 300 steps. Cost of 400 steps: 350 / 321 CPU-seconds (about
+3-4 min on two idle cores, not measured), peak RSS 1.9 / 1.7 GB; `--mode=eval` 18-25
+CPU-seconds.
 
 `:speech` (the same data, 400 steps, memory on; 337 CPU-seconds, 47 min wall at the same
 load): on 16 held-out clips decoded by Griffin-Lim (16 iterations) from the test branch's
