@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from compile_settings import cheap_compiles
 
 from avjax.data.text import tokenizer as text_tok
 from avjax.train import optim
@@ -82,29 +83,9 @@ def _config(cache_dir):
 
 @pytest.fixture(scope="module", autouse=True)
 def _cheap_compiles(tmp_path_factory):
-    """Compiling dominates this module; for it only (restored afterwards), as in
-    test_synctalkface: the `rbg` PRNG (one op per draw in the jitted inits), XLA's backend
-    optimizations off (the programs run a few steps) and a persistent compilation cache (the
-    resumed run reuses the first run's programs)."""
-    from jax._src import compilation_cache  # reset: the cache reads its config once
-
-    settings = {
-        "jax_default_prng_impl": "rbg",
-        "jax_disable_most_optimizations": True,
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    saved = {n: jax.config.values[n] for n in settings}
-    for n, v in settings.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
-    try:
+    """Compiling dominates this module: `compile_settings.cheap_compiles` for it only."""
+    with cheap_compiles(str(tmp_path_factory.mktemp("jax_cache"))):
         yield
-    finally:
-        for n, v in saved.items():
-            jax.config.update(n, v)
-        compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

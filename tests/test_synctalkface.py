@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_settings import cheap_compiles
 
 from avjax.data.video import av_corpus
 from avjax.nn import wav2lip
@@ -159,30 +160,9 @@ def _state(workdir: str):
 
 @pytest.fixture(scope="module", autouse=True)
 def _cheap_compiles(tmp_path_factory):
-    """Compiling dominates this module; for it only (restored afterwards): the `rbg` PRNG,
-    whose random bits are one XLA op where threefry's hash is unrolled per draw (the tiny
-    model's jitted init compiled in 4 instead of 17 CPU-s), XLA's backend optimizations off
-    (LLVM -O0: half the compile time of the U-Net test; the programs run a few steps), and a
-    persistent compilation cache, so that the resumed run reuses the straight run's steps."""
-    from jax._src import compilation_cache  # reset: the cache reads its config once
-
-    settings = {
-        "jax_default_prng_impl": "rbg",
-        "jax_disable_most_optimizations": True,
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    saved = {n: jax.config.values[n] for n in settings}
-    for n, v in settings.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
-    try:
+    """Compiling dominates this module: `compile_settings.cheap_compiles` for it only."""
+    with cheap_compiles(str(tmp_path_factory.mktemp("jax_cache"))):
         yield
-    finally:
-        for n, v in saved.items():
-            jax.config.update(n, v)
-        compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -326,18 +326,23 @@ class MeshData(DataModule):
 
     _hubert_model: Any = dataclasses.field(default=None, repr=False)
 
+    def _default_root(self, read_only: bool) -> Any:
+        """The embedded corpus' folder (an epath.Path), built on first use unless read_only."""
+        dc = self.data
+        return corpus_lib.build_corpus(
+            cache_root(dc),
+            float(dc.minutes),
+            int(dc.num_speakers),
+            int(dc.heldout_speakers),
+            self.seed,
+            read_only=read_only,
+        )
+
     def _sequences(self) -> tuple[list[corpus_lib.MeshSequence], Regions | None, Any]:
         dc = self.data
         if dc.name == "default":
             head = head_lib.build_head()
-            root = corpus_lib.build_corpus(
-                cache_root(dc),
-                float(dc.minutes),
-                int(dc.num_speakers),
-                int(dc.heldout_speakers),
-                self.seed,
-                read_only=False,
-            )
+            root = self._default_root(read_only=False)
             regions = Regions(head.lip, head.upper_face, head.upper_lip, head.lower_lip)
             return corpus_lib.load_corpus(root), regions, head.faces
         if not dc.manual_dir:
@@ -439,14 +444,7 @@ class MeshData(DataModule):
         dc = self.data
         if dc.name != "default":
             return None
-        root = corpus_lib.build_corpus(
-            cache_root(dc),
-            float(dc.minutes),
-            int(dc.num_speakers),
-            int(dc.heldout_speakers),
-            self.seed,
-            read_only=True,
-        )
+        root = self._default_root(read_only=True)
         index = int(self.heldout[i].name.removeprefix("utt"))
         return corpus_lib.speaker_renditions(root, index, num, seed)
 
