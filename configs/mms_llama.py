@@ -107,7 +107,7 @@ INSTRUCTION = "Recognize this speech in English. Input : "
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`arg`: None = the CPU run; "notokens" = the LLM sees no speech tokens (baseline);
-    "test" = the tiniest shapes (tests)."""
+    "test" = the tiniest shapes (tests); "paper3b" = the paper's shapes (AOT fit checks)."""
     if arg not in (None, "", "notokens", "test", "paper3b"):
         raise ValueError(
             f"configs/mms_llama.py:{arg}: expected no argument, 'notokens', 'test' or 'paper3b'"
@@ -116,6 +116,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = "mms_llama"
     c.seed = 0
 
+    _data(c)
+    _model(c, speech_tokens=arg != "notokens")
+    _train(c)
+    if arg == "paper3b":
+        _paper3b(c)
+    if arg == "test":
+        _test(c)
+    return c
+
+
+def _data(c: ml_collections.ConfigDict) -> None:
+    """`c.data`: the sentence-rich LRS3 view of the embedded AV corpus."""
     c.data = av_data.default_config()
     c.data.view = "lrs3"
     # a sentence-rich view of the embedded corpus: 800 sentences over 40 content words (+ 15
@@ -128,8 +140,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.hflip = 0.0
     c.data.babble_prob = 0.0  # (AVData's draws a uniform SNR; the task draws the paper's set)
 
+
+def _model(c: ml_collections.ConfigDict, speech_tokens: bool) -> None:
+    """`c.model`: the CPU-scale encoders, Q-Former, tiny Llama-3 with LoRA, babble."""
     c.model = ml_collections.ConfigDict()
-    c.model.speech_tokens = arg != "notokens"
+    c.model.speech_tokens = speech_tokens
     c.model.instruction = INSTRUCTION
     # the text vocabulary trained on the train transcripts (unless model.llama_dir): word (one
     # id per corpus word, WordLevel) | bpe (byte-level, model.vocab_size entries)
@@ -179,6 +194,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # babble: the sum of `talkers` other utterances of the batch (multi-talker, as LRS3 babble)
     c.model.babble = {"prob": 0.75, "snrs": (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0), "talkers": 4}
 
+
+def _train(c: ml_collections.ConfigDict) -> None:
+    """`c.train`, `c.mesh`, the evaluators (held-out loss; WER clean and under babble)."""
     c.eval_decode = ml_collections.ConfigDict({"length_penalty": 1.0})
     c.train = train_config(
         steps=750,
@@ -200,25 +218,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals.eval = {"type": "loss", "prefix": "eval_", "every": 250}
     c.evals.wer = {"type": "mms_wer", "every": 0, "prefix": "", "num_beams": 5}
     c.evals.wer.snrs = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
-    if arg == "paper3b":
-        _paper3b(c)
-    if arg == "test":  # a 4-speaker corpus, 1.28 s clips, 1-layer everything
-        c.data.synthetic = dict(dataclasses.asdict(av_corpus.TINY), num_sentences=8, vocab_size=12)
-        c.data.num_frames, c.data.image_size, c.data.crop_size = 32, 20, 16
-        c.model.video = {"width": 16, "resnet_widths": (4, 4, 8, 16), "num_layers": 1}
-        c.model.video_encoder, c.model.mel_width = "tiny", 16  # (AV fusion covered)
-        c.model.whisper = {"width": 16, "num_layers": 1, "num_heads": 2, "mlp_width": 32}
-        c.model.qformer_width = c.model.rate_width = 16
-        c.model.llm = dict(c.model.llm, width=32, mlp_width=64, num_layers=1)
-        c.model.lora = dict(c.model.lora, rank=4, alpha=8.0)
-        c.model.max_text_tokens = 24
-        c.model.llm_train, c.model.train_encoders = "lora", "none"
-        c.train.update(steps=3, batch_size=8, eval_every=3, checkpoint_every=2, log_every=1)
-        c.train.update(warmup_steps=1, eval_batches=1)
-        c.evals.eval.every = 3
-        c.evals.wer.snrs = (0.0,)
-        c.evals.wer.num_beams = 2
-    return c
+
+
+def _test(c: ml_collections.ConfigDict) -> None:
+    """`:test`: a 4-speaker corpus, 1.28 s clips, 1-layer everything (AV fusion covered)."""
+    c.data.synthetic = dict(dataclasses.asdict(av_corpus.TINY), num_sentences=8, vocab_size=12)
+    c.data.num_frames, c.data.image_size, c.data.crop_size = 32, 20, 16
+    c.model.video = {"width": 16, "resnet_widths": (4, 4, 8, 16), "num_layers": 1}
+    c.model.video_encoder, c.model.mel_width = "tiny", 16  # (AV fusion covered)
+    c.model.whisper = {"width": 16, "num_layers": 1, "num_heads": 2, "mlp_width": 32}
+    c.model.qformer_width = c.model.rate_width = 16
+    c.model.llm = dict(c.model.llm, width=32, mlp_width=64, num_layers=1)
+    c.model.lora = dict(c.model.lora, rank=4, alpha=8.0)
+    c.model.max_text_tokens = 24
+    c.model.llm_train, c.model.train_encoders = "lora", "none"
+    c.train.update(steps=3, batch_size=8, eval_every=3, checkpoint_every=2, log_every=1)
+    c.train.update(warmup_steps=1, eval_batches=1)
+    c.evals.eval.every = 3
+    c.evals.wer.snrs = (0.0,)
+    c.evals.wer.num_beams = 2
 
 
 def _paper3b(c: ml_collections.ConfigDict) -> None:

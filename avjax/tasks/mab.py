@@ -28,6 +28,7 @@ import numpy as np
 from avjax.data.video.av_data import AVData
 from avjax.io import as_path
 from avjax.models import mab as mab_lib
+from avjax.nn import memory
 from avjax.tasks.base import Batch, LossContext, Metrics, Task
 
 
@@ -185,7 +186,8 @@ def _heldout_outputs(task: MABTask, model: nn.Module, params: Any) -> dict[str, 
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
-    return -np.sum(p * np.log(np.maximum(p, 1e-30)), axis=-1)
+    """`memory.entropy` (nats over slots, `[..., slots] -> [...]`) as a numpy array."""
+    return np.asarray(memory.entropy(jnp.asarray(p)))
 
 
 def addressing_stats(addr: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict:
@@ -223,8 +225,9 @@ def _memory_report(rows: dict[str, Any]) -> dict[str, float]:
     if rows["tgt_addr"] is not None and rows["addr"].ndim == 3:
         src, tgt = rows["addr"], rows["tgt_addr"]
         valid = np.arange(src.shape[1])[None, :] < lengths[:, None]
-        kl = np.sum(tgt * (np.log(np.maximum(tgt, 1e-30)) - np.log(np.maximum(src, 1e-30))), -1)
-        out["memory_kl"] = float(kl[valid].mean())
+        # the bridge loss itself on the held-out clips (log-addressings are their logits)
+        log_p = lambda a: jnp.log(jnp.maximum(jnp.asarray(a), 1e-30))  # noqa: E731
+        out["memory_kl"] = float(memory.alignment_loss(log_p(src), log_p(tgt), valid))
         out["memory_top1_agreement"] = float((src.argmax(-1) == tgt.argmax(-1))[valid].mean())
     has = labels >= 0
     for key in ("audio_pred", "swap_pred"):

@@ -118,35 +118,31 @@ class MMSLLaMATask(Task):
             tok, info = text_tok.prepared_text_tokenizer(
                 texts, kind, mc.vocab_size, root, self.read_only
             )
+        rates = [len(tok.encode(m[3])) / (m[5] / mm.FPS) for m in train]
+        self._text = self._layout(tok, info, float(np.mean(rates)))
+        return self._text
+
+    def _layout(self, tok: Any, info: dict[str, Any], mean_rate: float) -> dict[str, Any]:
+        """`text()`'s dict: the tokenizer, the prompt ids ([bos, instruction]), the speech
+        slots, the sequence length (prompt + slots + max_text_tokens + eos), the mean rate."""
+        mc = self.config.model
         prompt = [tok.bos_id] + tok.encode(mc.instruction)
         nq = int(mc.max_queries) if mc.speech_tokens else 0
-        rates = [len(tok.encode(m[3])) / (m[5] / mm.FPS) for m in train]
-        self._text = {
+        return {
             "tok": tok,
             "info": info,
             "prompt": prompt,
             "max_queries": nq,
             "seq_len": len(prompt) + nq + int(mc.max_text_tokens) + 1,
-            "mean_rate": float(np.mean(rates)),
+            "mean_rate": mean_rate,
         }
-        return self._text
 
     def _shape_only_text(self) -> dict[str, Any]:
         """`model.shape_only`: the sequence layout with `model.vocab_size` ids and one id per
         instruction word (a stand-in for a tokenizer.json that is not at hand): shapes for a
         paper-scale build (`tools/aot_compile.py`) without the corpus; nothing trains on it."""
-        mc = self.config.model
-        tok = _ShapeOnlyTokenizer(int(mc.vocab_size))
-        prompt = [tok.bos_id] + tok.encode(mc.instruction)
-        nq = int(mc.max_queries) if mc.speech_tokens else 0
-        self._text = {
-            "tok": tok,
-            "info": {"path": "shape_only"},
-            "prompt": prompt,
-            "max_queries": nq,
-            "seq_len": len(prompt) + nq + int(mc.max_text_tokens) + 1,
-            "mean_rate": 1.0,
-        }
+        tok = _ShapeOnlyTokenizer(int(self.config.model.vocab_size))
+        self._text = self._layout(tok, {"path": "shape_only"}, 1.0)
         return self._text
 
     def _add_tokens(self, batch: Batch) -> dict[str, np.ndarray]:

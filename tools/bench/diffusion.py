@@ -16,8 +16,8 @@ tests/test_nn_diffusion.py) and runs under `torch.inference_mode`, eager, float3
 same CPU threads. Per-step time = (sampling time) / steps, median of `--repeats` after a
 warm-up (compilation excluded from ours), as wall time and as process CPU time (the fair
 figure on a shared machine), with the load average. Prints a table and writes JSON rows.
-Guidance is off in both (one network call per step); the task's default guidance (1.5)
-makes two per step.
+Guidance is off in both (one network call per step), as the task's default (1); a guidance
+scale other than 1 makes two calls per step.
 """
 
 from __future__ import annotations
